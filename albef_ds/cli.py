@@ -1,0 +1,52 @@
+"""``albef-ds``: training, evaluation and tools, one subcommand each.
+
+Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
+``run(args) -> int``; this file only wires them up, importing lazily so that
+``albef-ds --help`` answers without loading torch.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+#: subcommand -> (module, one-line help)
+SUBCOMMANDS = {
+    "pretrain": ("albef_ds.train.pretrain", "pretrain ALBEF (deepspeed, torchrun, srun or plain python)"),
+    "eval-retrieval": ("albef_ds.eval.retrieval_cmd", "zero-shot / fine-tuned image-text retrieval"),
+    "finetune-retrieval": ("albef_ds.eval.finetune", "fine-tune a checkpoint for retrieval"),
+    "export": ("albef_ds.train.export", "consolidate a checkpoint into our layout and ALBEF .pth"),
+    "model-info": ("albef_ds.model_info", "parameter counts and analytic FLOPs per part"),
+    "bench": ("albef_ds.bench", "time the training step, phases, pairs/s and MFU"),
+    "demo": ("albef_ds.demo", "synth data -> tiny pretraining -> zero-shot retrieval, one command"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="albef-ds",
+        description="ALBEF vision-language pretraining on DeepSpeed. "
+                    "Run 'albef-ds SUBCOMMAND --help' for each subcommand's options.")
+    sub = parser.add_subparsers(dest="command", metavar="SUBCOMMAND")
+    for name, (module, help_text) in SUBCOMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.set_defaults(_module=module)
+        # Each module adds its own options only when asked for, keeping --help fast.
+        if name in sys.argv[1:2]:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    sys.argv[1:] = argv
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "_module", None):
+        parser.print_help()
+        return 2
+    return int(importlib.import_module(args._module).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

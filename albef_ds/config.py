@@ -1,0 +1,368 @@
+"""One typed configuration for every albef-ds program.
+
+A run is described by a YAML file under ``configs/`` whose top-level sections map onto
+the dataclasses below, plus dotted command-line overrides (``--set model.queue_size=4096``).
+Every value is type-checked and cross-checked here, before any model is built, and the
+error names the key (and the file it came from) so a typo never silently falls back to a
+default.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+#: Presets shipped with the project (``--config tiny`` resolves to ``configs/tiny.yaml``).
+PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key and, when known, the file."""
+
+
+@dataclass
+class ModelConfig:
+    # Image encoder (timm VisionTransformer). ViT-B/16 by default (ALBEF_FACTS.md).
+    image_res: int = 256
+    patch_size: int = 16
+    vision_width: int = 768
+    vision_depth: int = 12
+    vision_heads: int = 12
+    vision_mlp_ratio: float = 4.0
+    # BERT text + fusion encoder (bert-base-uncased sizes).
+    vocab_size: int = 30522
+    text_width: int = 768
+    text_depth: int = 12
+    text_heads: int = 12
+    text_intermediate: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    #: layers [0, fusion_layer) are the text encoder; [fusion_layer, text_depth) fuse.
+    fusion_layer: int = 6
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    # Heads and contrastive learning.
+    embed_dim: int = 256
+    queue_size: int = 65536
+    momentum: float = 0.995
+    temp: float = 0.07
+    #: final momentum-distillation weight (ramped from 0, see TrainConfig.alpha_ramp_epochs)
+    alpha: float = 0.4
+    mlm_probability: float = 0.15
+    #: "global": in-batch ITC candidates are the momentum features of the global batch;
+    #: "local": the reference's behaviour (this rank's batch only).
+    itc_candidates: str = "global"
+    #: where ITM hard negatives come from: "local" (reference) or "global" (all ranks).
+    itm_negatives: str = "global"
+    #: compute MLM logits only at masked positions (same loss, far less work).
+    mlm_masked_only: bool = True
+    #: share each image's cross-attention keys/values between the fusion passes.
+    share_cross_kv: bool = True
+    #: vectorised ITM sampling (one multinomial) vs the reference's per-sample loop.
+    itm_vectorized_sampling: bool = True
+    #: scaled_dot_product_attention in the BERT (False: explicit softmax(QK^T)V).
+    sdpa: bool = True
+    #: EMA update through torch._foreach ops (False: a Python loop per parameter).
+    foreach_ema: bool = True
+    #: recompute activations in backward (both encoders), trading compute for memory.
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class DataConfig:
+    #: MDS shard directories (local paths or remotes that streaming supports).
+    train_dirs: list = field(default_factory=list)
+    #: mixing weights, one per train dir (None: proportional to size).
+    train_weights: Optional[list] = None
+    #: a retrieval split (directory written by ``albef-data synth`` or annotation JSON).
+    val_dir: Optional[str] = None
+    test_dir: Optional[str] = None
+    #: an HF tokenizer folder (tokenizer.json / vocab.txt); built by ``albef-data build-vocab``.
+    tokenizer: Optional[str] = None
+    max_words: int = 30
+    max_tokens: int = 30
+    num_workers: int = 2
+    shuffle: bool = True
+    shuffle_seed: int = 1234
+    #: fixed canonical node count so a run can resume on a different number of nodes.
+    num_canonical_nodes: Optional[int] = 1
+    cache_dir: Optional[str] = None
+    crop_scale_min: float = 0.2
+    randaugment: bool = True
+    randaugment_n: int = 2
+    randaugment_m: int = 7
+    #: a horizontal flip also swaps "left"/"right" in the caption (on for synth data).
+    flip_swaps_left_right: bool = False
+    pin_memory: bool = True
+    prefetch_factor: int = 2
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 42
+    micro_batch_size: int = 64
+    grad_accum_steps: int = 1
+    epochs: int = 30
+    #: stop after this many optimizer steps (None: run all epochs).
+    max_steps: Optional[int] = None
+    #: samples per epoch when the data size is unknown ahead (None: from the dataset).
+    steps_per_epoch: Optional[int] = None
+    lr: float = 1e-4
+    min_lr: float = 1e-5
+    warmup_lr: float = 1e-5
+    warmup_steps: int = 1000
+    weight_decay: float = 0.02
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    grad_clip: Optional[float] = None
+    #: alpha rises linearly from 0 over this many epochs (paper: 1; LAVIS: 2).
+    alpha_ramp_epochs: float = 1.0
+    #: "bf16", "fp16" or "fp32".
+    precision: str = "bf16"
+    #: "auto" (DeepSpeed fused > apex > torch fused/foreach), "deepspeed", "apex", "torch".
+    optimizer: str = "auto"
+    #: normalise the MLM loss by the global number of masked tokens (exact DP equivalence).
+    mlm_global_normalization: bool = False
+
+
+@dataclass
+class DistributedConfig:
+    #: a DeepSpeed JSON file (ds_configs/…); values this config owns are filled in.
+    ds_config: str = "ds_configs/zero2_bf16.json"
+    #: None: take the stage written in ds_config.
+    zero_stage: Optional[int] = None
+    #: "auto": nccl on CUDA, gloo on CPU.
+    backend: str = "auto"
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 1000
+    keep_last: int = 3
+    #: "auto" (latest in run_dir, if any), "none", or a checkpoint directory.
+    resume: str = "auto"
+    #: a weights file to start from (reference ALBEF .pth or an export of ours).
+    init_from: Optional[str] = None
+    #: a Hugging Face BERT folder to initialise the text/fusion encoder.
+    bert_init: Optional[str] = None
+    #: a timm/DeiT ViT state dict to initialise the image encoder.
+    vit_init: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/albef"
+    log_every: int = 10
+    tensorboard: bool = True
+    #: write the sample keys each rank consumes per step (for resumption tests).
+    log_sample_keys: bool = False
+    progress_bar: bool = True
+
+
+@dataclass
+class EvalConfig:
+    #: ITM re-ranking of the top k by ITC (ALBEF: 128 on Flickr30K, 256 on COCO).
+    k_test: int = 128
+    batch_size: int = 64
+    #: zero-shot retrieval on data.val_dir every N steps during pretraining (0: never).
+    every_steps: int = 0
+    #: evaluate on at most this many images (None: all).
+    max_images: Optional[int] = None
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def global_batch(self, world_size: int) -> int:
+        return self.train.micro_batch_size * world_size * self.train.grad_accum_steps
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self, world_size: int = 1) -> "Config":
+        """Cross-field checks that need no model; raises ConfigError naming the key."""
+        m, t = self.model, self.train
+        _require(m.fusion_layer >= 0 and m.fusion_layer <= m.text_depth, "model.fusion_layer",
+                 f"must lie in [0, model.text_depth={m.text_depth}], got {m.fusion_layer}")
+        _require(m.image_res % m.patch_size == 0, "model.image_res",
+                 f"{m.image_res} is not a multiple of model.patch_size={m.patch_size}")
+        _require(m.text_width % m.text_heads == 0, "model.text_heads",
+                 f"model.text_width={m.text_width} is not divisible by {m.text_heads} heads")
+        _require(m.vision_width % m.vision_heads == 0, "model.vision_heads",
+                 f"model.vision_width={m.vision_width} is not divisible by {m.vision_heads} heads")
+        _require(0.0 < m.momentum < 1.0, "model.momentum", f"must lie in (0, 1), got {m.momentum}")
+        _require(0.001 <= m.temp <= 0.5, "model.temp", f"must lie in [0.001, 0.5], got {m.temp}")
+        _require(0.0 <= m.alpha <= 1.0, "model.alpha", f"must lie in [0, 1], got {m.alpha}")
+        _require(0.0 < m.mlm_probability < 1.0, "model.mlm_probability",
+                 f"must lie in (0, 1), got {m.mlm_probability}")
+        _require(m.itc_candidates in ("global", "local"), "model.itc_candidates",
+                 f"must be 'global' or 'local', got {m.itc_candidates!r}")
+        _require(m.itm_negatives in ("global", "local"), "model.itm_negatives",
+                 f"must be 'global' or 'local', got {m.itm_negatives!r}")
+        _require(t.micro_batch_size >= 2, "train.micro_batch_size",
+                 f"ITM needs at least 2 pairs per batch, got {t.micro_batch_size}")
+        _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(t.precision in ("bf16", "fp16", "fp32"), "train.precision",
+                 f"must be bf16, fp16 or fp32, got {t.precision!r}")
+        _require(t.optimizer in ("auto", "deepspeed", "apex", "torch"), "train.optimizer",
+                 f"must be auto, deepspeed, apex or torch, got {t.optimizer!r}")
+        _require(self.data.max_tokens <= m.max_position_embeddings, "data.max_tokens",
+                 f"{self.data.max_tokens} exceeds model.max_position_embeddings")
+        # Features are enqueued once per micro-step for the whole (gathered) micro-batch, so
+        # the queue must hold a whole number of them for the pointer to wrap exactly.
+        per_enqueue = t.micro_batch_size * world_size
+        _require(m.queue_size % per_enqueue == 0, "model.queue_size",
+                 f"{m.queue_size} is not a multiple of train.micro_batch_size x world size "
+                 f"= {t.micro_batch_size} x {world_size} = {per_enqueue}")
+        if self.data.train_weights is not None:
+            _require(len(self.data.train_weights) == len(self.data.train_dirs), "data.train_weights",
+                     f"has {len(self.data.train_weights)} entries for {len(self.data.train_dirs)} train_dirs")
+        return self
+
+
+def _require(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(f"config key '{key}': {message}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+def _field_types(cls) -> dict:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _is_optional(tp) -> tuple[bool, Any]:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return True, args[0] if len(args) == 1 else Any
+    return False, tp
+
+
+def _coerce(value: Any, tp, key: str, source: str) -> Any:
+    optional, inner = _is_optional(tp)
+    if value is None:
+        if optional:
+            return None
+        raise ConfigError(f"config key '{key}' ({source}): may not be null")
+    origin = typing.get_origin(inner) or inner
+    if inner is Any:
+        return value
+    if origin is bool:
+        if isinstance(value, bool):
+            return value
+    elif origin is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif origin is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    elif origin is list:
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        if isinstance(value, str):  # a single path given on the command line
+            return [value]
+    raise ConfigError(
+        f"config key '{key}' ({source}): expected {getattr(inner, '__name__', inner)}, "
+        f"got {type(value).__name__} {value!r}")
+
+
+def _apply(cfg: Config, section_values: dict, source: str) -> None:
+    sections = {f.name: f for f in dataclasses.fields(Config)}
+    for section, values in section_values.items():
+        if section not in sections:
+            raise ConfigError(_unknown(section, list(sections), source))
+        if not isinstance(values, dict):
+            raise ConfigError(f"config key '{section}' ({source}): expected a mapping of keys")
+        target = getattr(cfg, section)
+        types_ = _field_types(type(target))
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if key not in types_:
+                raise ConfigError(_unknown(dotted, [f"{section}.{k}" for k in types_], source))
+            setattr(target, key, _coerce(value, types_[key], dotted, source))
+
+
+def _unknown(key: str, valid: list, source: str) -> str:
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f"; did you mean '{close[0]}'?" if close else f"; valid keys: {', '.join(sorted(valid))}"
+    return f"unknown config key '{key}' in {source}{hint}"
+
+
+def resolve_path(name_or_path: str) -> Path:
+    """A YAML path, or the name of a preset in configs/ ('tiny', 'albef-base')."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(f"config file not found: {name_or_path} (presets: "
+                      f"{', '.join(sorted(p.stem for p in PRESET_DIR.glob('*.yaml')))})")
+
+
+def parse_overrides(overrides: list[str] | None) -> dict:
+    """['model.queue_size=4096', ...] -> {'model': {'queue_size': 4096}}; YAML-typed values."""
+    nested: dict = {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form section.key=value")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        if len(parts) != 2:
+            raise ConfigError(f"override key '{key}' must be section.key (e.g. model.queue_size)")
+        nested.setdefault(parts[0], {})[parts[1]] = yaml.safe_load(raw) if raw != "" else None
+    return nested
+
+
+def load_config(path: str | os.PathLike | None = None, overrides: list[str] | None = None,
+                world_size: int = 1) -> Config:
+    """Load a YAML config (or a preset name), apply ``section.key=value`` overrides, validate."""
+    cfg = Config()
+    if path is not None:
+        resolved = resolve_path(str(path))
+        with open(resolved, encoding="utf-8") as f:
+            try:
+                values = yaml.safe_load(f) or {}
+            except yaml.YAMLError as e:
+                raise ConfigError(f"{resolved}: not valid YAML: {e}") from e
+        if not isinstance(values, dict):
+            raise ConfigError(f"{resolved}: the top level must be a mapping of sections")
+        _apply(cfg, values, str(resolved))
+    _apply(cfg, parse_overrides(overrides), "--set")
+    return cfg.validate(world_size)
+
+
+def save_config(cfg: Config, path: str | os.PathLike) -> None:
+    """Write the resolved config (every field, defaults included) as YAML."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
+    os.replace(tmp, path)
+
+
+def config_from_dict(values: dict, source: str = "<dict>") -> Config:
+    cfg = Config()
+    _apply(cfg, values, source)
+    return cfg

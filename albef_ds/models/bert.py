@@ -1,0 +1,268 @@
+"""BERT text + fusion encoder, written for ALBEF.
+
+Layers ``[0, fusion_layer)`` are the text encoder (self-attention only); layers
+``[fusion_layer, depth)`` are the fusion encoder (self-attention, cross-attention to the
+image tokens, MLP). Module and parameter names follow Hugging Face's ``BertForMaskedLM``
+so that ``bert-base-uncased`` folders and the reference ALBEF checkpoints load by name.
+
+Attention runs through ``F.scaled_dot_product_attention`` (flash / memory-efficient
+kernels on GPU); ``sdpa=False`` selects the explicit softmax(QK^T)V of the reference, used
+as the baseline in benchmarks. Cross-attention keys/values of an image can be computed
+once per fusion layer and reused by every fusion pass that sees that image
+(:meth:`BertModel.cross_kv`), which the reference recomputes for each pass.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+
+@dataclass
+class BertSpec:
+    vocab_size: int = 30522
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    fusion_layer: int = 6
+    #: width of the image tokens that cross-attention reads (ViT width).
+    encoder_width: int = 768
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    sdpa: bool = True
+    activation_checkpointing: bool = False
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, L] of 1 (keep) / 0 (pad) -> [B, 1, 1, L] additive mask, as BERT builds it."""
+    return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
+
+
+class BertEmbeddings(nn.Module):
+    def __init__(self, spec: BertSpec):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=0)
+        self.position_embeddings = nn.Embedding(spec.max_position_embeddings, spec.hidden_size)
+        self.token_type_embeddings = nn.Embedding(spec.type_vocab_size, spec.hidden_size)
+        self.LayerNorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.dropout = nn.Dropout(spec.hidden_dropout)
+        # A buffer in the reference state dict, so it is kept (persistent) here too.
+        self.register_buffer("position_ids", torch.arange(spec.max_position_embeddings)[None, :])
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        length = input_ids.shape[1]
+        embeds = (self.word_embeddings(input_ids)
+                  + self.position_embeddings(self.position_ids[:, :length])
+                  # ALBEF never uses segment ids: every token is type 0.
+                  + self.token_type_embeddings.weight[0])
+        return self.dropout(self.LayerNorm(embeds))
+
+
+class BertSelfAttention(nn.Module):
+    def __init__(self, spec: BertSpec, kv_width: int):
+        super().__init__()
+        self.num_heads = spec.num_heads
+        self.head_dim = spec.hidden_size // spec.num_heads
+        self.query = nn.Linear(spec.hidden_size, spec.hidden_size)
+        self.key = nn.Linear(kv_width, spec.hidden_size)
+        self.value = nn.Linear(kv_width, spec.hidden_size)
+        self.dropout_p = spec.attention_dropout
+        self.sdpa = spec.sdpa
+
+    def split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split_heads(self.key(source)), self.split_heads(self.value(source))
+
+    def forward(self, hidden: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                source: Optional[torch.Tensor] = None,
+                kv: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> torch.Tensor:
+        """``mask`` is additive [B, 1, 1, Lk] or None; keys/values from ``source`` (default:
+        ``hidden``) unless precomputed ``kv`` are given."""
+        q = self.split_heads(self.query(hidden))
+        k, v = kv if kv is not None else self.kv(hidden if source is None else source)
+        dropout_p = self.dropout_p if self.training else 0.0
+        if self.sdpa:
+            if mask is not None:
+                mask = mask.to(q.dtype)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
+        else:
+            scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
+            if mask is not None:
+                scores = scores + mask.to(scores.dtype)
+            probs = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=self.training)
+            out = probs @ v
+        b, _, n, _ = out.shape
+        return out.transpose(1, 2).reshape(b, n, -1)
+
+
+class BertSelfOutput(nn.Module):
+    """Projection + dropout + residual LayerNorm (also the MLP's output block)."""
+
+    def __init__(self, in_width: int, spec: BertSpec):
+        super().__init__()
+        self.dense = nn.Linear(in_width, spec.hidden_size)
+        self.LayerNorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.dropout = nn.Dropout(spec.hidden_dropout)
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.LayerNorm(self.dropout(self.dense(x)) + residual)
+
+
+class BertAttention(nn.Module):
+    def __init__(self, spec: BertSpec, kv_width: int):
+        super().__init__()
+        self.self = BertSelfAttention(spec, kv_width)
+        self.output = BertSelfOutput(spec.hidden_size, spec)
+
+    def forward(self, hidden, mask=None, source=None, kv=None):
+        return self.output(self.self(hidden, mask, source, kv), hidden)
+
+
+class BertIntermediate(nn.Module):
+    def __init__(self, spec: BertSpec):
+        super().__init__()
+        self.dense = nn.Linear(spec.hidden_size, spec.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))
+
+
+class BertLayer(nn.Module):
+    def __init__(self, spec: BertSpec, cross: bool):
+        super().__init__()
+        self.attention = BertAttention(spec, spec.hidden_size)
+        self.has_cross_attention = cross
+        if cross:
+            self.crossattention = BertAttention(spec, spec.encoder_width)
+        self.intermediate = BertIntermediate(spec)
+        self.output = BertSelfOutput(spec.intermediate_size, spec)
+
+    def forward(self, hidden, mask, image_embeds=None, image_kv=None):
+        hidden = self.attention(hidden, mask)
+        if self.has_cross_attention:
+            # Every image token is valid: cross-attention needs no mask.
+            hidden = self.crossattention(hidden, None, image_embeds, image_kv)
+        return self.output(self.intermediate(hidden), hidden)
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, spec: BertSpec):
+        super().__init__()
+        self.layer = nn.ModuleList(
+            [BertLayer(spec, cross=i >= spec.fusion_layer) for i in range(spec.num_layers)])
+
+
+class BertModel(nn.Module):
+    """Embeddings + layers; ``encode_text`` and ``fuse`` run the two halves."""
+
+    def __init__(self, spec: BertSpec):
+        super().__init__()
+        self.spec = spec
+        self.embeddings = BertEmbeddings(spec)
+        self.encoder = BertEncoder(spec)
+        self.gradient_checkpointing = spec.activation_checkpointing
+
+    def _run(self, layers: Sequence[BertLayer], hidden, mask, image_embeds=None, image_kvs=None):
+        ext = additive_mask(mask, hidden.dtype)
+        for i, layer in enumerate(layers):
+            kv = image_kvs[i] if image_kvs is not None else None
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                hidden = checkpoint(layer, hidden, ext, image_embeds, kv, use_reentrant=False)
+            else:
+                hidden = layer(hidden, ext, image_embeds, kv)
+        return hidden
+
+    @property
+    def text_layers(self) -> Sequence[BertLayer]:
+        return self.encoder.layer[: self.spec.fusion_layer]
+
+    @property
+    def fusion_layers(self) -> Sequence[BertLayer]:
+        return self.encoder.layer[self.spec.fusion_layer:]
+
+    def encode_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self._run(self.text_layers, self.embeddings(input_ids), mask)
+
+    def cross_kv(self, image_embeds: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys/values of these images for every fusion layer."""
+        return [layer.crossattention.self.kv(image_embeds) for layer in self.fusion_layers]
+
+    def fuse(self, text_embeds: torch.Tensor, mask: torch.Tensor,
+             image_embeds: Optional[torch.Tensor] = None,
+             image_kvs: Optional[list] = None) -> torch.Tensor:
+        """Fusion layers over text hidden states, attending to ``image_embeds`` (or to
+        precomputed per-layer keys/values from :meth:`cross_kv`, already indexed per row)."""
+        if image_embeds is None and image_kvs is None:
+            raise ValueError("fuse needs image_embeds or image_kvs")
+        return self._run(self.fusion_layers, text_embeds, mask, image_embeds, image_kvs)
+
+
+class BertPredictionTransform(nn.Module):
+    def __init__(self, spec: BertSpec):
+        super().__init__()
+        self.dense = nn.Linear(spec.hidden_size, spec.hidden_size)
+        self.LayerNorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+
+    def forward(self, x):
+        return self.LayerNorm(F.gelu(self.dense(x)))
+
+
+class BertLMPredictionHead(nn.Module):
+    def __init__(self, spec: BertSpec, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.transform = BertPredictionTransform(spec)
+        self.decoder = nn.Linear(spec.hidden_size, spec.vocab_size)
+        self.decoder.weight = word_embeddings.weight  # tied, as in BERT
+        self.bias = self.decoder.bias  # HF names it twice: predictions.bias == decoder.bias
+
+    def forward(self, hidden):
+        return self.decoder(self.transform(hidden))
+
+
+class BertOnlyMLMHead(nn.Module):
+    def __init__(self, spec: BertSpec, word_embeddings: nn.Embedding):
+        super().__init__()
+        self.predictions = BertLMPredictionHead(spec, word_embeddings)
+
+
+class BertForMaskedLM(nn.Module):
+    """``bert`` (embeddings + encoder, no pooler) and ``cls`` (the tied MLM head)."""
+
+    def __init__(self, spec: BertSpec):
+        super().__init__()
+        self.bert = BertModel(spec)
+        self.cls = BertOnlyMLMHead(spec, self.bert.embeddings.word_embeddings)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        # BERT's initialisation (normal 0.02, zero bias, unit LayerNorm).
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            module.weight.data.normal_(mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+        if isinstance(module, nn.LayerNorm):
+            module.weight.data.fill_(1.0)
+            module.bias.data.zero_()
+
+    def mlm_logits(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
+                   masked_only: bool = True) -> torch.Tensor:
+        """Vocabulary logits: [M, V] at the M positions where labels != -100 when
+        ``masked_only``, else [B, L, V] everywhere."""
+        if masked_only:
+            if labels is None:
+                raise ValueError("masked_only MLM logits need the labels")
+            hidden = hidden[labels != -100]
+        return self.cls.predictions(hidden)
