@@ -1,0 +1,75 @@
+"""The image encoder: timm's VisionTransformer, with ALBEF's presets and resolution changes.
+
+We do not write a ViT: timm's is the reference implementation DeiT weights come from.
+ALBEF keeps every token (CLS + patches) for the fusion encoder, has no classifier head,
+and uses LayerNorm eps 1e-6, no dropout and no drop-path in pretraining.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from timm.layers import resample_abs_pos_embed
+from timm.models.vision_transformer import VisionTransformer
+from torch import nn
+
+#: Named sizes. Pretraining runs ViT-B/16 at 256 px (257 tokens), fine-tuning at 384 px.
+VIT_PRESETS = {
+    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
+    "vit_tiny_test": dict(patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0),
+}
+
+
+def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: int,
+              mlp_ratio: float = 4.0, activation_checkpointing: bool = False) -> VisionTransformer:
+    vit = VisionTransformer(
+        img_size=image_res, patch_size=patch_size, embed_dim=width, depth=depth,
+        num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
+        global_pool="token", class_token=True,
+        norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    vit.set_grad_checkpointing(activation_checkpointing)
+    return vit
+
+
+def encode(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+    """All tokens after the final norm: [B, 1 + (R/patch)^2, width]."""
+    return vit.forward_features(images)
+
+
+def grid_size(num_patches: int) -> int:
+    side = int(round(num_patches ** 0.5))
+    if side * side != num_patches:
+        raise ValueError(f"position embedding of {num_patches} patches is not a square grid")
+    return side
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, num_patches: int) -> torch.Tensor:
+    """Bicubic resampling of a [1, 1 + g*g, D] position embedding to ``num_patches`` patches,
+    the CLS position kept (as ALBEF and timm do when changing resolution)."""
+    old = grid_size(pos_embed.shape[1] - 1)
+    new = grid_size(num_patches)
+    if old == new:
+        return pos_embed
+    return resample_abs_pos_embed(pos_embed, new_size=[new, new], old_size=[old, old],
+                                  num_prefix_tokens=1, interpolation="bicubic", antialias=False)
+
+
+def adapt_vit_state_dict(state_dict: dict, vit: VisionTransformer, prefix: str = "") -> dict:
+    """Resample ``{prefix}pos_embed`` to ``vit``'s resolution and drop classifier heads that
+    a DeiT/timm checkpoint carries but ALBEF does not (head, head_dist, dist_token)."""
+    out = {}
+    target = vit.patch_embed.num_patches
+    for key, value in state_dict.items():
+        name = key[len(prefix):] if key.startswith(prefix) else None
+        if name is None:
+            out[key] = value
+            continue
+        if name.startswith(("head.", "head_dist.", "fc_norm.")) or name == "dist_token":
+            continue
+        if name == "pos_embed":
+            if name == "pos_embed" and "dist_token" in {k[len(prefix):] for k in state_dict}:
+                # DeiT-distilled: CLS + distillation token ahead of the patches; keep CLS.
+                value = torch.cat([value[:, :1], value[:, 2:]], dim=1)
+            value = resample_pos_embed(value, target)
+        out[key] = value
+    return out
