@@ -62,6 +62,16 @@ class ALBEF(nn.Module):
             module.requires_grad_(False)
             setattr(self, momentum, module)
 
+    def _apply(self, fn, recurse=True):
+        # The queues are fp32 buffers whatever the module is cast to (DeepSpeed's bf16 mode
+        # casts every floating tensor): bf16 features would make the queue lossy.
+        super()._apply(fn, recurse)
+        for name in ("image_queue", "text_queue"):
+            buf = self._buffers[name]
+            if buf.is_floating_point() and buf.dtype != torch.float32:
+                self._buffers[name] = buf.float()
+        return self
+
     # ----------------------------------------------------------------- components
 
     def _part(self, name: str, momentum: bool) -> nn.Module:

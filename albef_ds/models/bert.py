@@ -62,8 +62,9 @@ class BertEmbeddings(nn.Module):
         length = input_ids.shape[1]
         embeds = (self.word_embeddings(input_ids)
                   + self.position_embeddings(self.position_ids[:, :length])
-                  # ALBEF never uses segment ids: every token is type 0.
-                  + self.token_type_embeddings.weight[0])
+                  # ALBEF never uses segment ids: every token is type 0. The module is called
+                  # (not its weight read) so that ZeRO-3 gathers the partitioned weight.
+                  + self.token_type_embeddings(torch.zeros_like(self.position_ids[:, :length])))
         return self.dropout(self.LayerNorm(embeds))
 
 

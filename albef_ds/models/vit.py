@@ -20,9 +20,21 @@ VIT_PRESETS = {
 }
 
 
+class ImageEncoder(VisionTransformer):
+    """timm's ViT whose ``forward`` returns every token after the final norm.
+
+    Calling the module (rather than ``forward_features``) matters under ZeRO-3: parameters
+    are gathered by hooks around a module's ``__call__``, and ``cls_token``/``pos_embed``
+    belong to this module itself.
+    """
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(images)
+
+
 def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: int,
-              mlp_ratio: float = 4.0, activation_checkpointing: bool = False) -> VisionTransformer:
-    vit = VisionTransformer(
+              mlp_ratio: float = 4.0, activation_checkpointing: bool = False) -> ImageEncoder:
+    vit = ImageEncoder(
         img_size=image_res, patch_size=patch_size, embed_dim=width, depth=depth,
         num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
         global_pool="token", class_token=True,
@@ -31,9 +43,9 @@ def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: in
     return vit
 
 
-def encode(vit: VisionTransformer, images: torch.Tensor) -> torch.Tensor:
+def encode(vit: ImageEncoder, images: torch.Tensor) -> torch.Tensor:
     """All tokens after the final norm: [B, 1 + (R/patch)^2, width]."""
-    return vit.forward_features(images)
+    return vit(images)
 
 
 def grid_size(num_patches: int) -> int:
