@@ -124,8 +124,8 @@ class TrainConfig:
     grad_clip: Optional[float] = None
     #: alpha rises linearly from 0 over this many epochs (paper: 1; LAVIS: 2).
     alpha_ramp_epochs: float = 1.0
-    #: "bf16", "fp16" or "fp32".
-    precision: str = "bf16"
+    #: "bf16", "fp16", "fp32", or "auto" (whatever the DeepSpeed JSON enables).
+    precision: str = "auto"
     #: "auto" (DeepSpeed fused > apex > torch fused/foreach), "deepspeed", "apex", "torch".
     optimizer: str = "auto"
     #: normalise the MLM loss by the global number of masked tokens (exact DP equivalence).
@@ -216,8 +216,8 @@ class Config:
         _require(t.micro_batch_size >= 2, "train.micro_batch_size",
                  f"ITM needs at least 2 pairs per batch, got {t.micro_batch_size}")
         _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
-        _require(t.precision in ("bf16", "fp16", "fp32"), "train.precision",
-                 f"must be bf16, fp16 or fp32, got {t.precision!r}")
+        _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
+                 f"must be auto, bf16, fp16 or fp32, got {t.precision!r}")
         _require(t.optimizer in ("auto", "deepspeed", "apex", "torch"), "train.optimizer",
                  f"must be auto, deepspeed, apex or torch, got {t.optimizer!r}")
         _require(self.data.max_tokens <= m.max_position_embeddings, "data.max_tokens",

@@ -43,7 +43,9 @@ class ALBEF(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.temp = nn.Parameter(torch.tensor(float(cfg.temp)))
+        # Shape [1], not the reference's 0-d scalar: DeepSpeed cannot broadcast 0-d tensors
+        # (it views them as bytes). weights.py converts to and from the release's scalar.
+        self.temp = nn.Parameter(torch.full((1,), float(cfg.temp)))
         q = cfg.queue_size
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
@@ -117,12 +119,18 @@ class ALBEF(nn.Module):
 
     # ----------------------------------------------------------------- momentum
 
-    def momentum_params(self) -> tuple[list, list]:
-        online, momentum = [], []
+    def momentum_named_params(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
+        """(momentum parameter name, online parameter, momentum parameter), tied once."""
+        out = []
         for a, b in MOMENTUM_PAIRS:
-            online += list(getattr(self, a).parameters())
-            momentum += list(getattr(self, b).parameters())
-        return online, momentum
+            online = getattr(self, a).named_parameters(prefix=a)
+            momentum = getattr(self, b).named_parameters(prefix=b)
+            out += [(name_m, p, p_m) for (_, p), (name_m, p_m) in zip(online, momentum)]
+        return out
+
+    def momentum_params(self) -> tuple[list, list]:
+        triples = self.momentum_named_params()
+        return [p for _, p, _ in triples], [p_m for _, _, p_m in triples]
 
     @torch.no_grad()
     def copy_params_to_momentum(self) -> None:

@@ -1,0 +1,1 @@
+"""The training program: engine set-up, loop, checkpoints, schedules, metrics."""

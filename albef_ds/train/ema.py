@@ -1,0 +1,130 @@
+"""The momentum (EMA) encoder under DeepSpeed: an fp32 master, right under every ZeRO stage.
+
+DeepSpeed casts every module parameter to bf16/fp16, the frozen momentum copy included;
+with m = 0.995 a bf16 EMA stops moving (the update rounds to zero), so the EMA runs on an
+fp32 master and the result is copied into the parameters the forward reads.
+
+Under ZeRO-3 each rank holds a partition of every parameter in ``param.ds_tensor``; the
+EMA of a partition needs only the same partition of the online parameter, so no full
+weight is ever gathered. Parameters under ``stage3_param_persistence_threshold`` are kept
+whole on every rank (``ds_persist``) and the forward reads ``param.data``, not
+``ds_tensor``: those are updated whole (and their partition too, so the two agree).
+"""
+from __future__ import annotations
+
+import torch
+
+
+def _is_partitioned(p: torch.nn.Parameter) -> bool:
+    return getattr(p, "ds_tensor", None) is not None and not getattr(p, "ds_persist", False)
+
+
+def _partition_slice(p: torch.nn.Parameter, flat_full: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """The part of a flattened full tensor that this rank's ``ds_tensor`` holds (ZeRO-3
+    partitions the flattened, padded parameter evenly by rank)."""
+    import torch.distributed as dist
+    n = p.ds_tensor.numel()
+    start = dist.get_rank() * n
+    piece = flat_full[start:start + n]
+    return piece, start
+
+
+class MomentumEMA:
+    def __init__(self, model, momentum: float, foreach: bool = True):
+        self.momentum = momentum
+        self.foreach = foreach
+        self.names, self.pairs, self.kinds, self.shapes, self.offsets = [], [], [], [], []
+        for name, p, p_m in model.momentum_named_params():
+            partitioned = _is_partitioned(p_m)
+            self.names.append(name)
+            self.pairs.append((p, p_m))
+            self.kinds.append("partition" if partitioned else "full")
+            self.shapes.append(tuple(p_m.ds_shape) if hasattr(p_m, "ds_shape") else tuple(p_m.shape))
+            self.offsets.append(_partition_slice(p_m, torch.empty(0))[1] if partitioned else 0)
+        src, dst = self._storages()
+        for name, s, d in zip(self.names, src, dst):
+            if s.numel() != d.numel():
+                raise RuntimeError(f"EMA of {name}: online storage has {s.numel()} elements, "
+                                   f"momentum storage {d.numel()}")
+        self.master = [d.detach().float().clone() for d in dst]
+
+    def _storages(self) -> tuple[list, list]:
+        """Where each pair's values live now (DeepSpeed may move ``.data`` between steps)."""
+        src, dst = [], []
+        for (p, p_m), kind in zip(self.pairs, self.kinds):
+            if kind == "partition":
+                dst.append(p_m.ds_tensor)
+                src.append(p.ds_tensor if _is_partitioned(p) else _partition_slice(p, p.data.view(-1))[0])
+            else:
+                dst.append(p_m.data)
+                src.append(p.data)
+        return src, dst
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """master <- m * master + (1 - m) * online; then write the master into the weights."""
+        m = self.momentum
+        src, dst = self._storages()
+        src = [s.reshape(d.shape).float() for s, d in zip(src, dst)]
+        if self.foreach:
+            torch._foreach_mul_(self.master, m)
+            torch._foreach_add_(self.master, src, alpha=1 - m)
+        else:
+            for master, s in zip(self.master, src):
+                master.mul_(m).add_(s, alpha=1 - m)
+        self._write(dst)
+
+    @torch.no_grad()
+    def _write(self, dst: list | None = None) -> None:
+        dst = self._storages()[1] if dst is None else dst
+        for d, master in zip(dst, self.master):
+            d.copy_(master.view_as(d))
+        # Persistent ZeRO-3 parameters are read whole, but keep their partition in step too.
+        for (_, p_m), kind, master in zip(self.pairs, self.kinds, self.master):
+            if kind == "full" and getattr(p_m, "ds_tensor", None) is not None:
+                piece, _ = _partition_slice(p_m, master.view(-1))
+                p_m.ds_tensor[: piece.numel()].copy_(piece)
+
+    def state_dict(self) -> dict:
+        return {"names": self.names, "kinds": self.kinds, "shapes": self.shapes,
+                "offsets": self.offsets, "master": [t.clone() for t in self.master]}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state["names"] != self.names or [t.numel() for t in state["master"]] != [t.numel() for t in self.master]:
+            raise RuntimeError("momentum master in the checkpoint does not match this model/partitioning")
+        for mine, saved in zip(self.master, state["master"]):
+            mine.copy_(saved)
+        self._write()
+
+    def load_full(self, full: dict) -> None:
+        """Fill the master from full fp32 momentum tensors (name -> tensor), e.g. after a
+        resume on another number of ranks."""
+        for i, name in enumerate(self.names):
+            flat = full[name].float().reshape(-1)
+            if self.kinds[i] == "partition":
+                piece = flat[self.offsets[i]: self.offsets[i] + self.master[i].numel()]
+                self.master[i].zero_()
+                self.master[i].view(-1)[: piece.numel()].copy_(piece)
+            else:
+                self.master[i].copy_(flat.view_as(self.master[i]))
+        self._write()
+
+
+def assemble_full(rank_states: list[dict]) -> dict:
+    """Full fp32 momentum tensors from every rank's EMA state (ZeRO-3 partitions joined)."""
+    first = rank_states[0]
+    out = {}
+    for i, name in enumerate(first["names"]):
+        shape = first["shapes"][i]
+        numel = 1
+        for s in shape:
+            numel *= s
+        if first["kinds"][i] == "full":
+            out[name] = first["master"][i].reshape(shape).clone()
+            continue
+        flat = torch.zeros(sum(st["master"][i].numel() for st in rank_states))
+        for st in rank_states:
+            part = st["master"][i].reshape(-1)
+            flat[st["offsets"][i]: st["offsets"][i] + part.numel()] = part
+        out[name] = flat[:numel].reshape(shape).clone()
+    return out

@@ -1,0 +1,318 @@
+"""``albef-ds pretrain``: ALBEF pretraining on a DeepSpeed engine, under any launcher.
+
+    deepspeed --num_gpus 8 -m albef_ds.cli pretrain --config configs/albef-base.yaml
+    torchrun --nproc_per_node 8 -m albef_ds.cli pretrain --config ...
+    srun albef-ds pretrain --config ...          (SLURM variables mapped in distributed.py)
+    albef-ds pretrain --config configs/tiny.yaml (one rank)
+
+Per micro-step: mask tokens and draw ITM negatives from a generator seeded by (seed,
+step, micro-step, rank), so a resumed run draws exactly what the uninterrupted one drew;
+forward / backward / step through the engine; at each optimizer step the fp32 momentum
+EMA moves once. SIGUSR1/SIGTERM/SIGINT ask for a stop: the ranks agree on one step (a
+flag reduced every step), save, and exit with :data:`EXIT_PREEMPTED`.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .. import distributed as dist_lib
+from .. import losses
+from ..config import Config, ConfigError, load_config, save_config
+
+#: exit status of a run stopped by a signal after its checkpoint was committed: the batch
+#: script requeues on it. 0 means the planned final step was reached.
+EXIT_PREEMPTED = 3
+#: marker written in the run directory when the planned final step is reached.
+DONE_MARKER = "DONE"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config or preset name (tiny, albef-base)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (latest complete checkpoint in the run dir), 'none', or a checkpoint "
+                        "directory; default: checkpoint.resume from the config")
+    p.add_argument("--run-dir", default=None, help="shortcut for --set logging.run_dir=DIR")
+    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
+
+
+class StopFlag:
+    """Set by a signal on any rank; all ranks learn of it at the same step."""
+
+    def __init__(self):
+        self.requested = False
+        self.signal_name = None
+        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+
+    def agreed(self, device: torch.device) -> bool:
+        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item() > 0)
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
+
+
+def _check_data_dirs(cfg: Config) -> None:
+    if not cfg.data.train_dirs:
+        raise ConfigError("config key 'data.train_dirs': no training data given "
+                          "(e.g. --set data.train_dirs=[/data/synth/train])")
+    for d in cfg.data.train_dirs:
+        if "://" not in d and not Path(d).is_dir():
+            raise ConfigError(f"config key 'data.train_dirs': data directory not found: {d}")
+    if not cfg.data.tokenizer:
+        raise ConfigError("config key 'data.tokenizer': a tokenizer folder is required "
+                          "(albef-data build-vocab, or a local bert-base-uncased folder)")
+    if not Path(cfg.data.tokenizer).exists():
+        raise ConfigError(f"config key 'data.tokenizer': tokenizer folder not found: {cfg.data.tokenizer}")
+
+
+def _flops_and_peak(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[float, float | None]:
+    """Analytic FLOPs per pair (the project's MFU definition) and the device's dense peak."""
+    from ..model_info import analytic_flops, device_peak_flops
+    flops = analytic_flops(cfg, cfg.data.max_tokens)["total"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return flops, device_peak_flops(name, str(dtype).replace("torch.", ""))
+
+
+def build_model(cfg: Config, log=print):
+    """ALBEF with the configured initial weights (each loader reports what it did)."""
+    from ..models import ALBEF
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = ALBEF(cfg.model)
+    c = cfg.checkpoint
+    if c.bert_init or c.vit_init or c.init_from:
+        from .. import weights
+        if c.init_from:
+            log(str(weights.load_albef_checkpoint(model, c.init_from)))
+        if c.bert_init:
+            log(str(weights.load_hf_bert(model, c.bert_init)))
+        if c.vit_init:
+            log(str(weights.load_vit_state_dict(model, c.vit_init)))
+    return model
+
+
+def summary(cfg: Config, launch, ds: dict, model, opt_name: str, steps: int, per_epoch: int) -> str:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    from .engine import precision_of
+    lines = [
+        "albef-ds pretrain",
+        f"  world size {launch.world_size} on {launch.num_nodes} node(s) ({launch.launcher}); "
+        f"ZeRO stage {ds.get('zero_optimization', {}).get('stage', 0)}; precision {precision_of(ds)}; "
+        f"optimizer {opt_name}",
+        f"  parameters: {trainable:,} trainable, {frozen:,} momentum (frozen)",
+        f"  batch: micro {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum_steps} x "
+        f"world {launch.world_size} = global {cfg.global_batch(launch.world_size)}",
+        f"  steps: {steps} ({per_epoch} per epoch); queue {cfg.model.queue_size}; "
+        f"ITC candidates {cfg.model.itc_candidates}; ITM negatives {cfg.model.itm_negatives}",
+        f"  data: {', '.join(cfg.data.train_dirs)} (tokenizer {cfg.data.tokenizer})",
+        f"  run dir: {cfg.logging.run_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    overrides = list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"logging.run_dir={args.run_dir}")
+    launch = dist_lib.read_launch_env()
+    cfg = load_config(args.config, overrides, world_size=launch.world_size)  # fail before any work
+    _check_data_dirs(cfg)
+    launch = dist_lib.init_distributed(cfg.distributed.backend)
+    return train(cfg, launch, args.resume or cfg.checkpoint.resume)
+
+
+def train(cfg: Config, launch, resume: str) -> int:
+    from ..data import build_train_loader
+    from ..tokenizer import load_tokenizer
+    from .checkpoint import CheckpointManager, rng_state, set_rng_state
+    from .ema import MomentumEMA, assemble_full
+    from .engine import clean_shared_memory_leftovers, engine_dtype, initialize
+    from .metrics import MetricsLogger, RunningMeans, memory_gb
+    from .schedule import alpha_at
+
+    rank, world = launch.rank, launch.world_size
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+    run_dir = Path(cfg.logging.run_dir)
+    stop = StopFlag()
+
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if len(tokenizer) != cfg.model.vocab_size:
+        log(f"note: model.vocab_size {cfg.model.vocab_size} -> {len(tokenizer)} (the tokenizer's)")
+        cfg.model.vocab_size = len(tokenizer)
+    if is_main:
+        save_config(cfg, run_dir / "config.yaml")
+
+    ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, rank, world)
+    resume_dir = ckpt.resolve(resume)
+    resume_meta = ckpt.meta(resume_dir) if resume_dir else None
+    universal = resume_meta is not None and resume_meta["world_size"] != world
+    if resume_meta and resume_meta.get("global_batch") not in (None, cfg.global_batch(world)):
+        raise ConfigError(
+            f"checkpoint {resume_dir} was trained with global batch {resume_meta['global_batch']}, "
+            f"this run has {cfg.global_batch(world)}: set train.micro_batch_size / grad_accum_steps "
+            f"so that micro x accumulation x world ({world}) matches")
+
+    loader = build_train_loader(cfg, tokenizer, rank, world)
+    micro_per_epoch = len(loader)
+    per_epoch = cfg.train.steps_per_epoch or max(1, micro_per_epoch // cfg.train.grad_accum_steps)
+    total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
+
+    model = build_model(cfg, log)
+    ds_dir = ckpt.prepare_universal(resume_dir) if universal else resume_dir
+    engine, ds, opt_name = initialize(model, cfg, world, total_steps, load_universal=universal)
+    module = engine.module
+    device = dist_lib.device()
+    dtype = engine_dtype(ds)
+    ema = MomentumEMA(module, cfg.model.momentum, foreach=cfg.model.foreach_ema)
+    gather = dist_lib.make_gather()
+    log(summary(cfg, launch, ds, module, opt_name, total_steps, per_epoch))
+
+    step, epoch = 0, 0
+    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank, reproducibly
+    if resume_dir:
+        client, rank_states = ckpt.load(engine, ds_dir)
+        step, epoch = int(client["step"]), int(client["epoch"])
+        if universal:
+            ema.load_full(assemble_full(rank_states))
+            log(f"resumed from {resume_dir} (world {resume_meta['world_size']} -> {world}, universal)")
+        else:
+            mine = rank_states[rank]
+            ema.load_state_dict(mine["ema"])
+            set_rng_state(mine["rng"])
+            log(f"resumed from {resume_dir} at step {step}")
+        with torch.no_grad():
+            module.image_queue.copy_(client["image_queue"])
+            module.text_queue.copy_(client["text_queue"])
+            module.queue_ptr.copy_(client["queue_ptr"])
+        loader.load_state_dict(client["loader"])
+
+    metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard)
+    running = RunningMeans()
+    keys_log = None
+    if cfg.logging.log_sample_keys:
+        keys_log = open(run_dir / f"sample_keys_rank{rank}.jsonl", "a", encoding="utf-8")
+    flops_per_pair, peak = _flops_and_peak(cfg, device, dtype)
+    bar = None
+    if is_main and cfg.logging.progress_bar:
+        from tqdm import tqdm
+        bar = tqdm(total=total_steps, initial=step, desc="pretrain", unit="step", dynamic_ncols=True)
+
+    special = dict(mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+                   cls_token_id=tokenizer.cls_token_id)
+    stopped_by_signal = False
+    micro = 0
+    t_log = time.time()
+    pairs_since_log = 0
+    engine.train()
+
+    def save():
+        client = {
+            "step": step, "epoch": epoch, "global_batch": cfg.global_batch(world),
+            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
+            "loader": loader.state_dict(),
+            "image_queue": module.image_queue.detach().cpu(),
+            "text_queue": module.text_queue.detach().cpu(),
+            "queue_ptr": module.queue_ptr.detach().cpu(),
+        }
+        ckpt.save(engine, step, client, {"rng": rng_state(), "ema": ema.state_dict()})
+
+    while step < total_steps and not stopped_by_signal:
+        for batch in loader:
+            images = batch["image"].to(device, dtype=dtype, non_blocking=True)
+            ids = batch["text_ids"].to(device, non_blocking=True)
+            mask = batch["text_mask"].to(device, non_blocking=True)
+            image_ids = batch["image_id"].to(device, non_blocking=True)
+            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, micro, rank))
+            mlm_ids, mlm_labels = losses.mask_tokens(ids, cfg.model.vocab_size, probability=cfg.model.mlm_probability,
+                                                     generator=gen, **special)
+            normalizer = None
+            if cfg.train.mlm_global_normalization:
+                count = gather.sum((mlm_labels != losses.IGNORE_INDEX).sum().float())
+                normalizer = count.clamp(min=1) / world
+            alpha = alpha_at(step, per_epoch, cfg.model.alpha, cfg.train.alpha_ramp_epochs)
+            out = engine(images, ids, mask, mlm_ids, mlm_labels, alpha=alpha, image_ids=image_ids,
+                         gather=gather, generator=gen, mlm_normalizer=normalizer)
+            engine.backward(out["loss"])
+            boundary = engine.is_gradient_accumulation_boundary()
+            engine.step()
+            if keys_log is not None:
+                keys_log.write(json.dumps({"step": step, "micro": micro, "keys": list(batch["key"])}) + "\n")
+            running.add({k: out[k] for k in ("loss", "loss_itc", "loss_itm", "loss_mlm",
+                                              "itm_acc", "pos_sim", "neg_sim")})
+            pairs_since_log += images.shape[0] * world
+            micro += 1
+            if not boundary:
+                continue
+            ema.update()
+            step += 1
+            micro = 0
+            if bar is not None:
+                bar.update(1)
+            if step % cfg.logging.log_every == 0 or step == total_steps:
+                values = running.read_and_reset()
+                elapsed = max(time.time() - t_log, 1e-9)
+                pairs_s = pairs_since_log / elapsed
+                values.update({
+                    "lr": engine.get_lr()[0], "alpha": alpha, "temp": float(module.temp.detach().float()),
+                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                    "pairs_per_s": pairs_s, "epoch": epoch,
+                    "achieved_tflops": pairs_s * flops_per_pair / 1e12,
+                })
+                if peak:
+                    values["mfu"] = pairs_s * flops_per_pair / (peak * world)
+                mem = memory_gb(device)
+                if mem is not None:
+                    values["memory_gb"] = mem
+                metrics.log(step, values)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{values['loss']:.3f}", itc=f"{values['loss_itc']:.2f}",
+                                    itm=f"{values['loss_itm']:.2f}", mlm=f"{values['loss_mlm']:.2f}")
+                t_log, pairs_since_log = time.time(), 0
+                if keys_log is not None:
+                    keys_log.flush()
+            saved = step % cfg.checkpoint.every_steps == 0 or step == total_steps
+            if saved:
+                save()
+            if step < total_steps and stop.agreed(device):
+                stopped_by_signal = True
+                if not saved:
+                    save()
+                log(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step {step} committed")
+                break
+            if step >= total_steps:
+                break
+        else:
+            epoch += 1
+    if keys_log is not None:
+        keys_log.close()
+    metrics.close()
+    if bar is not None:
+        bar.close()
+    if step >= total_steps and is_main:
+        (run_dir / DONE_MARKER).write_text(str(step))
+        log(f"done: {step} steps; checkpoints in {ckpt.dir}, metrics in {run_dir / 'metrics.jsonl'}, "
+            f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
+    dist_lib.barrier()
+    clean_shared_memory_leftovers()
+    return EXIT_PREEMPTED if stopped_by_signal else 0
