@@ -41,9 +41,14 @@ class MomentumEMA:
             self.kinds.append("partition" if partitioned else "full")
             self.shapes.append(tuple(p_m.ds_shape) if hasattr(p_m, "ds_shape") else tuple(p_m.shape))
             self.offsets.append(_partition_slice(p_m, torch.empty(0))[1] if partitioned else 0)
-        src, dst = self._storages()
+        # Under ZeRO-3, persistent parameters are only materialised whole by the first
+        # forward, so the master is taken at the first update (or from a checkpoint).
+        self.master: list | None = None
+
+    def _init_master(self, dst: list) -> None:
+        src, _ = self._storages()
         for name, s, d in zip(self.names, src, dst):
-            if s.numel() != d.numel():
+            if s.numel() != d.numel() or d.numel() == 0:
                 raise RuntimeError(f"EMA of {name}: online storage has {s.numel()} elements, "
                                    f"momentum storage {d.numel()}")
         self.master = [d.detach().float().clone() for d in dst]
@@ -65,6 +70,8 @@ class MomentumEMA:
         """master <- m * master + (1 - m) * online; then write the master into the weights."""
         m = self.momentum
         src, dst = self._storages()
+        if self.master is None:
+            self._init_master(dst)
         src = [s.reshape(d.shape).float() for s, d in zip(src, dst)]
         if self.foreach:
             torch._foreach_mul_(self.master, m)
@@ -86,10 +93,14 @@ class MomentumEMA:
                 p_m.ds_tensor[: piece.numel()].copy_(piece)
 
     def state_dict(self) -> dict:
+        if self.master is None:
+            self._init_master(self._storages()[1])
         return {"names": self.names, "kinds": self.kinds, "shapes": self.shapes,
                 "offsets": self.offsets, "master": [t.clone() for t in self.master]}
 
     def load_state_dict(self, state: dict) -> None:
+        if self.master is None:
+            self.master = [t.clone().float() for t in state["master"]]
         if state["names"] != self.names or [t.numel() for t in state["master"]] != [t.numel() for t in self.master]:
             raise RuntimeError("momentum master in the checkpoint does not match this model/partitioning")
         for mine, saved in zip(self.master, state["master"]):
@@ -99,6 +110,10 @@ class MomentumEMA:
     def load_full(self, full: dict) -> None:
         """Fill the master from full fp32 momentum tensors (name -> tensor), e.g. after a
         resume on another number of ranks."""
+        if self.master is None:
+            self.master = [torch.zeros(d.numel()) for d in self._storages()[1]]
+            self.master = [m.view(d.shape) if d.numel() == m.numel() else m
+                           for m, d in zip(self.master, self._storages()[1])]
         for i, name in enumerate(self.names):
             flat = full[name].float().reshape(-1)
             if self.kinds[i] == "partition":

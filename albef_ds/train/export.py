@@ -1,0 +1,91 @@
+"""``albef-ds export CKPT``: one fp32 model from a (ZeRO-sharded) training checkpoint.
+
+Online weights come from DeepSpeed's fp32 optimizer partitions (``zero_to_fp32``), the
+momentum weights from our fp32 EMA masters (every rank's file, ZeRO-3 partitions joined),
+the queues from the client state. Writes ``model.pt`` (our layout, loadable by
+:func:`load_exported`) and ``albef.pth`` (the reference release's layout).
+"""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from ..config import Config, load_config
+from .checkpoint import CheckpointManager
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a run directory "
+                                      "(its latest complete checkpoint)")
+    p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/export)")
+    p.add_argument("--config", default=None, help="the run's config (default: RUN/config.yaml)")
+
+
+def resolve_checkpoint(path: str) -> Path:
+    p = Path(path)
+    if (p / "checkpoints").is_dir():
+        found = CheckpointManager(p, 1, 0, 1).resolve("auto")
+        if found is None:
+            raise FileNotFoundError(f"{p}: no complete checkpoint under {p / 'checkpoints'}")
+        return found
+    CheckpointManager(p.parent.parent, 1, 0, 1).resolve(str(p))  # raises if incomplete
+    return p
+
+
+def consolidate(tag_dir: Path, cfg: Config) -> torch.nn.Module:
+    """An ALBEF (fp32, CPU) holding the checkpoint's weights, momentum masters and queues."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from ..models import ALBEF
+    from .ema import assemble_full
+
+    model = ALBEF(cfg.model)
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    # ZeRO-1/2 name it mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_…; rank 0 holds the client state.
+    client = torch.load(sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))[0], map_location="cpu",
+                        weights_only=False)
+    ranks = [torch.load(f, map_location="cpu", weights_only=False)
+             for f in sorted(tag_dir.glob("albef_rank*.pt"))]
+    state.update(assemble_full([r["ema"] for r in ranks]))
+    for name in ("image_queue", "text_queue", "queue_ptr"):
+        state[name] = client[name]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # Tied (decoder = word embeddings) and buffer entries may be absent from DeepSpeed's
+    # parameter list; anything else missing is a real gap.
+    real_missing = [k for k in missing if not k.endswith(("position_ids", "decoder.weight", "decoder.bias"))]
+    if real_missing or unexpected:
+        raise RuntimeError(f"checkpoint {tag_dir} does not fit the config's model: "
+                           f"missing {real_missing[:10]}, unexpected {unexpected[:10]}")
+    return model
+
+
+def save_exported(model, cfg: Config, out: Path) -> None:
+    from ..config import save_config
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": model.state_dict()}, out / "model.pt")
+    save_config(cfg, out / "config.yaml")
+
+
+def load_exported(directory: str | Path):
+    """(model, cfg) from an export directory."""
+    directory = Path(directory)
+    cfg = load_config(directory / "config.yaml")
+    from ..models import ALBEF
+    model = ALBEF(cfg.model)
+    model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=False)["model"])
+    return model, cfg
+
+
+def run(args) -> int:
+    tag_dir = resolve_checkpoint(args.checkpoint)
+    config_path = Path(args.config) if args.config else tag_dir.parent.parent / "config.yaml"
+    cfg = load_config(config_path)
+    model = consolidate(tag_dir, cfg)
+    out = Path(args.out) if args.out else tag_dir / "export"
+    save_exported(model, cfg, out)
+    from ..weights import save_albef_pth
+    save_albef_pth(model, out / "albef.pth")
+    print(f"exported {tag_dir} -> {out / 'model.pt'} (our layout) and {out / 'albef.pth'} (ALBEF layout)")
+    return 0
