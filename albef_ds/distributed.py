@@ -133,8 +133,12 @@ class TorchGather:
         # Autograd-aware: backward hands each rank the sum, over every rank's loss, of the
         # gradients for its own slice. With data-parallel gradient averaging on top, that is
         # exactly the gradient of the mean of the ranks' losses (tests/train checks it).
+        import warnings
+
         from torch.distributed.nn.functional import all_gather
-        return torch.cat(all_gather(tensor.contiguous(), group=self.group))
+        with warnings.catch_warnings():  # deprecated in favour of a private API: keep the public one
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(tensor.contiguous(), group=self.group))
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().clone()

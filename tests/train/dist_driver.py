@@ -1,0 +1,87 @@
+"""Launched by tests/train/test_distributed.py as ``deepspeed --num_gpus 2 dist_driver.py --out DIR``.
+
+One 2-rank launch serves several assertions (each process spends seconds importing torch
+and DeepSpeed). Every rank writes what it saw to DIR/rank{r}.pt; the test compares with a
+single-process computation.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import GLOBAL_BATCH, fixed_inputs, tiny_cfg  # noqa: E402
+
+from albef_ds.distributed import TorchGather, init_distributed  # noqa: E402
+from albef_ds.models import ALBEF  # noqa: E402
+from albef_ds.train.engine import initialize  # noqa: E402
+
+
+def local_slice(t, rank, world):
+    per = t.shape[0] // world
+    return t[rank * per:(rank + 1) * per]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    launch = init_distributed("gloo")
+    rank, world = launch.rank, launch.world_size
+    gather = TorchGather()
+    cfg = tiny_cfg(world)
+    result = {}
+
+    # 1. Gradients after DeepSpeed's averaging (ZeRO-2, fp32) for fixed negatives and masks.
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model)
+    engine, _, _ = initialize(model, cfg, world, total_steps=10)
+    inputs = fixed_inputs(cfg)
+    local = {k: local_slice(v, rank, world) for k, v in inputs.items() if k not in ("neg_text", "neg_image")}
+    count = gather.sum((local["mlm_labels"] != -100).sum().float())
+    out = engine(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
+                 alpha=0.4, image_ids=local["image_ids"], gather=gather,
+                 itm_negatives=(local_slice(inputs["neg_text"], rank, world),
+                                local_slice(inputs["neg_image"], rank, world)),
+                 mlm_normalizer=count / world)
+    engine.backward(out["loss"])
+    from deepspeed.utils import safe_get_full_grad
+    result["grads"] = {n: safe_get_full_grad(p).clone() for n, p in engine.module.named_parameters()
+                       if p.requires_grad and safe_get_full_grad(p) is not None}
+    result["losses"] = {k: out[k].detach() for k in ("loss_itc", "loss_itm", "loss_mlm")}
+    result["image_queue"] = engine.module.image_queue.clone()
+    result["text_queue"] = engine.module.text_queue.clone()
+    result["queue_ptr"] = engine.module.queue_ptr.clone()
+    result["image_feat_m_all"] = out["image_feat_m_all"].clone()
+
+    # 2. Global negatives reach the other rank's image encoder: rank 1's own loss is zeroed,
+    #    rank 0's texts take their negative images from rank 1; a plain model, no averaging.
+    torch.manual_seed(0)
+    plain = ALBEF(cfg.model)
+    per = GLOBAL_BATCH // world
+    neg_image = torch.arange(per) + per  # rank 0's texts -> rank 1's images
+    neg_text = (torch.arange(per) + 1) % per + rank * per
+    out = plain(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
+                alpha=0.0, image_ids=local["image_ids"], gather=gather, itm_negatives=(neg_text, neg_image))
+    (out["loss_itm"] * (1.0 if rank == 0 else 0.0)).backward()
+    grad = torch.cat([p.grad.reshape(-1) for p in plain.visual_encoder.parameters() if p.grad is not None])
+    result["itm_only_visual_grad_norm"] = grad.norm()
+
+    # 3. Sampled global negatives over many forwards: the indices drawn.
+    texts, images = [], []
+    gen = torch.Generator().manual_seed(rank)
+    with torch.no_grad():
+        for _ in range(25):
+            out = plain(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
+                        alpha=0.0, image_ids=local["image_ids"], gather=gather, generator=gen)
+            texts.append(out["neg_text_idx"])
+            images.append(out["neg_image_idx"])
+    result["sampled_neg_text"] = torch.stack(texts)
+    result["sampled_neg_image"] = torch.stack(images)
+    torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
+
+
+if __name__ == "__main__":
+    main()

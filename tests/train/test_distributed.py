@@ -1,0 +1,105 @@
+"""Two real ranks (deepspeed launcher, gloo on CPU) against one process.
+
+- 2 ranks x B give the gradients (after DeepSpeed's averaging) of 1 rank x 2B, with
+  dropout 0, fixed ITM negatives and MLM masks, and the MLM loss normalised by the global
+  count of masked tokens, including the gradient through gathered ITM negatives.
+- Queues are bit-identical across ranks and hold exactly the gathered momentum features.
+- Global negatives: drawn from the other rank's samples too, never a same-image pair, and
+  the gradient reaches the other rank's image encoder.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import GLOBAL_BATCH, fixed_inputs, tiny_cfg  # noqa: E402
+
+from albef_ds.models import ALBEF  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+#: fp32 sums in another order (gathers, all-reduce of gradients): relative tolerance.
+GRAD_RTOL = 1e-4
+
+
+def deepspeed_launch(script_args: list[str], cwd: Path, timeout: int = 300, num: int = 2) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num),
+           "--master_port", str(29500 + os.getpid() % 1000)] + script_args
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    deepspeed_launch([str(REPO / "tests/train/dist_driver.py"), "--out", str(out)], cwd=REPO)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.fixture(scope="module")
+def single():
+    """1 rank x 2B, same weights and inputs, plain PyTorch (no DeepSpeed, no gather)."""
+    cfg = tiny_cfg(1)
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model)
+    x = fixed_inputs(cfg)
+    out = model(x["images"], x["ids"], x["mask"], x["mlm_ids"], x["mlm_labels"], alpha=0.4,
+                image_ids=x["image_ids"], itm_negatives=(x["neg_text"], x["neg_image"]))
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return model, out, grads
+
+
+def test_two_ranks_give_the_gradients_of_one_rank_with_twice_the_batch(ranks, single):
+    _, _, grads = single
+    got = ranks[0]["grads"]
+    assert set(got) == set(grads)
+    assert torch.equal(ranks[0]["grads"]["visual_encoder.pos_embed"], ranks[1]["grads"]["visual_encoder.pos_embed"])
+    worst = 0.0
+    for name, ref in grads.items():
+        scale = ref.abs().max().item() + 1e-8
+        err = (got[name] - ref).abs().max().item() / scale
+        worst = max(worst, err)
+        assert err < GRAD_RTOL, f"{name}: relative error {err:.2e}"
+    # The ITM gradient through gathered negative images is in there: the vision tower's
+    # gradient must be non-trivial.
+    assert got["visual_encoder.blocks.0.attn.qkv.weight"].abs().sum() > 0
+
+
+def test_losses_average_to_the_single_process_losses(ranks, single):
+    _, out, _ = single
+    for key in ("loss_itc", "loss_itm", "loss_mlm"):
+        mean = (ranks[0]["losses"][key] + ranks[1]["losses"][key]) / 2
+        torch.testing.assert_close(mean, out[key].detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_queues_identical_across_ranks_and_hold_the_gathered_features(ranks, single):
+    r0, r1 = ranks
+    assert torch.equal(r0["image_queue"], r1["image_queue"])
+    assert torch.equal(r0["text_queue"], r1["text_queue"])
+    assert int(r0["queue_ptr"]) == GLOBAL_BATCH
+    # The first GLOBAL_BATCH columns are the momentum features of the global batch, in rank order.
+    assert torch.equal(r0["image_queue"][:, :GLOBAL_BATCH], r0["image_feat_m_all"].t())
+    model, _, _ = single
+    torch.testing.assert_close(r0["image_queue"][:, :GLOBAL_BATCH], model.image_queue[:, :GLOBAL_BATCH],
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_global_negatives_cross_ranks_and_skip_same_image(ranks):
+    image_ids = fixed_inputs(tiny_cfg(1))["image_ids"]
+    per = GLOBAL_BATCH // 2
+    for rank, r in enumerate(ranks):
+        rows = torch.arange(per) + rank * per
+        for drawn in (r["sampled_neg_text"], r["sampled_neg_image"]):
+            assert (drawn != rows).all(), "a positive was drawn as a negative"
+            assert (image_ids[drawn] != image_ids[rows]).all(), "a same-image pair was drawn"
+            other = (drawn // per) != rank
+            assert other.any(), "no negative came from the other rank"
+    assert ranks[1]["itm_only_visual_grad_norm"] > 0, \
+        "rank 1's image encoder got no gradient through rank 0's negatives"
