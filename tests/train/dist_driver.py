@@ -80,6 +80,19 @@ def main():
             images.append(out["neg_image_idx"])
     result["sampled_neg_text"] = torch.stack(texts)
     result["sampled_neg_image"] = torch.stack(images)
+
+    # 4. Retrieval evaluation split over the two ranks (compared with one process).
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "eval"))
+    from retrieval_common import fake_io, fake_split
+
+    from albef_ds.eval.retrieval import evaluate
+
+    def all_reduce(t):
+        torch.distributed.all_reduce(t)
+        return t
+    torch.manual_seed(0)
+    result["retrieval"] = evaluate(ALBEF(cfg.model), fake_split(), *fake_io(cfg.model.image_res, cfg.model.vocab_size),
+                                   k_test=3, batch_size=2, rank=rank, world_size=world, all_reduce=all_reduce)
     torch.save(result, os.path.join(args.out, f"rank{rank}.pt"))
 
 

@@ -6,6 +6,7 @@
 - Queues are bit-identical across ranks and hold exactly the gathered momentum features.
 - Global negatives: drawn from the other rank's samples too, never a same-image pair, and
   the gradient reaches the other rank's image encoder.
+- Retrieval evaluation split over 2 ranks gives exactly the numbers of 1 rank.
 """
 import os
 import subprocess
@@ -103,3 +104,16 @@ def test_global_negatives_cross_ranks_and_skip_same_image(ranks):
             assert other.any(), "no negative came from the other rank"
     assert ranks[1]["itm_only_visual_grad_norm"] > 0, \
         "rank 1's image encoder got no gradient through rank 0's negatives"
+
+
+def test_retrieval_on_two_ranks_equals_one_rank(ranks):
+    sys.path.insert(0, str(REPO / "tests/eval"))
+    from retrieval_common import fake_io, fake_split
+
+    from albef_ds.eval.retrieval import evaluate
+    cfg = tiny_cfg(1)
+    torch.manual_seed(0)
+    single = evaluate(ALBEF(cfg.model), fake_split(), *fake_io(cfg.model.image_res, cfg.model.vocab_size),
+                      k_test=3, batch_size=2)
+    assert ranks[0]["retrieval"] == single
+    assert ranks[1]["retrieval"] == single

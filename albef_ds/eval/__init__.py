@@ -1,0 +1,1 @@
+"""Evaluation: retrieval metrics, ITM re-ranking, fine-tuning."""

@@ -1,0 +1,180 @@
+"""Image-text retrieval as ALBEF evaluates it.
+
+Encode every image and text, rank by ITC similarity, re-rank the top k of each query by
+the ITM score of the fusion encoder; pairs outside the top k keep a very low score.
+Report TR (image -> text, ``txt_r*``) and IR (text -> image, ``img_r*``) recall at 1/5/10
+and their mean, with the chance level of R@1 on the same split.
+
+Work is split over ranks in fixed chunks (chunk j on rank j mod world), so each number is
+computed by the same operations whatever the world size: 2 ranks give exactly 1 rank's
+results. Ties count against the query (a wrong candidate scored equal to the best right
+one ranks ahead of it): a constant-score model must not look perfect.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+#: score given to pairs outside the re-ranked top k (ALBEF uses -100 as well).
+OUTSIDE_TOP_K = -100.0
+
+
+@dataclass
+class RetrievalSplit:
+    images: list            # image paths
+    texts: list             # captions (cleaned)
+    img2txt: list = field(default_factory=list)  # per image: indices of its captions
+    txt2img: list = field(default_factory=list)  # per caption: its image's index
+    image_ids: Optional[list] = None
+
+
+def split_from_entries(entries: Sequence[dict], clean: Callable[[str], str] = lambda s: s) -> RetrievalSplit:
+    """ALBEF's test layout: [{"image": path, "caption": [c1, c2, ...]}, ...]; a str caption
+    counts as one. Entries of the same image are merged."""
+    split = RetrievalSplit([], [], [], [], [])
+    index_of = {}
+    for e in entries:
+        caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+        if e["image"] not in index_of:
+            index_of[e["image"]] = len(split.images)
+            split.images.append(e["image"])
+            split.img2txt.append([])
+            split.image_ids.append(e.get("image_id", len(split.images) - 1))
+        i = index_of[e["image"]]
+        for c in caps:
+            split.img2txt[i].append(len(split.texts))
+            split.txt2img.append(i)
+            split.texts.append(clean(c))
+    return split
+
+
+# ------------------------------------------------------------------ ranking metrics
+
+def ranks_of_truth(scores: np.ndarray, truths: Sequence[Sequence[int]]) -> np.ndarray:
+    """For each query row, the 0-based rank of its best ground-truth candidate, ties
+    counted against it: #(non-truth candidates scoring >= the best truth score)."""
+    out = np.empty(len(scores), dtype=np.int64)
+    for q, row in enumerate(scores):
+        truth = np.zeros(row.shape[0], dtype=bool)
+        truth[list(truths[q])] = True
+        best = row[truth].max()
+        out[q] = int((row[~truth] >= best).sum())
+    return out
+
+
+def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray,
+                   img2txt: Sequence[Sequence[int]], txt2img: Sequence[int]) -> dict:
+    tr = ranks_of_truth(scores_i2t, img2txt)
+    ir = ranks_of_truth(scores_t2i, [[i] for i in txt2img])
+    m = {}
+    for k in (1, 5, 10):
+        m[f"txt_r{k}"] = 100.0 * float((tr < k).mean())
+        m[f"img_r{k}"] = 100.0 * float((ir < k).mean())
+    m["txt_r_mean"] = (m["txt_r1"] + m["txt_r5"] + m["txt_r10"]) / 3
+    m["img_r_mean"] = (m["img_r1"] + m["img_r5"] + m["img_r10"]) / 3
+    m["r_mean"] = (m["txt_r_mean"] + m["img_r_mean"]) / 2
+    return m
+
+
+def chance_metrics(img2txt: Sequence[Sequence[int]], num_texts: int, num_images: int) -> dict:
+    """R@1 of a uniformly random ranking: TR = mean over images of (#captions / #texts),
+    IR = 1 / #images."""
+    txt = 100.0 * float(np.mean([len(t) / num_texts for t in img2txt]))
+    return {"chance_txt_r1": txt, "chance_img_r1": 100.0 / num_images}
+
+
+# ------------------------------------------------------------------ re-ranking
+
+def rerank(itc: torch.Tensor, k: int, itm_score: Callable[[int, torch.Tensor], torch.Tensor],
+           queries: Sequence[int]) -> torch.Tensor:
+    """Rows ``queries`` of a score matrix: the top k candidates of each (by ``itc``) get
+    ``itm_score(query, candidates)``, all others :data:`OUTSIDE_TOP_K`."""
+    k = min(k, itc.shape[1])
+    out = torch.full((len(queries), itc.shape[1]), OUTSIDE_TOP_K, dtype=torch.float32)
+    for row, q in enumerate(queries):
+        top = itc[q].topk(k).indices
+        out[row, top] = itm_score(q, top).float()
+    return out
+
+
+# ------------------------------------------------------------------ model side
+
+def chunks(n: int, size: int) -> list[range]:
+    return [range(s, min(n, s + size)) for s in range(0, n, size)]
+
+
+@torch.no_grad()
+def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]], torch.Tensor],
+             tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]],
+             k_test: int, batch_size: int = 64, rank: int = 0, world_size: int = 1,
+             all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
+             device: torch.device = torch.device("cpu"), progress: bool = False) -> dict:
+    """Retrieval metrics of ``model`` (an ALBEF) on ``split``: ITC alone (``itc_*`` keys)
+    and after ITM re-ranking of the top ``k_test``. ``all_reduce`` sums a tensor over ranks
+    (None in one process)."""
+    from tqdm import tqdm
+
+    model.eval()
+    reduce = all_reduce or (lambda t: t)
+    n_img, n_txt = len(split.images), len(split.texts)
+
+    def mine(parts):
+        return [c for j, c in enumerate(parts) if j % world_size == rank]
+
+    bar = lambda it, desc: tqdm(it, desc=desc, disable=not (progress and rank == 0), leave=False)  # noqa: E731
+
+    # Encode, each rank its chunks; a sum over ranks assembles the full tensors.
+    ids, mask = tokenize(split.texts)
+    text_embeds = torch.zeros(n_txt, ids.shape[1], model.cfg.text_width)
+    text_feat = torch.zeros(n_txt, model.cfg.embed_dim)
+    for c in bar(mine(chunks(n_txt, batch_size)), "encode texts"):
+        e = model.encode_text(ids[c.start:c.stop].to(device), mask[c.start:c.stop].to(device))
+        text_embeds[c.start:c.stop] = e.float().cpu()
+        text_feat[c.start:c.stop] = model.text_feat(e).float().cpu()
+    tokens = (model.cfg.image_res // model.cfg.patch_size) ** 2 + 1
+    image_embeds = torch.zeros(n_img, tokens, model.cfg.vision_width)
+    image_feat = torch.zeros(n_img, model.cfg.embed_dim)
+    for c in bar(mine(chunks(n_img, batch_size)), "encode images"):
+        e = model.encode_image(load_images(c).to(device))
+        image_embeds[c.start:c.stop] = e.float().cpu()
+        image_feat[c.start:c.stop] = model.image_feat(e).float().cpu()
+    text_embeds, text_feat = reduce(text_embeds), reduce(text_feat)
+    image_embeds, image_feat = reduce(image_embeds), reduce(image_feat)
+
+    sims = image_feat @ text_feat.t()  # [n_img, n_txt]
+    metrics = {f"itc_{k}": v for k, v in recall_metrics(sims.numpy(), sims.t().numpy(),
+                                                        split.img2txt, split.txt2img).items()}
+    dtype = next(model.parameters()).dtype
+
+    def itm(text_idx: torch.Tensor, image_idx: torch.Tensor) -> torch.Tensor:
+        fused = model.fuse(text_embeds[text_idx].to(device, dtype), mask[text_idx].to(device),
+                           image_embeds[image_idx].to(device, dtype))
+        return model.itm_logits(fused)[:, 1].float().cpu()
+
+    # Re-rank: each rank scores its chunks of queries; zeros elsewhere, summed over ranks.
+    i2t = torch.zeros(n_img, n_txt)
+    for c in bar(mine(chunks(n_img, batch_size)), "re-rank images"):
+        i2t[c.start:c.stop] = rerank(sims, k_test, lambda q, top: itm(top, torch.full_like(top, q)), list(c))
+    t2i = torch.zeros(n_txt, n_img)
+    sims_t = sims.t().contiguous()
+    for c in bar(mine(chunks(n_txt, batch_size)), "re-rank texts"):
+        t2i[c.start:c.stop] = rerank(sims_t, k_test, lambda q, top: itm(torch.full_like(top, q), top), list(c))
+    i2t, t2i = reduce(i2t), reduce(t2i)
+    metrics.update(recall_metrics(i2t.numpy(), t2i.numpy(), split.img2txt, split.txt2img))
+    metrics.update(chance_metrics(split.img2txt, n_txt, n_img))
+    metrics.update({"num_images": n_img, "num_texts": n_txt, "k_test": k_test})
+    return metrics
+
+
+def format_table(rows: dict[str, dict]) -> str:
+    """A small text table: one row per named result, TR/IR R@1/5/10 and the mean."""
+    cols = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
+    head = f"{'':24s}" + "".join(f"{c:>9s}" for c in cols)
+    lines = [head]
+    for name, m in rows.items():
+        lines.append(f"{name:24s}" + "".join(f"{m.get(c, math.nan):9.2f}" for c in cols))
+    return "\n".join(lines)

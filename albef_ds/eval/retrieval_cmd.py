@@ -1,0 +1,132 @@
+"""``albef-ds eval-retrieval``: zero-shot or fine-tuned retrieval on an ALBEF-style split.
+
+    albef-ds eval-retrieval --model runs/tiny --split data/synth/test.json --image-root data/synth
+    torchrun --nproc_per_node 2 -m albef_ds.cli eval-retrieval ...   (same numbers, split over ranks)
+
+``--model`` takes an export directory (model.pt + config.yaml), a run directory or a
+checkpoint directory (consolidated on the fly), or a reference ALBEF ``.pth`` with
+``--config``; ``--untrained`` evaluates a freshly initialised model (the baseline).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="export dir, run dir, checkpoint dir, or ALBEF .pth (with --config)")
+    p.add_argument("--config", default=None, help="config for a .pth or --untrained model, or overrides' base")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--untrained", action="store_true", help="evaluate a randomly initialised model")
+    p.add_argument("--split", required=True, help="retrieval JSON: [{image, caption: [...]}, ...]")
+    p.add_argument("--image-root", default=None, help="directory image paths are relative to "
+                                                       "(default: the split file's directory)")
+    p.add_argument("--k", type=int, default=None, help="ITM re-ranking depth (default: eval.k_test)")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--out", default=None, help="directory for retrieval.json and TensorBoard scalars")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: data.tokenizer)")
+
+
+def load_model(args):
+    """(model, cfg) for the --model / --config / --untrained combination."""
+    from ..config import load_config
+    from ..models import ALBEF
+    if args.untrained:
+        cfg = load_config(args.config, args.overrides)
+        torch.manual_seed(cfg.train.seed)
+        return ALBEF(cfg.model), cfg
+    path = Path(args.model)
+    if (path / "model.pt").is_file():
+        from ..train.export import load_exported
+        return load_exported(path)
+    if path.suffix in (".pth", ".pt") and path.is_file():
+        if not args.config:
+            raise SystemExit(f"--model {path}: a weights file needs --config to build the model")
+        cfg = load_config(args.config, args.overrides)
+        from ..weights import load_albef_checkpoint
+        model = ALBEF(cfg.model)
+        print(load_albef_checkpoint(model, str(path), strict=False))
+        return model, cfg
+    from ..train.export import consolidate, resolve_checkpoint
+    tag_dir = resolve_checkpoint(str(path))
+    cfg = load_config(args.config or tag_dir.parent.parent / "config.yaml", args.overrides)
+    return consolidate(tag_dir, cfg), cfg
+
+
+def make_io(cfg, split, image_root: Path, tokenizer):
+    """(load_images(indices) -> tensor, tokenize(texts) -> (ids, mask)) for evaluate()."""
+    from PIL import Image
+
+    from ..data import make_eval_transform
+    transform = make_eval_transform(cfg.model.image_res)
+
+    def load_images(indices):
+        return torch.stack([transform(Image.open(image_root / split.images[i]).convert("RGB")) for i in indices])
+
+    def tokenize(texts):
+        enc = tokenizer(list(texts), padding="max_length", truncation=True,
+                        max_length=cfg.data.max_tokens, return_tensors="pt")
+        return enc["input_ids"], enc["attention_mask"]
+
+    return load_images, tokenize
+
+
+def read_split(path: Path, max_words: int, max_images=None):
+    from ..data import clean_caption
+    from .retrieval import split_from_entries
+    if not path.is_file():
+        raise SystemExit(f"--split {path}: file not found")
+    entries = json.loads(path.read_text())
+    if max_images:
+        entries = entries[:max_images]
+    return split_from_entries(entries, lambda c: clean_caption(c, max_words))
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+
+    from .. import distributed as dist_lib
+    from ..tokenizer import load_tokenizer
+    from .retrieval import evaluate, format_table
+
+    if args.model is None and not args.untrained:
+        raise SystemExit("give --model PATH or --untrained --config FILE")
+    launch = dist_lib.read_launch_env()
+    if launch.world_size > 1:
+        dist_lib.init_distributed("gloo" if not torch.cuda.is_available() else "auto")
+    model, cfg = load_model(args)
+    device = dist_lib.device() if launch.world_size > 1 else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    model.to(device)
+    tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
+    split_path = Path(args.split)
+    split = read_split(split_path, cfg.data.max_words, args.max_images or cfg.eval.max_images)
+    image_root = Path(args.image_root) if args.image_root else split_path.parent
+    load_images, tokenize = make_io(cfg, split, image_root, tokenizer)
+
+    def all_reduce(t):
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            t = t.contiguous()
+            dist.all_reduce(t)
+        return t
+
+    metrics = evaluate(model, split, load_images, tokenize, args.k or cfg.eval.k_test,
+                       cfg.eval.batch_size, launch.rank, launch.world_size, all_reduce, device,
+                       progress=True)
+    if launch.rank == 0:
+        print(format_table({"ITC only": {k[4:]: v for k, v in metrics.items() if k.startswith("itc_")},
+                            f"ITM re-rank (k={metrics['k_test']})": metrics,
+                            "chance": {"txt_r1": metrics["chance_txt_r1"], "img_r1": metrics["chance_img_r1"]}}))
+        if args.out:
+            out = Path(args.out)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "retrieval.json").write_text(json.dumps(metrics, indent=2))
+            from torch.utils.tensorboard import SummaryWriter
+            with SummaryWriter(str(out / "tensorboard")) as w:
+                for k, v in metrics.items():
+                    w.add_scalar(f"retrieval/{k}", v, 0)
+            print(f"wrote {out / 'retrieval.json'}")
+    return 0
