@@ -1,0 +1,219 @@
+"""``albef-data``: build and look at training data.
+
+  convert      web caption data (img2dataset webdataset/parquet/files, TSV/CSV, COCO-style
+               JSON, Parquet/Arrow with image bytes) -> MDS shards + manifest + stats
+  merge        join the parts written by array tasks (or a resumed run) into one dataset
+  synth        a procedural shapes dataset (train shards, val/test retrieval splits)
+  inspect      counts, histograms and a contact-sheet PNG of a converted dataset
+  bench        loader throughput (pairs/s) by number of workers, with and without RandAugment
+  build-vocab  train a WordPiece vocabulary offline from caption files
+
+Heavy modules are imported by each subcommand, so ``--help`` answers at once.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _add_convert(sub):
+    p = sub.add_parser(
+        "convert", help="convert image-caption inputs into MDS shards",
+        description="Convert image-caption inputs into MDS shards (streaming.MDSWriter), with "
+                    "manifest.parquet, stats.json and rejects.jsonl. Resumable: re-run the same "
+                    "command after a crash and only unfinished parts are redone.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="input files or folders (one format per run)")
+    p.add_argument("--out", required=True, help="output dataset folder")
+    p.add_argument("--input-format", choices=["webdataset", "files", "parquet", "arrow", "tsv", "csv", "json"],
+                   help="input layout (default: detected from the path)")
+    p.add_argument("--source", help="source name stored with each pair (default: the input's name)")
+    p.add_argument("--image-root", help="folder that relative image paths are relative to "
+                                        "(default: the folder of the TSV/CSV/JSON/Parquet file)")
+    p.add_argument("--caption-col", help="caption column: name, or 0-based index for header-less TSV/CSV")
+    p.add_argument("--image-col", help="image column: path column for TSV/CSV, bytes/struct column for Parquet")
+    p.add_argument("--key-col", help="column holding a unique key (default: 'key' if present, else row number)")
+    hdr = p.add_mutually_exclusive_group()
+    hdr.add_argument("--header", dest="header", action="store_true", default=None,
+                     help="TSV/CSV: the first row names the columns")
+    hdr.add_argument("--no-header", dest="header", action="store_false",
+                     help="TSV/CSV: no header row (CC3M, CC12M)")
+    p.add_argument("--rows-per-unit", type=int, default=10_000,
+                   help="rows per unit of work for TSV/JSON/Parquet (the grain of resumption)")
+    p.add_argument("--workers", type=int, default=1, help="converter processes on this machine")
+    p.add_argument("--num-tasks", type=int, default=int(os.environ.get("SLURM_ARRAY_TASK_COUNT", 1)),
+                   help="split the input into this many array tasks (default: $SLURM_ARRAY_TASK_COUNT or 1)")
+    p.add_argument("--task-id", type=int, default=None,
+                   help="this task's index (default: $SLURM_ARRAY_TASK_ID minus $SLURM_ARRAY_TASK_MIN, or 0)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="PATH",
+                   help="evaluation manifests / annotation JSON / dataset folders: drop every pair "
+                        "whose image (by content hash) is in them")
+    p.add_argument("--exclude-image-root", help="image root for the --exclude annotation files")
+    p.add_argument("--max-side", type=int, help="re-encode images whose longer side exceeds this (JPEG)")
+    p.add_argument("--compression", help="MDS shard compression, e.g. zstd (images are JPEG already: "
+                                         "gains are small)")
+    p.add_argument("--shard-size", default="64mb", help="MDS shard size limit")
+    p.add_argument("--also-parquet", action="store_true",
+                   help="also write each part's pairs as pairs.parquet (image bytes + caption)")
+    p.add_argument("--no-merge", action="store_true", help="do not merge parts at the end")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _run_convert(args) -> int:
+    from data_tools.convert import ConvertOptions, convert
+    from data_tools.readers import ReaderOptions
+
+    task_id = args.task_id
+    if task_id is None:
+        env = os.environ.get("SLURM_ARRAY_TASK_ID")
+        task_id = int(env) - int(os.environ.get("SLURM_ARRAY_TASK_MIN", 0)) if env else 0
+    opts = ConvertOptions(
+        out=args.out, fmt=args.input_format,
+        reader=ReaderOptions(source=args.source, image_root=args.image_root, caption_col=args.caption_col,
+                             image_col=args.image_col, key_col=args.key_col, header=args.header,
+                             rows_per_unit=args.rows_per_unit),
+        workers=args.workers, num_tasks=args.num_tasks, task_id=task_id, exclude=tuple(args.exclude),
+        exclude_image_root=args.exclude_image_root, max_side=args.max_side,
+        compression=args.compression, shard_size=args.shard_size, also_parquet=args.also_parquet,
+        progress=not args.no_progress, merge=False if args.no_merge else None)
+    convert(args.inputs, opts)
+    return 0
+
+
+def _add_merge(sub):
+    p = sub.add_parser("merge", help="merge finished parts into one dataset",
+                       description="Merge every finished part under DIR: index.json (streaming's "
+                                   "merge_index), manifest.parquet, stats.json, rejects.jsonl.")
+    p.add_argument("dir", help="dataset folder written by convert (all array tasks)")
+
+
+def _run_merge(args) -> int:
+    from data_tools.merge import merge
+    merge(args.dir)
+    return 0
+
+
+def _add_synth(sub):
+    p = sub.add_parser("synth", help="write a procedural shapes image-caption dataset",
+                       description="Procedural images (shapes, colours, sizes, counts, left/right/"
+                                   "above/below relations) with paraphrased captions; deterministic "
+                                   "by seed. Writes DIR/train (MDS), DIR/val.json, DIR/test.json, "
+                                   "DIR/images/ and DIR/captions.txt.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=20_000, help="train images")
+    p.add_argument("--train-captions-per-image", type=int, default=1,
+                   help="train pairs per image (distinct paraphrases, same image_id)")
+    p.add_argument("--num-val", type=int, default=500, help="val images")
+    p.add_argument("--num-test", type=int, default=1000, help="test images")
+    p.add_argument("--captions-per-image", type=int, default=5, help="captions per val/test image")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_synth(args) -> int:
+    from data_tools.synth import SynthOptions, synth
+    synth(SynthOptions(out=args.out, seed=args.seed, num_train=args.num_train,
+                       train_captions_per_image=args.train_captions_per_image, num_val=args.num_val,
+                       num_test=args.num_test, captions_per_image=args.captions_per_image,
+                       image_size=args.image_size, workers=args.workers, progress=not args.no_progress))
+    return 0
+
+
+def _add_inspect(sub):
+    p = sub.add_parser("inspect", help="summarise a dataset and draw a contact sheet",
+                       description="Counts per source, caption-length and image-size histograms "
+                                   "(from manifest.parquet) and a contact-sheet PNG of sampled pairs.")
+    p.add_argument("dir", help="dataset folder (with manifest.parquet and index.json)")
+    p.add_argument("--png", help="contact sheet path (default: DIR/contact_sheet.png)")
+    p.add_argument("--samples", type=int, default=24, help="pairs on the contact sheet")
+    p.add_argument("--seed", type=int, default=0)
+
+
+def _run_inspect(args) -> int:
+    from data_tools.inspect_data import inspect_dataset
+    inspect_dataset(args.dir, png=args.png, samples=args.samples, seed=args.seed)
+    return 0
+
+
+def _add_bench(sub):
+    p = sub.add_parser("bench", help="loader (and converter) throughput in pairs/s",
+                       description="Time the training loader (pairs/s) for each worker count, "
+                                   "with and without RandAugment; optionally the converter.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dir", help="MDS dataset folder")
+    p.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts")
+    p.add_argument("--image-res", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batches", type=int, default=20, help="batches timed per setting (after 2 warm-up)")
+    p.add_argument("--tokenizer", help="tokenizer folder (default: a vocabulary built from the captions)")
+    p.add_argument("--modes", default="eval,randaugment",
+                   help="comma list of: eval (resize only), crop (crop+flip), randaugment (full)")
+    p.add_argument("--convert", metavar="INPUT", help="also time converting INPUT (pairs/s per worker)")
+    p.add_argument("--convert-workers", default="1,2")
+    p.add_argument("--json", help="write the results as JSON here")
+
+
+def _run_bench(args) -> int:
+    from data_tools.bench import run_bench
+    run_bench(args)
+    return 0
+
+
+def _add_vocab(sub):
+    p = sub.add_parser("build-vocab", help="train a WordPiece vocabulary offline",
+                       description="Train a lower-case BERT WordPiece vocabulary ([PAD]=0, [UNK], "
+                                   "[CLS], [SEP], [MASK]) from caption text files (one caption per "
+                                   "line) or dataset folders with manifest.parquet; writes a folder "
+                                   "that transformers' BertTokenizerFast loads.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("inputs", nargs="+", help="caption .txt files or dataset folders")
+    p.add_argument("--out", required=True, help="tokenizer folder to write")
+    p.add_argument("--vocab-size", type=int, default=1024)
+
+
+def _run_vocab(args) -> int:
+    from data_tools.vocab import build_vocab_cmd
+    build_vocab_cmd(args.inputs, args.out, args.vocab_size)
+    return 0
+
+
+COMMANDS = {
+    "convert": (_add_convert, _run_convert),
+    "merge": (_add_merge, _run_merge),
+    "synth": (_add_synth, _run_synth),
+    "inspect": (_add_inspect, _run_inspect),
+    "bench": (_add_bench, _run_bench),
+    "build-vocab": (_add_vocab, _run_vocab),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="albef-data", description=__doc__.split("\n\n")[0],
+                                     epilog="Run 'albef-data COMMAND --help' for each command's options.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add, _ in COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from data_tools.readers import InputError
+
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return int(COMMANDS[args.command][1](args) or 0)
+    except (InputError, FileNotFoundError) as e:
+        print(f"albef-data {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

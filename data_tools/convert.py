@@ -1,0 +1,178 @@
+"""``albef-data convert``: inputs -> MDS parts -> one merged dataset.
+
+The inputs are split into units (see :mod:`data_tools.readers`); unit ``i`` becomes the
+part ``OUT/part-{i:06d}``. Array task ``I`` of ``T`` takes the units with ``i % T == I``
+(deterministic, and balanced when units are similar in size). ``--workers N`` converts N
+units at a time in separate processes. A part is renamed into place only when complete,
+so re-running after a crash or kill skips the finished parts, redoes the rest, and never
+writes a pair twice. ``OUT/plan.json`` records the inputs so a re-run with other inputs
+into the same folder is refused.
+"""
+from __future__ import annotations
+
+import json
+import multiprocessing as mp
+import os
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Optional
+
+from data_tools.readers import InputError, ReaderOptions, plan_input, read_unit
+from data_tools.records import check_pair, source_name
+from data_tools.writer import DEFAULT_SHARD_SIZE, PartWriter, empty_stats, is_complete_part
+
+
+@dataclass
+class ConvertOptions:
+    out: str
+    fmt: Optional[str] = None
+    reader: ReaderOptions = field(default_factory=ReaderOptions)
+    workers: int = 1
+    num_tasks: int = 1
+    task_id: int = 0
+    exclude: tuple = ()
+    exclude_image_root: Optional[str] = None
+    max_side: Optional[int] = None
+    compression: Optional[str] = None
+    shard_size: str = DEFAULT_SHARD_SIZE
+    also_parquet: bool = False
+    progress: bool = True
+    #: merge after converting (default: only when this is the only task).
+    merge: Optional[bool] = None
+
+
+def part_name(index: int) -> str:
+    return f"part-{index:06d}"
+
+
+def plan_units(inputs: list[str], opts: ConvertOptions) -> list[dict]:
+    units = []
+    for path in inputs:
+        if not os.path.exists(path):
+            raise InputError(f"input path does not exist: {path}")
+        source = opts.reader.source or source_name(path)
+        for u in plan_input(path, opts.fmt, opts.reader):
+            u["source"] = source
+            units.append(u)
+    for i, u in enumerate(units):
+        u["index"] = i
+    return units
+
+
+def _check_plan(out: str, inputs: list[str], units: list[dict], opts: ConvertOptions) -> None:
+    """Refuse to mix parts of different inputs (or settings) in one folder."""
+    plan = {"inputs": [os.path.abspath(p) for p in inputs], "format": opts.fmt,
+            "units": len(units), "reader": asdict(opts.reader), "max_side": opts.max_side,
+            "compression": opts.compression, "exclude": sorted(os.path.abspath(p) for p in opts.exclude)}
+    path = os.path.join(out, "plan.json")
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+        if old != plan:
+            diff = [k for k in plan if plan[k] != old.get(k)]
+            raise InputError(f"{out} holds a conversion of other inputs or settings (differs in "
+                             f"{', '.join(diff)}); use a new --out folder")
+        return
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(plan, f, indent=1)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- workers
+
+_WORKER: dict = {}
+
+
+def _init_worker(opts: ConvertOptions, exclude: frozenset) -> None:
+    _WORKER["opts"], _WORKER["exclude"] = opts, exclude
+
+
+def convert_unit(unit: dict, opts: ConvertOptions, exclude: frozenset = frozenset()) -> dict:
+    """Convert one unit into its part folder; returns the part's stats."""
+    writer = PartWriter(opts.out, part_name(unit["index"]), compression=opts.compression,
+                        shard_size=opts.shard_size, also_parquet=opts.also_parquet)
+    try:
+        for raw in read_unit(unit, opts.reader):
+            item = raw if not hasattr(raw, "caption") else check_pair(raw, opts.max_side, exclude)
+            writer.add(item)
+        return writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+
+
+def _convert_in_worker(unit: dict) -> dict:
+    return convert_unit(unit, _WORKER["opts"], _WORKER["exclude"])
+
+
+# ----------------------------------------------------------------------------- driver
+
+def convert(inputs: list[str], opts: ConvertOptions) -> dict:
+    """Convert this task's share of the inputs (skipping finished parts); returns stats of
+    the work done now (and the merged stats when it merges)."""
+    from data_tools.exclude import load_exclude_hashes
+    from data_tools.merge import merge
+
+    if not 0 <= opts.task_id < opts.num_tasks:
+        raise InputError(f"--task-id {opts.task_id} is outside [0, --num-tasks={opts.num_tasks})")
+    os.makedirs(opts.out, exist_ok=True)
+    units = plan_units(inputs, opts)
+    _check_plan(opts.out, inputs, units, opts)
+    exclude = load_exclude_hashes(opts.exclude, opts.exclude_image_root) if opts.exclude else frozenset()
+
+    mine = [u for u in units if u["index"] % opts.num_tasks == opts.task_id]
+    # Leftovers of a killed run of this task: temporary folders of units it owns.
+    owned = {part_name(u["index"]) for u in mine}
+    for e in os.scandir(opts.out):
+        if e.name.startswith(".tmp-") and e.name[5:].rsplit("-", 1)[0].split(".")[0] in owned:
+            shutil.rmtree(e.path, ignore_errors=True) if e.is_dir() else os.remove(e.path)
+    todo = [u for u in mine if not is_complete_part(os.path.join(opts.out, part_name(u["index"])))]
+    done_before = len(mine) - len(todo)
+
+    stats = empty_stats()
+    bar = _progress(len(mine), done_before, opts.progress)
+    start = time.time()
+
+    def account(s: dict) -> None:
+        stats["read"] += s["read"]
+        stats["kept"] += s["kept"]
+        for k, v in s["skipped"].items():
+            stats["skipped"][k] = stats["skipped"].get(k, 0) + v
+        rate = stats["kept"] / max(time.time() - start, 1e-9)
+        bar.update(1)
+        bar.set_postfix(pairs_per_s=f"{rate:.0f}", kept=stats["kept"],
+                        skipped=sum(stats["skipped"].values()), refresh=False)
+
+    if opts.workers <= 1 or len(todo) <= 1:
+        for u in todo:
+            account(convert_unit(u, opts, exclude))
+    else:
+        # fork: workers inherit the imported modules (streaming pulls in torch, slow to import)
+        ctx = mp.get_context("fork")
+        with ctx.Pool(min(opts.workers, len(todo)), initializer=_init_worker,
+                      initargs=(opts, exclude), maxtasksperchild=None) as pool:
+            for s in pool.imap_unordered(_convert_in_worker, todo):
+                account(s)
+    bar.close()
+    elapsed = time.time() - start
+    stats["seconds"] = round(elapsed, 3)
+    stats["units_done_now"] = len(todo)
+    stats["units_done_before"] = done_before
+    print(f"task {opts.task_id}/{opts.num_tasks}: converted {len(todo)} units "
+          f"({done_before} already done): kept {stats['kept']} of {stats['read']} rows in "
+          f"{elapsed:.1f}s ({stats['kept'] / max(elapsed, 1e-9):.0f} pairs/s)", file=sys.stderr)
+    do_merge = opts.merge if opts.merge is not None else opts.num_tasks == 1
+    if do_merge:
+        stats["merged"] = merge(opts.out, quiet=not opts.progress)
+    elif opts.num_tasks > 1:
+        print(f"when all {opts.num_tasks} tasks are done: albef-data merge {opts.out}", file=sys.stderr)
+    return stats
+
+
+def _progress(total: int, initial: int, enabled: bool):
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, unit="part", desc="convert", disable=not enabled,
+                dynamic_ncols=True)
