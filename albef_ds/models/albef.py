@@ -10,6 +10,7 @@ onto ours key for key (albef_ds/weights.py).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Optional
 
@@ -63,6 +64,12 @@ class ALBEF(nn.Module):
             module = copy.deepcopy(getattr(self, online))
             module.requires_grad_(False)
             setattr(self, momentum, module)
+
+    #: optional ``name -> context manager`` that times forward phases (albef-ds bench).
+    phase_timer = None
+
+    def _phase(self, name: str):
+        return self.phase_timer(name) if self.phase_timer is not None else contextlib.nullcontext()
 
     def _apply(self, fn, recurse=True):
         # The queues are fp32 buffers whatever the module is cast to (DeepSpeed's bf16 mode
@@ -170,12 +177,14 @@ class ALBEF(nn.Module):
         bs = images.shape[0]
         rank_offset = gather.rank * bs
 
-        image_embeds = self.encode_image(images)
-        image_feat = self.image_feat(image_embeds)
-        text_embeds = self.encode_text(text_ids, text_mask)
-        text_feat = self.text_feat(text_embeds)
+        with self._phase("image_encoder"):
+            image_embeds = self.encode_image(images)
+            image_feat = self.image_feat(image_embeds)
+        with self._phase("text_encoder"):
+            text_embeds = self.encode_text(text_ids, text_mask)
+            text_feat = self.text_feat(text_embeds)
 
-        with torch.no_grad():
+        with torch.no_grad(), self._phase("momentum_and_gathers"):
             image_embeds_m = self.encode_image(images, momentum=True)
             image_feat_m = self.image_feat(image_embeds_m, momentum=True)
             text_feat_m = self.text_feat(self.encode_text(text_ids, text_mask, momentum=True), momentum=True)
@@ -192,19 +201,20 @@ class ALBEF(nn.Module):
             text_cands = torch.cat([batch_text_m, self.text_queue.t().to(batch_text_m.dtype)])
             pos_targets = losses.diagonal_targets(bs, image_cands.shape[0], offset, images.device)
 
-        loss_itc, sim_i2t, sim_t2i = losses.itc_loss(
-            image_feat, text_feat, image_feat_m, text_feat_m, image_cands, text_cands,
-            pos_targets, temp, alpha)
-        # Both queues share one pointer: the first write advances a copy, the second the pointer.
-        losses.enqueue(self.image_queue, self.queue_ptr.clone(), image_feat_m_all)
-        losses.enqueue(self.text_queue, self.queue_ptr, text_feat_m_all)
+        with self._phase("itc"):
+            loss_itc, sim_i2t, sim_t2i = losses.itc_loss(
+                image_feat, text_feat, image_feat_m, text_feat_m, image_cands, text_cands,
+                pos_targets, temp, alpha)
+            # Both queues share one pointer: the first write advances a copy, the second the pointer.
+            losses.enqueue(self.image_queue, self.queue_ptr.clone(), image_feat_m_all)
+            losses.enqueue(self.text_queue, self.queue_ptr, text_feat_m_all)
 
         # ---- ITM on hard negatives
         global_itm = cfg.itm_negatives == "global"
         itm_offset = rank_offset if global_itm else 0
         pos_idx = itm_offset + torch.arange(bs, device=images.device)
         if itm_negatives is None:
-            with torch.no_grad():
+            with torch.no_grad(), self._phase("itm_sampling"):
                 cand_text_m = text_feat_m_all if global_itm else text_feat_m
                 cand_image_m = image_feat_m_all if global_itm else image_feat_m
                 cand_ids = (ids_all if global_itm else image_ids) if image_ids is not None else None
@@ -215,7 +225,33 @@ class ALBEF(nn.Module):
         else:
             neg_text_idx, neg_image_idx = itm_negatives
 
-        if global_itm:
+        with self._phase("itm_fusion"):
+            itm_logits, itm_labels, image_kvs = self._itm(
+                image_embeds, text_embeds, text_ids, text_mask, neg_text_idx, neg_image_idx, gather)
+            loss_itm = losses.itm_loss(itm_logits, itm_labels)
+        with self._phase("mlm"):
+            loss_mlm = self._mlm(mlm_ids, mlm_labels, text_mask, image_embeds, image_kvs,
+                                 image_embeds_m, alpha, mlm_normalizer)
+
+        with torch.no_grad():
+            rows = torch.arange(bs, device=images.device)
+            cos = sim_i2t[:, : batch_text_m.shape[0]].detach().float() * temp.detach()
+            pos_sim = cos[rows, offset + rows].mean()
+            neg_sim = (cos.sum() - cos[rows, offset + rows].sum()) / max(cos.numel() - bs, 1)
+            itm_acc = (itm_logits.argmax(dim=1) == itm_labels).float().mean()
+        return {
+            "loss": loss_itc + loss_itm + loss_mlm,
+            "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_mlm": loss_mlm,
+            "itm_acc": itm_acc, "pos_sim": pos_sim, "neg_sim": neg_sim,
+            "neg_text_idx": neg_text_idx, "neg_image_idx": neg_image_idx,
+            "image_feat_m_all": image_feat_m_all, "text_feat_m_all": text_feat_m_all,
+        }
+
+    def _itm(self, image_embeds, text_embeds, text_ids, text_mask, neg_text_idx, neg_image_idx, gather):
+        """ITM logits over positives and both kinds of negatives; also returns the images'
+        cross-attention keys/values (reused by MLM) when they are shared."""
+        bs = image_embeds.shape[0]
+        if self.cfg.itm_negatives == "global":
             # Image embeddings of negatives may live on another rank: the gather keeps the
             # graph, so their gradient flows back to the rank that encoded them. Negative
             # texts travel as ids (cheap) and are re-encoded here.
@@ -232,9 +268,9 @@ class ALBEF(nn.Module):
         itm_text = torch.cat([text_embeds, text_embeds, text_embeds_neg])
         itm_mask = torch.cat([text_mask, text_mask, neg_mask])
         image_kvs = None
-        if cfg.share_cross_kv:
+        if self.cfg.share_cross_kv:
             image_kvs = self.cross_kv(image_embeds)
-            if global_itm:
+            if self.cfg.itm_negatives == "global":
                 neg_kvs = self.cross_kv(image_embeds_neg)
             else:
                 neg_kvs = [(k[neg_image_idx], v[neg_image_idx]) for k, v in image_kvs]
@@ -244,13 +280,14 @@ class ALBEF(nn.Module):
         else:
             itm_images = torch.cat([image_embeds, image_embeds_neg, image_embeds])
             fused = self.fuse(itm_text, itm_mask, image_embeds=itm_images)
-        itm_logits = self.itm_logits(fused)
-        itm_labels = torch.cat([torch.ones(bs, dtype=torch.long, device=images.device),
-                                torch.zeros(2 * bs, dtype=torch.long, device=images.device)])
-        loss_itm = losses.itm_loss(itm_logits, itm_labels)
+        labels = torch.cat([torch.ones(bs, dtype=torch.long, device=fused.device),
+                            torch.zeros(2 * bs, dtype=torch.long, device=fused.device)])
+        return self.itm_logits(fused), labels, image_kvs
 
-        # ---- MLM with momentum distillation
-        if cfg.share_cross_kv:
+    def _mlm(self, mlm_ids, mlm_labels, text_mask, image_embeds, image_kvs, image_embeds_m,
+             alpha, normalizer):
+        """MLM loss with momentum distillation (the momentum model sees momentum images)."""
+        if image_kvs is not None:
             logits = self.mlm_logits(mlm_ids, text_mask, labels=mlm_labels, image_kvs=image_kvs)
         else:
             logits = self.mlm_logits(mlm_ids, text_mask, image_embeds, labels=mlm_labels)
@@ -259,18 +296,4 @@ class ALBEF(nn.Module):
             with torch.no_grad():
                 logits_m = self.mlm_logits(mlm_ids, text_mask, image_embeds_m, labels=mlm_labels, momentum=True)
         labels = mlm_labels[mlm_labels != losses.IGNORE_INDEX] if logits.dim() == 2 else mlm_labels
-        loss_mlm = losses.mlm_loss(logits, labels, logits_m, alpha, mlm_normalizer)
-
-        with torch.no_grad():
-            rows = torch.arange(bs, device=images.device)
-            cos = sim_i2t[:, : batch_text_m.shape[0]].detach().float() * temp.detach()
-            pos_sim = cos[rows, offset + rows].mean()
-            neg_sim = (cos.sum() - cos[rows, offset + rows].sum()) / max(cos.numel() - bs, 1)
-            itm_acc = (itm_logits.argmax(dim=1) == itm_labels).float().mean()
-        return {
-            "loss": loss_itc + loss_itm + loss_mlm,
-            "loss_itc": loss_itc, "loss_itm": loss_itm, "loss_mlm": loss_mlm,
-            "itm_acc": itm_acc, "pos_sim": pos_sim, "neg_sim": neg_sim,
-            "neg_text_idx": neg_text_idx, "neg_image_idx": neg_image_idx,
-            "image_feat_m_all": image_feat_m_all, "text_feat_m_all": text_feat_m_all,
-        }
+        return losses.mlm_loss(logits, labels, logits_m, alpha, normalizer)
