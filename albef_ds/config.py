@@ -62,6 +62,11 @@ class ModelConfig:
     itc_candidates: str = "global"
     #: where ITM hard negatives come from: "local" (reference) or "global" (all ranks).
     itm_negatives: str = "global"
+    #: ITC positives are every candidate of the same image id, ids kept in a queue too
+    #: (retrieval fine-tuning); False: the diagonal only (pretraining).
+    itc_id_positives: bool = False
+    #: include the MLM loss (pretraining); retrieval fine-tuning trains ITC + ITM only.
+    mlm: bool = True
     #: compute MLM logits only at masked positions (same loss, far less work).
     mlm_masked_only: bool = True
     #: share each image's cross-attention keys/values between the fusion passes.

@@ -51,6 +51,9 @@ class ALBEF(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
         self.register_buffer("text_queue", F.normalize(torch.randn(cfg.embed_dim, q), dim=0))
         self.register_buffer("queue_ptr", torch.zeros(1, dtype=torch.long))
+        if cfg.itc_id_positives:
+            # Image ids of the queued features (-100: empty slot), as ALBEF's retrieval model.
+            self.register_buffer("idx_queue", torch.full((1, q), -100, dtype=torch.long))
 
         self.visual_encoder = vit_lib.build_vit(
             cfg.image_res, cfg.patch_size, cfg.vision_width, cfg.vision_depth, cfg.vision_heads,
@@ -199,13 +202,19 @@ class ALBEF(nn.Module):
                 batch_image_m, batch_text_m, offset = image_feat_m, text_feat_m, 0
             image_cands = torch.cat([batch_image_m, self.image_queue.t().to(batch_image_m.dtype)])
             text_cands = torch.cat([batch_text_m, self.text_queue.t().to(batch_text_m.dtype)])
-            pos_targets = losses.diagonal_targets(bs, image_cands.shape[0], offset, images.device)
+            if cfg.itc_id_positives and image_ids is not None:
+                batch_ids = ids_all if cfg.itc_candidates == "global" else image_ids
+                pos_targets = losses.id_targets(image_ids, torch.cat([batch_ids, self.idx_queue[0]]))
+            else:
+                pos_targets = losses.diagonal_targets(bs, image_cands.shape[0], offset, images.device)
 
         with self._phase("itc"):
             loss_itc, sim_i2t, sim_t2i = losses.itc_loss(
                 image_feat, text_feat, image_feat_m, text_feat_m, image_cands, text_cands,
                 pos_targets, temp, alpha)
-            # Both queues share one pointer: the first write advances a copy, the second the pointer.
+            # The queues share one pointer: earlier writes advance a copy, the last the pointer.
+            if cfg.itc_id_positives and ids_all is not None:
+                losses.enqueue(self.idx_queue, self.queue_ptr.clone(), ids_all[:, None])
             losses.enqueue(self.image_queue, self.queue_ptr.clone(), image_feat_m_all)
             losses.enqueue(self.text_queue, self.queue_ptr, text_feat_m_all)
 
@@ -230,8 +239,9 @@ class ALBEF(nn.Module):
                 image_embeds, text_embeds, text_ids, text_mask, neg_text_idx, neg_image_idx, gather)
             loss_itm = losses.itm_loss(itm_logits, itm_labels)
         with self._phase("mlm"):
-            loss_mlm = self._mlm(mlm_ids, mlm_labels, text_mask, image_embeds, image_kvs,
-                                 image_embeds_m, alpha, mlm_normalizer)
+            loss_mlm = (self._mlm(mlm_ids, mlm_labels, text_mask, image_embeds, image_kvs,
+                                  image_embeds_m, alpha, mlm_normalizer)
+                        if cfg.mlm else loss_itc.new_zeros(()))
 
         with torch.no_grad():
             rows = torch.arange(bs, device=images.device)
