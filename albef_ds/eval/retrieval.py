@@ -119,6 +119,7 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     from tqdm import tqdm
 
     model.eval()
+    dtype = next(model.parameters()).dtype
     reduce = all_reduce or (lambda t: t)
     n_img, n_txt = len(split.images), len(split.texts)
 
@@ -139,7 +140,7 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     image_embeds = torch.zeros(n_img, tokens, model.cfg.vision_width)
     image_feat = torch.zeros(n_img, model.cfg.embed_dim)
     for c in bar(mine(chunks(n_img, batch_size)), "encode images"):
-        e = model.encode_image(load_images(c).to(device))
+        e = model.encode_image(load_images(c).to(device, dtype))
         image_embeds[c.start:c.stop] = e.float().cpu()
         image_feat[c.start:c.stop] = model.image_feat(e).float().cpu()
     text_embeds, text_feat = reduce(text_embeds), reduce(text_feat)
@@ -148,7 +149,6 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     sims = image_feat @ text_feat.t()  # [n_img, n_txt]
     metrics = {f"itc_{k}": v for k, v in recall_metrics(sims.numpy(), sims.t().numpy(),
                                                         split.img2txt, split.txt2img).items()}
-    dtype = next(model.parameters()).dtype
 
     def itm(text_idx: torch.Tensor, image_idx: torch.Tensor) -> torch.Tensor:
         fused = model.fuse(text_embeds[text_idx].to(device, dtype), mask[text_idx].to(device),

@@ -91,7 +91,9 @@ class CheckpointManager:
         return tag_dir
 
     def _prune(self) -> None:
-        complete = self.complete_tags()
+        best = self.dir.parent / "best.json"
+        keep = {json.loads(best.read_text())["tag"]} if best.is_file() else set()
+        complete = [t for t in self.complete_tags() if t not in keep]
         for tag in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
             shutil.rmtree(self.dir / f"{tag}_universal", ignore_errors=True)

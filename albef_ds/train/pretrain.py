@@ -141,7 +141,10 @@ def run(args) -> int:
     return train(cfg, launch, args.resume or cfg.checkpoint.resume)
 
 
-def train(cfg: Config, launch, resume: str) -> int:
+def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_best: bool = False) -> int:
+    """The training loop. ``eval_each_epoch``/``eval.every_steps``: retrieval on
+    data.val_dir into metrics (prefix ``val``); ``keep_best``: the checkpoint with the best
+    val r_mean is kept (``best.json`` names it) whatever ``keep_last`` says."""
     from ..data import build_train_loader
     from ..tokenizer import load_tokenizer
     from .checkpoint import CheckpointManager, rng_state, set_rng_state
@@ -208,6 +211,22 @@ def train(cfg: Config, launch, resume: str) -> int:
         loader.load_state_dict(client["loader"])
 
     metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard)
+    evaluator = None
+    if cfg.data.val_dir and (cfg.eval.every_steps or eval_each_epoch):
+        from ..eval.evaluator import RetrievalEvaluator
+        evaluator = RetrievalEvaluator(cfg, cfg.data.val_dir, tokenizer)
+    best = {"r_mean": -1.0}
+
+    def validate():
+        values = evaluator(module, device, ds.get("zero_optimization", {}).get("stage", 0))
+        metrics.log(step, values, prefix="val")
+        log(f"val step {step}: TR@1 {values['txt_r1']:.2f} IR@1 {values['img_r1']:.2f} "
+            f"r_mean {values['r_mean']:.2f} (chance TR@1 {values['chance_txt_r1']:.2f})")
+        if keep_best and values["r_mean"] > best["r_mean"]:
+            best.update(values)
+            tag_dir = save()
+            if is_main:
+                (run_dir / "best.json").write_text(json.dumps({"tag": tag_dir.name, "step": step, **values}))
     running = RunningMeans()
     keys_log = None
     if cfg.logging.log_sample_keys:
@@ -235,7 +254,7 @@ def train(cfg: Config, launch, resume: str) -> int:
             "text_queue": module.text_queue.detach().cpu(),
             "queue_ptr": module.queue_ptr.detach().cpu(),
         }
-        ckpt.save(engine, step, client, {"rng": rng_state(), "ema": ema.state_dict()})
+        return ckpt.save(engine, step, client, {"rng": rng_state(), "ema": ema.state_dict()})
 
     while step < total_steps and not stopped_by_signal:
         for batch in loader:
@@ -291,6 +310,8 @@ def train(cfg: Config, launch, resume: str) -> int:
                 t_log, pairs_since_log = time.time(), 0
                 if keys_log is not None:
                     keys_log.flush()
+            if evaluator is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+                validate()
             saved = step % cfg.checkpoint.every_steps == 0 or step == total_steps
             if saved:
                 save()
@@ -304,6 +325,8 @@ def train(cfg: Config, launch, resume: str) -> int:
                 break
         else:
             epoch += 1
+            if evaluator is not None and eval_each_epoch:
+                validate()
     if keys_log is not None:
         keys_log.close()
     metrics.close()
