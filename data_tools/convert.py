@@ -115,6 +115,7 @@ def convert(inputs: list[str], opts: ConvertOptions) -> dict:
     the work done now (and the merged stats when it merges)."""
     from data_tools.exclude import load_exclude_hashes
     from data_tools.merge import merge
+    import streaming  # noqa: F401  (imported once here, inherited by forked workers)
 
     if not 0 <= opts.task_id < opts.num_tasks:
         raise InputError(f"--task-id {opts.task_id} is outside [0, --num-tasks={opts.num_tasks})")

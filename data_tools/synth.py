@@ -214,6 +214,7 @@ def synth(opts: SynthOptions) -> dict:
     from tqdm import tqdm
 
     from data_tools.merge import merge
+    import streaming  # noqa: F401  (imported once here, inherited by forked workers)
 
     if opts.captions_per_image > 6 or opts.train_captions_per_image > 6:
         raise ValueError("at most 6 paraphrases exist per image")

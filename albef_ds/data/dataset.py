@@ -1,0 +1,89 @@
+"""``PairDataset``: streaming's ``StreamingDataset`` over our MDS shards, returning
+transformed image-caption pairs.
+
+Augmentation randomness is drawn per sample from ``random.Random`` seeded with
+(seed, epoch, sample index), where the sample index is the dataset-wide id streaming
+hands to ``__getitem__`` and the epoch is streaming's own counter (which its state dict
+restores). A resumed run therefore repeats the crops, flips and RandAugment ops of an
+uninterrupted one, whatever the number of loader workers.
+
+A record whose image cannot be decoded is skipped: the next readable record (by sample
+index) takes its place so every batch keeps its size (cross-rank gathers need fixed
+shapes), and the sample is flagged ``skipped=1``; ``PairDataset.num_skipped`` counts them
+per process.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import random
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+from streaming import StreamingDataset
+
+from albef_ds.data.text import clean_caption, swap_left_right
+from albef_ds.data.transforms import TrainTransform
+
+log = logging.getLogger(__name__)
+
+#: how many following records to try when a record is unreadable
+MAX_SKIP = 16
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The augmentation RNG of one sample: independent of worker, rank and resumption."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(2)
+    return random.Random(int(state[0]) << 32 | int(state[1]))
+
+
+class PairDataset(StreamingDataset):
+    def __init__(self, *, transform: TrainTransform, max_words: int, aug_seed: int,
+                 flip_swaps_left_right: bool = False, **kwargs):
+        super().__init__(**kwargs)
+        self.transform = transform
+        self.max_words = max_words
+        self.aug_seed = aug_seed
+        self.flip_swaps_left_right = flip_swaps_left_right
+        self.num_skipped = 0
+        self._epoch: Optional[int] = None
+
+    def _resume_incr_epoch(self):
+        # streaming decides the epoch at the start of each __iter__ (in the worker); keep it.
+        epoch, sample_in_epoch = super()._resume_incr_epoch()
+        self._epoch = epoch
+        return epoch, sample_in_epoch
+
+    @property
+    def epoch(self) -> int:
+        return self._epoch if self._epoch is not None else max(self.next_epoch - 1, 0)
+
+    def _load(self, index: int) -> dict:
+        raw = self.get_item(index)
+        with Image.open(io.BytesIO(raw["image"])) as im:
+            im.load()
+            img = im.convert("RGB")
+        return {"raw": raw, "img": img}
+
+    def __getitem__(self, index: int) -> dict:
+        skipped = 0
+        for attempt in range(MAX_SKIP + 1):
+            i = (index + attempt) % self.num_samples
+            try:
+                loaded = self._load(i)
+                break
+            except Exception as e:  # a corrupt record: never crash the run
+                skipped = 1
+                self.num_skipped += 1
+                log.warning("skipping unreadable sample %d: %s: %s", i, type(e).__name__, e)
+        else:
+            raise RuntimeError(f"{MAX_SKIP + 1} consecutive unreadable samples from {index}")
+        raw = loaded["raw"]
+        rng = sample_rng(self.aug_seed, self.epoch, index)
+        image, flipped = self.transform(loaded["img"], rng)
+        caption = clean_caption(raw["caption"], self.max_words)
+        if flipped and self.flip_swaps_left_right:
+            caption = swap_left_right(caption)
+        return {"image": image, "caption": caption, "image_id": int(raw["image_id"]),
+                "key": raw["key"], "skipped": skipped}

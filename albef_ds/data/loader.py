@@ -1,0 +1,176 @@
+"""The training loader: streams of MDS shards -> ``StreamingDataLoader`` of fixed-shape batches,
+and the loader state used for mid-epoch resumption."""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import socket
+import tempfile
+from typing import Any, Optional
+
+from albef_ds.data.collate import Collate
+from albef_ds.data.transforms import make_train_transform
+
+log = logging.getLogger(__name__)
+
+_SHM_CLEANED = False
+
+
+def _is_remote(path: str) -> bool:
+    return "://" in path
+
+
+def _check_dirs(dirs: list) -> None:
+    if not dirs:
+        raise ValueError("config key 'data.train_dirs' is empty: give one or more MDS dataset folders")
+    for d in dirs:
+        if _is_remote(d):
+            continue
+        if not os.path.isdir(d):
+            raise FileNotFoundError(f"train dir not found: {d} (data.train_dirs)")
+        if not os.path.exists(os.path.join(d, "index.json")):
+            raise FileNotFoundError(f"train dir {d} has no index.json: not an MDS dataset "
+                                    f"(convert it with `albef-data convert`, or merge its parts "
+                                    f"with `albef-data merge {d}`)")
+
+
+def _export_world(rank: int, world_size: int) -> None:
+    """Make streaming's view of the world (env vars, or torch.distributed) match ours.
+
+    Streaming reads LOCAL_WORLD_SIZE to know how many ranks share a node (SYSTEMS_FACTS:
+    srun and the deepspeed launcher do not set it). When unset and torch.distributed is up,
+    count the ranks on this host; otherwise assume every rank is on this node.
+    """
+    for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
+        env = os.environ.get(name)
+        if env is not None and int(env) != value:
+            raise ValueError(f"{name}={env} in the environment but build_train_loader got {value}")
+        os.environ[name] = str(value)
+    if "LOCAL_WORLD_SIZE" not in os.environ:
+        local = world_size
+        import torch.distributed as dist
+        if world_size > 1 and dist.is_available() and dist.is_initialized():
+            hosts = [None] * world_size
+            dist.all_gather_object(hosts, socket.gethostname())
+            local = hosts.count(socket.gethostname())
+        os.environ["LOCAL_WORLD_SIZE"] = str(local)
+        log.info("LOCAL_WORLD_SIZE not set; using %d", local)
+    if "LOCAL_RANK" not in os.environ:
+        os.environ["LOCAL_RANK"] = str(rank % int(os.environ["LOCAL_WORLD_SIZE"]))
+
+
+def clean_shared_memory_once() -> None:
+    """Remove shared memory left by a crashed run, on every rank (then a barrier, inside
+    streaming's helper). Only once per process: a second call would unlink the live
+    shared memory of a dataset this process already built."""
+    global _SHM_CLEANED
+    if _SHM_CLEANED:
+        return
+    from streaming.base.util import clean_stale_shared_memory
+    clean_stale_shared_memory()
+    _SHM_CLEANED = True
+
+
+def build_streams(cfg) -> list:
+    from streaming import Stream
+
+    d = cfg.data
+    weights = d.train_weights
+    if weights is not None:
+        if len(weights) != len(d.train_dirs):
+            raise ValueError(f"data.train_weights has {len(weights)} entries for {len(d.train_dirs)} train_dirs")
+        if any(w <= 0 for w in weights):
+            raise ValueError(f"data.train_weights must be positive, got {weights}")
+        total = float(sum(weights))
+    streams = []
+    for i, path in enumerate(d.train_dirs):
+        kw: dict[str, Any] = {}
+        if weights is not None:
+            kw["proportion"] = weights[i] / total
+        if _is_remote(path):
+            cache = d.cache_dir or os.path.join(tempfile.gettempdir(), "albef_ds_cache")
+            kw.update(remote=path, local=os.path.join(cache, hashlib.sha1(path.encode()).hexdigest()[:16]))
+        else:
+            kw["local"] = path
+        streams.append(Stream(**kw))
+    return streams
+
+
+def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: Optional[int] = None):
+    """A ``streaming.StreamingDataLoader`` over ``cfg.data.train_dirs``.
+
+    Batches are dicts: ``image`` float32 [B, 3, R, R] (CLIP-normalised, R = model.image_res),
+    ``text_ids`` / ``text_mask`` int64 [B, data.max_tokens], ``image_id`` int64 [B] (content
+    hash: duplicates share it), ``key`` list of B str, ``skipped`` int64 [B] (1 where an
+    unreadable record was replaced by the next one). B = train.micro_batch_size; partial
+    batches are dropped.
+
+    ``epoch_seed`` is the base seed of the per-sample augmentation RNG (default:
+    ``cfg.train.seed``); the epoch and sample index complete it. Shuffling uses
+    ``data.shuffle_seed`` and ``data.num_canonical_nodes``.
+    """
+    from streaming import StreamingDataLoader
+
+    from albef_ds.data.dataset import PairDataset
+
+    d = cfg.data
+    _check_dirs(list(d.train_dirs))
+    _export_world(rank, world_size)
+    clean_shared_memory_once()
+    dataset = PairDataset(
+        streams=build_streams(cfg),
+        transform=make_train_transform(cfg),
+        max_words=d.max_words,
+        aug_seed=cfg.train.seed if epoch_seed is None else int(epoch_seed),
+        flip_swaps_left_right=d.flip_swaps_left_right,
+        shuffle=d.shuffle,
+        shuffle_seed=d.shuffle_seed,
+        num_canonical_nodes=d.num_canonical_nodes,
+        batch_size=cfg.train.micro_batch_size,
+    )
+    kwargs: dict[str, Any] = {}
+    if d.num_workers > 0:
+        kwargs["prefetch_factor"] = d.prefetch_factor
+    import torch
+    return StreamingDataLoader(dataset, batch_size=cfg.train.micro_batch_size,
+                               collate_fn=Collate(tokenizer, d.max_tokens), num_workers=d.num_workers,
+                               pin_memory=d.pin_memory and torch.cuda.is_available(), drop_last=True,
+                               **kwargs)
+
+
+# ----------------------------------------------------------------------------- state
+
+def loader_state_dict(loader) -> dict:
+    """The loader's position (epoch, sample_in_epoch, shuffle settings...): JSON-able.
+
+    Take it in the main process after the training step that consumed the last batch;
+    every rank gets the same dict (streaming counts samples_yielded x world size)."""
+    state = loader.state_dict()
+    if state is None:
+        raise TypeError("not a StreamingDataLoader over a StreamingDataset")
+    return state
+
+
+def load_loader_state(loader, state: dict) -> None:
+    """Restore a position before iterating; the next epoch resumes where ``state`` left off.
+    Streaming silently ignores a state from an older epoch than the dataset's counter, so
+    call this on a freshly built loader."""
+    loader.load_state_dict(state)
+
+
+def save_loader_state(loader, path: str) -> dict:
+    """Write ``loader_state_dict(loader)`` to ``path`` as JSON (atomically); returns it."""
+    state = loader_state_dict(loader)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(state, f)
+    os.replace(tmp, path)
+    return state
+
+
+def read_loader_state(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
