@@ -1,0 +1,55 @@
+"""A real 2-node SLURM cluster on this host for the tests in tests/slurm.
+
+The session-scoped fixture ``slurm_cluster`` runs ``slurm/local_cluster.sh start`` the first
+time a test asks for it (nothing starts when no such test is selected), yields a
+:class:`SlurmCluster`, and runs ``slurm/local_cluster.sh stop`` at the end of the session.
+If the cluster cannot start, the tests that use it FAIL (they are not skipped): CI must not
+go green without SLURM.
+
+State dir: ``$ALBEF_SLURM_DIR`` if set, else /tmp/albef-slurm. When a cluster is already
+running there (a developer started it by hand), it is reused and left running.
+
+Jobs see, besides SLURM's own variables: SLURM_CONF (through the submission environment,
+``cluster.env``), and from the cluster's TaskProlog, on each node: TMPDIR (node-local
+scratch), ALBEF_LOCAL_CACHE (node-local cache, e.g. streaming's local dir) and ALBEF_NODE_DIR.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_local import (DEFAULT_DIR, SlurmCluster, daemon_pids, process_alive, read_env_file,
+                         run_cluster_script)
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slurm: needs the local 2-node SLURM cluster")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    state_dir = Path(os.environ.get("ALBEF_SLURM_DIR", DEFAULT_DIR))
+    reuse = run_cluster_script("status", state_dir, timeout=60).returncode == 0
+    if not reuse:
+        t0 = time.monotonic()
+        proc = run_cluster_script("start", state_dir)
+        if proc.returncode != 0:
+            pytest.fail(f"local SLURM cluster failed to start (rc {proc.returncode}) in {state_dir}:\n"
+                        f"{proc.stdout}\n{proc.stderr}", pytrace=False)
+        print(f"\nlocal SLURM cluster started in {time.monotonic() - t0:.1f}s ({state_dir})")
+    file_env = read_env_file(state_dir / "env.sh")
+    cluster = SlurmCluster(
+        dir=state_dir, conf=Path(file_env["SLURM_CONF"]),
+        nodes=file_env["ALBEF_SLURM_NODES"].split(), partition=file_env["ALBEF_SLURM_PARTITION"],
+        env=dict(os.environ, **file_env), started_here=not reuse, pids=daemon_pids(state_dir))
+    yield cluster
+    if reuse:
+        return
+    proc = run_cluster_script("stop", state_dir, timeout=120)
+    left = {n: p for n, p in cluster.pids.items() if process_alive(p)}
+    if proc.returncode != 0 or left:
+        pytest.fail(f"local SLURM cluster did not stop cleanly (rc {proc.returncode}, "
+                    f"still alive: {left}):\n{proc.stdout}\n{proc.stderr}", pytrace=False)

@@ -1,0 +1,150 @@
+"""Helpers for the tests that use the local 2-node SLURM cluster (see conftest.py's
+``slurm_cluster`` fixture). A module of its own (not conftest) so that test files can import
+it: ``from slurm_local import SlurmCluster, wait_until``."""
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+CLUSTER_SCRIPT = REPO / "slurm" / "local_cluster.sh"
+DEFAULT_DIR = "/tmp/albef-slurm"
+
+#: job states after which a job will not run again by itself
+FINAL_STATES = frozenset({
+    "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY",
+    "BOOT_FAIL", "DEADLINE", "PREEMPTED",
+})
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Variables that ``env.sh`` (lines ``export NAME=VALUE``) sets."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line.startswith("export ") and "=" in line:
+            name, _, value = line[len("export "):].partition("=")
+            out[name] = shlex.split(value)[0] if value else ""
+    return out
+
+
+def run_cluster_script(cmd: str, state_dir: str | Path, extra_env: dict | None = None,
+                       timeout: float = 600) -> subprocess.CompletedProcess:
+    env = dict(os.environ, ALBEF_SLURM_DIR=str(state_dir), **(extra_env or {}))
+    return subprocess.run(["bash", str(CLUSTER_SCRIPT), cmd], env=env, stdin=subprocess.DEVNULL,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def daemon_pids(state_dir: str | Path) -> dict[str, int]:
+    """Pids named by the cluster's pid files (munged, slurmctld, slurmd.n1, slurmd.n2)."""
+    d = Path(state_dir)
+    files = {"munged": d / "munge" / "munged.pid", "slurmctld": d / "run" / "slurmctld.pid"}
+    files.update({p.name[:-len(".pid")]: p for p in (d / "run").glob("slurmd.*.pid")})
+    out = {}
+    for name, f in files.items():
+        try:
+            out[name] = int(f.read_text().strip())
+        except (OSError, ValueError):
+            pass
+    return out
+
+
+def process_alive(pid: int) -> bool:
+    """True if pid is a live (not zombie) process. PID 1 here does not reap, so daemons that
+    exited can stay as zombies: those count as gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@dataclass
+class SlurmCluster:
+    """What the ``slurm_cluster`` fixture yields."""
+
+    dir: Path                       #: state dir (ALBEF_SLURM_DIR)
+    conf: Path                      #: slurm.conf (SLURM_CONF)
+    nodes: list[str]                #: ["n1", "n2"]
+    partition: str                  #: "debug"
+    env: dict[str, str]             #: os.environ + env.sh: pass to subprocess for sbatch etc.
+    started_here: bool = True       #: False when an already running cluster was reused
+    pids: dict[str, int] = field(default_factory=dict)  #: daemon pids at start
+
+    def node_dir(self, node: str) -> Path:
+        return self.dir / "node" / node
+
+    def node_tmp(self, node: str) -> Path:
+        """TMPDIR of jobs' tasks on ``node``."""
+        return self.node_dir(node) / "tmp"
+
+    def node_cache(self, node: str) -> Path:
+        """ALBEF_LOCAL_CACHE of jobs' tasks on ``node``."""
+        return self.node_dir(node) / "cache"
+
+    def run(self, *args: str, check: bool = True, timeout: float = 60,
+            **kw) -> subprocess.CompletedProcess:
+        """Run a command (``sbatch``, ``scontrol``...) against this cluster; text output."""
+        env = dict(self.env, **kw.pop("env", {}))
+        proc = subprocess.run(list(args), env=env, capture_output=True, text=True,
+                              stdin=subprocess.DEVNULL, timeout=timeout, **kw)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} -> rc {proc.returncode}\n"
+                                 f"stdout: {proc.stdout}\nstderr: {proc.stderr}")
+        return proc
+
+    def sbatch(self, *args: str, **kw) -> str:
+        """``sbatch --parsable ARGS``; returns the job id (for an array, the array job id)."""
+        out = self.run("sbatch", "--parsable", *args, **kw).stdout.strip()
+        return out.split(";")[0]
+
+    def job_info(self, job_id: str) -> dict[str, str]:
+        """``scontrol show job -o`` as a dict (first record; completed jobs stay visible for
+        MinJobAge=300 s)."""
+        out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout.splitlines()[0]
+        info = {}
+        for tok in out.split():
+            k, sep, v = tok.partition("=")
+            if sep:
+                info[k] = v
+        return info
+
+    def job_state(self, job_id: str) -> str:
+        return self.job_info(job_id)["JobState"]
+
+    def wait_job(self, job_id: str, states=FINAL_STATES, timeout: float = 60,
+                 poll: float = 0.2) -> dict[str, str]:
+        """Poll until the job is in one of ``states``; return its info. AssertionError on
+        timeout (with the job's record and slurmctld's log tail)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.job_info(job_id)
+            if info.get("JobState") in states:
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError(f"job {job_id} not in {sorted(states)} after {timeout}s: "
+                                     f"{info}\n{self.log_tail()}")
+            time.sleep(poll)
+
+    def log_tail(self, lines: int = 30) -> str:
+        parts = []
+        for f in [self.dir / "log" / "slurmctld.log", *sorted((self.dir / "log").glob("slurmd.*.log"))]:
+            if f.exists():
+                parts.append(f"--- {f}\n" + "\n".join(f.read_text(errors="replace").splitlines()[-lines:]))
+        return "\n".join(parts)
+
+
+def wait_until(pred, timeout: float, poll: float = 0.2, what: str = "condition"):
+    """Poll ``pred()`` until truthy (returned) or fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        val = pred()
+        if val:
+            return val
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(poll)
