@@ -102,16 +102,24 @@ class SlurmCluster:
         out = self.run("sbatch", "--parsable", *args, **kw).stdout.strip()
         return out.split(";")[0]
 
+    def jobs_info(self, job_id: str) -> list[dict[str, str]]:
+        """``scontrol show job -o JOB`` as dicts, one per record (an array job gives one per
+        task). Completed jobs stay visible for MinJobAge=300 s. Values with spaces (Command,
+        Comment...) are cut at the first space."""
+        records = []
+        for line in self.run("scontrol", "show", "job", "-o", str(job_id)).stdout.splitlines():
+            info = {}
+            for tok in line.split():
+                k, sep, v = tok.partition("=")
+                if sep:
+                    info[k] = v
+            if info:
+                records.append(info)
+        return records
+
     def job_info(self, job_id: str) -> dict[str, str]:
-        """``scontrol show job -o`` as a dict (first record; completed jobs stay visible for
-        MinJobAge=300 s)."""
-        out = self.run("scontrol", "show", "job", "-o", str(job_id)).stdout.splitlines()[0]
-        info = {}
-        for tok in out.split():
-            k, sep, v = tok.partition("=")
-            if sep:
-                info[k] = v
-        return info
+        """The first record of :meth:`jobs_info`."""
+        return self.jobs_info(job_id)[0]
 
     def job_state(self, job_id: str) -> str:
         return self.job_info(job_id)["JobState"]
