@@ -81,7 +81,7 @@ live_pid() {
     local name="$1" pf pid comm
     pf="$(pidfile_of "$name")"
     [[ -s "$pf" ]] || return 1
-    pid="$(tr -dc '0-9' <"$pf")"
+    pid="$(tr -dc '0-9' 2>/dev/null <"$pf")" || return 1  # gone: the daemon exited
     [[ -n "$pid" && -d "/proc/$pid" ]] || return 1
     comm="$(cat "/proc/$pid/comm" 2>/dev/null || true)"
     [[ "$comm" == "$(comm_of "$name")" ]] || return 1
