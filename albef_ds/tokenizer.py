@@ -74,7 +74,8 @@ def build_vocab(caption_files_or_iterable, out_dir: Union[str, os.PathLike], voc
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     tok.decoder = decoders.WordPiece(prefix="##")
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
-                                        min_frequency=1, continuing_subword_prefix="##")
+                                        min_frequency=1, continuing_subword_prefix="##",
+                                        show_progress=False)
     lines = (clean_caption(c, max_words=10_000) for c in _caption_lines(caption_files_or_iterable))
     tok.train_from_iterator(lines, trainer=trainer)
     for i, t in enumerate(SPECIAL_TOKENS):
