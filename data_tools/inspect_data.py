@@ -1,0 +1,108 @@
+"""``albef-data inspect DIR``: what is in a converted dataset.
+
+Prints pairs per source, caption-length (words) and image-size (longer side) histograms
+from ``manifest.parquet``, the skip counts from ``stats.json``, and draws a contact sheet
+of randomly sampled pairs (image + caption) read back from the MDS shards.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import random
+import textwrap
+from collections import Counter
+
+import numpy as np
+import pyarrow.parquet as pq
+from PIL import Image, ImageDraw, ImageFont
+
+THUMB = 160          # contact-sheet cell image side, px
+CAPTION_LINES = 4    # caption lines under each thumbnail
+COLUMNS = 6
+
+
+def _histogram(values, edges) -> list[tuple[str, int]]:
+    counts, _ = np.histogram(values, bins=edges)
+    labels = [f"{int(edges[i])}-{int(edges[i + 1]) - 1}" for i in range(len(edges) - 2)] + [f">={int(edges[-2])}"]
+    return list(zip(labels, counts.tolist()))
+
+
+def _bars(title: str, hist) -> str:
+    top = max((c for _, c in hist), default=0) or 1
+    lines = [title]
+    for label, c in hist:
+        lines.append(f"  {label:>10} {c:>9} {'#' * round(40 * c / top)}")
+    return "\n".join(lines)
+
+
+def summarise(dir_: str) -> dict:
+    manifest = os.path.join(dir_, "manifest.parquet")
+    if not os.path.exists(manifest):
+        raise FileNotFoundError(f"no manifest.parquet in {dir_} (run `albef-data merge {dir_}`?)")
+    t = pq.read_table(manifest, columns=["source", "caption", "width", "height", "bytes"]).to_pydict()
+    words = [len(c.split()) for c in t["caption"]]
+    sides = [max(w, h) for w, h in zip(t["width"], t["height"])]
+    out = {"pairs": len(words), "per_source": dict(Counter(t["source"]).most_common()),
+           "caption_words": _histogram(words, [0, 5, 10, 15, 20, 30, 50, 10**9]),
+           "image_side": _histogram(sides, [0, 64, 128, 256, 384, 512, 1024, 10**9]),
+           "mean_bytes": float(np.mean(t["bytes"])) if t["bytes"] else 0.0}
+    stats_path = os.path.join(dir_, "stats.json")
+    if os.path.exists(stats_path):
+        with open(stats_path, encoding="utf-8") as f:
+            out["stats"] = json.load(f)
+    return out
+
+
+def contact_sheet(dir_: str, png: str, samples: int = 24, seed: int = 0) -> str:
+    """Draw ``samples`` random pairs (read through streaming's reader) into one PNG."""
+    from streaming import StreamingDataset
+
+    ds = StreamingDataset(local=dir_, shuffle=False, batch_size=1)
+    idx = sorted(random.Random(seed).sample(range(ds.num_samples), min(samples, ds.num_samples)))
+    cols = min(COLUMNS, len(idx)) or 1
+    rows = (len(idx) + cols - 1) // cols
+    font = ImageFont.load_default()
+    line_h = 12
+    cell_w, cell_h = THUMB + 10, THUMB + 10 + line_h * CAPTION_LINES
+    sheet = Image.new("RGB", (cols * cell_w, max(rows, 1) * cell_h), "white")
+    draw = ImageDraw.Draw(sheet)
+    for n, i in enumerate(idx):
+        s = ds.get_item(i)
+        x, y = (n % cols) * cell_w + 5, (n // cols) * cell_h + 5
+        try:
+            with Image.open(io.BytesIO(s["image"])) as im:
+                im = im.convert("RGB")
+                scale = THUMB / max(im.size)  # small images are enlarged (pixels kept sharp)
+                im = im.resize((max(1, round(im.width * scale)), max(1, round(im.height * scale))),
+                               Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC)
+                sheet.paste(im, (x + (THUMB - im.width) // 2, y + (THUMB - im.height) // 2))
+        except Exception:
+            draw.text((x, y), "unreadable image", fill="red", font=font)
+        lines = textwrap.wrap(s["caption"], width=26)[:CAPTION_LINES]
+        for k, line in enumerate(lines):
+            draw.text((x, y + THUMB + 2 + k * line_h), line, fill="black", font=font)
+    os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
+    sheet.save(png)
+    return png
+
+
+def inspect_dataset(dir_: str, png: str | None = None, samples: int = 24, seed: int = 0) -> dict:
+    if not os.path.isdir(dir_):
+        raise FileNotFoundError(f"no such dataset folder: {dir_}")
+    s = summarise(dir_)
+    print(f"{dir_}: {s['pairs']} pairs, mean image {s['mean_bytes'] / 1024:.1f} KiB")
+    print("pairs per source:")
+    for src, n in s["per_source"].items():
+        print(f"  {src:>20} {n:>9}")
+    if "stats" in s:
+        skipped = {k: v for k, v in s["stats"].get("skipped", {}).items() if v}
+        print(f"read {s['stats'].get('read')}, kept {s['stats'].get('kept')}, skipped: "
+              f"{', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'}")
+    print(_bars("caption length (words):", s["caption_words"]))
+    print(_bars("image size (longer side, px):", s["image_side"]))
+    png = png or os.path.join(dir_, "contact_sheet.png")
+    contact_sheet(dir_, png, samples, seed)
+    print(f"contact sheet: {png}")
+    s["png"] = png
+    return s
