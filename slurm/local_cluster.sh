@@ -202,6 +202,7 @@ EOF
         echo "SelectTypeParameters=CR_Core"
         echo "SchedulerType=sched/backfill"
         echo "MpiDefault=none"
+        echo "MailProg=/bin/true"
         echo "JobAcctGatherType=jobacct_gather/none"
         echo "AccountingStorageType=accounting_storage/none"
         echo "# Requeue/preemption behaviour, explicit for the tests:"
@@ -257,7 +258,7 @@ start_munge() {
     log "starting munged"
     runuser -u munge -- munged --socket="$MUNGE_SOCKET" --key-file="$MUNGE_DIR/munge.key" \
         --log-file="$MUNGE_DIR/munged.log" --pid-file="$MUNGE_DIR/munged.pid" \
-        --seed-file="$MUNGE_DIR/munged.seed" </dev/null ||
+        --seed-file="$MUNGE_DIR/munged.seed" </dev/null 9>&- ||
         { show_logs; die "munged failed to start"; }
     wait_pid munged 10 || { show_logs; die "munged wrote no pid file"; }
     local t
@@ -317,12 +318,12 @@ do_start() {
     write_config
     start_munge
     log "starting slurmctld"
-    slurmctld -f "$CONF" </dev/null || fail_start "slurmctld failed to start"
+    slurmctld -f "$CONF" </dev/null 9>&- || fail_start "slurmctld failed to start"
     wait_pid slurmctld 15 || fail_start "slurmctld did not come up"
     local n
     for n in "${NODES[@]}"; do
         log "starting slurmd -N $n"
-        slurmd -f "$CONF" -N "$n" </dev/null || fail_start "slurmd -N $n failed to start"
+        slurmd -f "$CONF" -N "$n" </dev/null 9>&- || fail_start "slurmd -N $n failed to start"
     done
     for n in "${NODES[@]}"; do
         wait_pid "slurmd.$n" 15 || fail_start "slurmd -N $n did not come up"
@@ -440,9 +441,16 @@ do_status() {
     return 1
 }
 
+# start and stop of one state dir never overlap (concurrent callers wait their turn).
+lock() {
+    mkdir -p "$DIR"
+    exec 9>"$DIR/.lock"
+    flock -w 300 9 || die "could not lock $DIR/.lock in 300 s"
+}
+
 case "${1:-}" in
-    start) do_start ;;
-    stop) do_stop ;;
+    start) require_root; lock; do_start ;;
+    stop) require_root; lock; do_stop ;;
     status) do_status ;;
     *) echo "usage: $0 start|stop|status   (state dir: ALBEF_SLURM_DIR, default /tmp/albef-slurm)" >&2; exit 2 ;;
 esac

@@ -6,8 +6,11 @@ time a test asks for it (nothing starts when no such test is selected), yields a
 If the cluster cannot start, the tests that use it FAIL (they are not skipped): CI must not
 go green without SLURM.
 
-State dir: ``$ALBEF_SLURM_DIR`` if set, else /tmp/albef-slurm. When a cluster is already
-running there (a developer started it by hand), it is reused and left running.
+State dir: ``$ALBEF_SLURM_DIR`` if set (CI sets it); when a cluster is already running
+there (e.g. one a developer started by hand), it is reused and left running. Without
+ALBEF_SLURM_DIR each session gets a fresh /tmp/albef-slurm-pytest-* dir (removed after a
+clean stop). A cluster the fixture starts takes free ports, so concurrent sessions and a
+hand-started cluster on the default ports do not collide.
 
 Jobs see, besides SLURM's own variables: SLURM_CONF (through the submission environment,
 ``cluster.env``), and from the cluster's TaskProlog, on each node: TMPDIR (node-local
@@ -16,13 +19,14 @@ scratch), ALBEF_LOCAL_CACHE (node-local cache, e.g. streaming's local dir) and A
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
 import pytest
 
-from slurm_local import (DEFAULT_DIR, SlurmCluster, daemon_pids, process_alive, read_env_file,
-                         run_cluster_script)
+from slurm_local import (SlurmCluster, daemon_pids, free_ports_env, new_state_dir, process_alive,
+                         read_env_file, run_cluster_script)
 
 
 def pytest_configure(config):
@@ -31,11 +35,12 @@ def pytest_configure(config):
 
 @pytest.fixture(scope="session")
 def slurm_cluster():
-    state_dir = Path(os.environ.get("ALBEF_SLURM_DIR", DEFAULT_DIR))
-    reuse = run_cluster_script("status", state_dir, timeout=60).returncode == 0
+    env_dir = os.environ.get("ALBEF_SLURM_DIR")
+    reuse = bool(env_dir) and run_cluster_script("status", env_dir, timeout=60).returncode == 0
+    state_dir = Path(env_dir or new_state_dir())
     if not reuse:
         t0 = time.monotonic()
-        proc = run_cluster_script("start", state_dir)
+        proc = run_cluster_script("start", state_dir, free_ports_env())
         if proc.returncode != 0:
             pytest.fail(f"local SLURM cluster failed to start (rc {proc.returncode}) in {state_dir}:\n"
                         f"{proc.stdout}\n{proc.stderr}", pytrace=False)
@@ -53,3 +58,5 @@ def slurm_cluster():
     if proc.returncode != 0 or left:
         pytest.fail(f"local SLURM cluster did not stop cleanly (rc {proc.returncode}, "
                     f"still alive: {left}):\n{proc.stdout}\n{proc.stderr}", pytrace=False)
+    if not env_dir:
+        shutil.rmtree(state_dir, ignore_errors=True)

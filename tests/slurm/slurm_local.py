@@ -4,8 +4,11 @@ it: ``from slurm_local import SlurmCluster, wait_until``."""
 from __future__ import annotations
 
 import os
+import random
 import shlex
+import socket
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +40,34 @@ def run_cluster_script(cmd: str, state_dir: str | Path, extra_env: dict | None =
     env = dict(os.environ, ALBEF_SLURM_DIR=str(state_dir), **(extra_env or {}))
     return subprocess.run(["bash", str(CLUSTER_SCRIPT), cmd], env=env, stdin=subprocess.DEVNULL,
                           capture_output=True, text=True, timeout=timeout)
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_ports_env() -> dict[str, str]:
+    """ALBEF_SLURMCTLD_PORT / ALBEF_SLURMD_PORT_BASE for a cluster of its own: ports free now,
+    below the ephemeral range (so outgoing connections do not take them meanwhile)."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 30000, 10)
+        if all(_port_free(p) for p in (base, base + 1, base + 2)):
+            return {"ALBEF_SLURMCTLD_PORT": str(base), "ALBEF_SLURMD_PORT_BASE": str(base)}
+    raise RuntimeError("no free ports for a SLURM cluster in 20000-30000")
+
+
+def new_state_dir(prefix: str = "albef-slurm-pytest-") -> str:
+    """A fresh state dir under /tmp that user munge can reach (mkdtemp makes it 0700)."""
+    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    os.chmod(d, 0o755)
+    return d
 
 
 def daemon_pids(state_dir: str | Path) -> dict[str, int]:

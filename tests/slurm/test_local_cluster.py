@@ -3,17 +3,14 @@ sbatch scripts rely on: 2 nodes x 1 task through srun, the master host, per-node
 and the USR1 -> trap -> `scontrol requeue` -> restart path (plain bash, no training)."""
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 
-from slurm_local import (daemon_pids, process_alive, read_env_file, run_cluster_script,
-                      wait_until)
+from slurm_local import (daemon_pids, free_ports_env, new_state_dir, process_alive,
+                         read_env_file, run_cluster_script, wait_until)
 
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
 
@@ -124,10 +121,8 @@ exit 0
 def test_start_stop_leaves_no_daemon():
     """A second, throw-away cluster (own dir and ports, CPUs above what slurmd detects):
     start -> idle -> stop -> none of its daemons (by the pids in its pid files) alive."""
-    state_dir = tempfile.mkdtemp(prefix="albef-slurm-lifecycle-", dir="/tmp")
-    os.chmod(state_dir, 0o755)  # munged runs as user munge and must reach its dir
-    env = {"ALBEF_SLURMCTLD_PORT": "16917", "ALBEF_SLURMD_PORT_BASE": "17100",
-           "ALBEF_SLURM_CPUS": "4"}
+    state_dir = new_state_dir("albef-slurm-lifecycle-")
+    env = {**free_ports_env(), "ALBEF_SLURM_CPUS": "4"}
     try:
         t0 = time.monotonic()
         proc = run_cluster_script("start", state_dir, env)
