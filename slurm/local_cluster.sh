@@ -168,6 +168,11 @@ write_config() {
     chmod 1777 "$DIR"/node/*/tmp
     # Every start is a fresh cluster: no jobs recovered from an earlier run.
     rm -rf "${DIR:?}/state/ctld/"* "${DIR:?}/state/slurmd/"*/*
+    # ...and fresh logs (the previous run's are kept as *.prev).
+    local f
+    for f in "$DIR"/log/*.log "$MUNGE_DIR/munged.log"; do
+        [[ -f "$f" ]] && mv -f "$f" "$f.prev"
+    done
 
     cat >"$DIR/etc/task_prolog.sh" <<EOF
 #!/bin/sh
