@@ -64,8 +64,12 @@ def free_ports_env() -> dict[str, str]:
 
 
 def new_state_dir(prefix: str = "albef-slurm-pytest-") -> str:
-    """A fresh state dir under /tmp that user munge can reach (mkdtemp makes it 0700)."""
-    d = tempfile.mkdtemp(prefix=prefix, dir="/tmp")
+    """A fresh state dir that user munge can reach (mkdtemp makes it 0700): beside
+    $ALBEF_SLURM_DIR when that is set (so .ci/run's exit trap finds and stops it), else
+    under /tmp."""
+    env_dir = os.environ.get("ALBEF_SLURM_DIR")
+    parent = os.path.dirname(os.path.abspath(env_dir)) if env_dir else "/tmp"
+    d = tempfile.mkdtemp(prefix=prefix, dir=parent)
     os.chmod(d, 0o755)
     return d
 
