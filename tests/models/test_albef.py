@@ -1,0 +1,372 @@
+"""The ALBEF module: its switches change speed, never results; EMA, gradients, temperature
+and queues behave as ALBEF_FACTS.md says; a tiny model can fit one batch.
+
+Every check compares against something computed apart from the path under test: the same
+weights run with the switch the other way, a closed form, or the model's component
+methods assembled by hand here.
+"""
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from albef_ds import losses
+from albef_ds.config import load_config
+from albef_ds.models import ALBEF, MOMENTUM_PAIRS
+
+PAD, CLS, SEP, MASK = 0, 2, 3, 4
+VOCAB = 100
+BATCH, LENGTH = 8, 12
+#: image of each pair: pairs 0/4 and 1/7 show the same image.
+IMAGE_IDS = [10, 11, 12, 13, 10, 14, 15, 11]
+#: fixed ITM negatives (never the positive, never the same image): text for each image,
+#: image for each text.
+NEG_TEXT = torch.tensor([(i + 1) % BATCH for i in range(BATCH)])
+NEG_IMAGE = torch.tensor([(i + 3) % BATCH for i in range(BATCH)])
+
+
+def small_config(*overrides: str):
+    """The tiny preset shrunk further for speed; dropout 0 so that runs are comparable."""
+    return load_config("tiny", [
+        "model.image_res=32", "model.patch_size=8", "model.vision_width=32", "model.vision_depth=2",
+        "model.vision_heads=2", "model.text_width=32", "model.text_depth=4", "model.fusion_layer=2",
+        "model.text_heads=2", "model.text_intermediate=64", f"model.vocab_size={VOCAB}",
+        "model.max_position_embeddings=32", "model.embed_dim=16", "model.queue_size=32",
+        "model.hidden_dropout=0.0", "model.attention_dropout=0.0", f"train.micro_batch_size={BATCH}",
+        *overrides])
+
+
+def make_model(cfg, seed=0) -> ALBEF:
+    torch.manual_seed(seed)
+    return ALBEF(cfg.model)
+
+
+def twin(model: ALBEF, **changes) -> ALBEF:
+    """A second model built with some config fields changed, carrying the same weights,
+    queues and pointer."""
+    other = ALBEF(dataclasses.replace(model.cfg, **changes))
+    other.load_state_dict(model.state_dict())
+    return other
+
+
+def make_batch(res=32, seed=0, mlm_probability=0.3, repeat_images=True):
+    """8 synthetic pairs; with ``repeat_images`` pairs 0/4 and 1/7 show the same image."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, VOCAB, (BATCH, LENGTH), generator=g)
+    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
+    for i in range(BATCH):
+        n = 5 + i % 7  # tokens incl. CLS and SEP, then padding
+        ids[i, 0], ids[i, n - 1] = CLS, SEP
+        ids[i, n:] = PAD
+        mask[i, n:] = 0
+    mlm_ids, mlm_labels = losses.mask_tokens(ids, VOCAB, mask_token_id=MASK, pad_token_id=PAD,
+                                             cls_token_id=CLS, probability=mlm_probability, generator=g)
+    assert (mlm_labels != losses.IGNORE_INDEX).sum() >= 4
+    images = torch.randn(BATCH, 3, res, res, generator=g)
+    image_ids = torch.arange(BATCH)
+    if repeat_images:
+        image_ids = torch.tensor(IMAGE_IDS)
+        images[4], images[7] = images[0], images[1]
+    return dict(images=images, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=mlm_labels,
+                image_ids=image_ids)
+
+
+def run(model, batch, alpha=0.4, negatives=(NEG_TEXT, NEG_IMAGE), backward=True):
+    """One forward (+ backward) from a zero gradient; returns (outputs, {name: grad})."""
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, alpha=alpha, itm_negatives=negatives)
+    grads = {}
+    if backward:
+        out["loss"].backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def assert_same_results(a, b, rtol=1e-5, atol=1e-6):
+    (out_a, grads_a), (out_b, grads_b) = a, b
+    for key in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
+        torch.testing.assert_close(out_a[key], out_b[key], rtol=rtol, atol=atol, msg=key)
+    assert grads_a.keys() == grads_b.keys()
+    assert len(grads_a) > 50
+    for name in grads_a:
+        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol,
+                                   msg=lambda m, n=name: f"{n}: {m}")
+
+
+# ----------------------------------------------------------------- switches change nothing
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_masked_positions_only_mlm_head_gives_the_loss_of_the_full_head(alpha):
+    masked_only = make_model(small_config("model.mlm_masked_only=true"))
+    full = twin(masked_only, mlm_masked_only=False)
+    batch = make_batch()
+    a, b = run(masked_only, batch, alpha), run(full, batch, alpha)
+    assert a[0]["loss_mlm"].item() > 1.0  # a real loss, not a degenerate zero
+    assert_same_results(a, b)
+
+
+def test_masked_only_logits_are_the_full_logits_at_masked_positions():
+    model = make_model(small_config())
+    model.eval()
+    batch = make_batch()
+    labels = batch["mlm_labels"]
+    with torch.no_grad():
+        image_embeds = model.encode_image(batch["images"])
+        model.cfg.mlm_masked_only = True
+        only = model.mlm_logits(batch["mlm_ids"], batch["text_mask"], image_embeds, labels=labels)
+        model.cfg.mlm_masked_only = False
+        full = model.mlm_logits(batch["mlm_ids"], batch["text_mask"], image_embeds, labels=labels)
+    keep = labels != losses.IGNORE_INDEX
+    assert only.shape == (int(keep.sum()), VOCAB) and full.shape == (BATCH, LENGTH, VOCAB)
+    torch.testing.assert_close(only, full[keep], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("itm_negatives", ["local", "global"])
+def test_shared_cross_attention_kv_gives_the_same_losses_and_gradients(itm_negatives):
+    model = make_model(small_config("model.share_cross_kv=true", f"model.itm_negatives={itm_negatives}"))
+    other = twin(model, share_cross_kv=False)
+    batch = make_batch(seed=1)
+    assert_same_results(run(model, batch), run(other, batch))
+
+
+def test_sdpa_and_explicit_attention_give_the_same_losses_and_gradients():
+    model = make_model(small_config("model.sdpa=true"))
+    other = twin(model, sdpa=False)
+    assert not any(getattr(m, "sdpa", False) for m in other.modules())
+    batch = make_batch(seed=2)
+    assert_same_results(run(model, batch), run(other, batch), rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------- momentum (EMA)
+
+def test_momentum_pairs_cover_every_momentum_parameter_by_name():
+    model = make_model(small_config())
+    online = dict(model.named_parameters())
+    triples = model.momentum_named_params()
+    momentum_ids = {id(p) for _, m in MOMENTUM_PAIRS for p in getattr(model, m).parameters()}
+    assert {id(p_m) for _, _, p_m in triples} == momentum_ids
+    for name_m, p, p_m in triples:
+        head, rest = name_m.split(".", 1)
+        assert online[head[: -len("_m")] + "." + rest] is p
+        assert p.shape == p_m.shape and not p_m.requires_grad and p.requires_grad
+    # the MLM decoder stays tied to the word embeddings in the momentum copy too
+    enc_m = model.text_encoder_m
+    assert enc_m.cls.predictions.decoder.weight is enc_m.bert.embeddings.word_embeddings.weight
+
+
+@pytest.mark.parametrize("foreach", [True, False])
+def test_momentum_update_matches_the_closed_form(foreach):
+    cfg = small_config(f"model.foreach_ema={str(foreach).lower()}", "model.momentum=0.8")
+    model = make_model(cfg)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # start the momentum weights away from the online ones
+        for _, _, p_m in model.momentum_named_params():
+            p_m.add_(torch.randn(p_m.shape, generator=g))
+    triples = model.momentum_named_params()
+    start = {name: p_m.detach().clone() for name, _, p_m in triples}
+    online = {name: p.detach().clone() for name, p, _ in triples}
+    temp = model.temp.detach().clone()
+    k, m = 5, 0.8
+    for _ in range(k - 1):
+        model.momentum_update()  # m from the config
+    model.momentum_update(m)
+    decay = m ** k
+    for name, p, p_m in model.momentum_named_params():
+        expected = decay * start[name] + (1 - decay) * online[name]
+        torch.testing.assert_close(p_m.detach(), expected, rtol=1e-5, atol=1e-6, msg=name)
+        assert torch.equal(p.detach(), online[name])  # the online weights are not touched
+        assert not p_m.requires_grad
+    assert torch.equal(model.temp.detach(), temp)  # temp is not part of the EMA
+    enc_m = model.text_encoder_m
+    assert enc_m.cls.predictions.decoder.weight is enc_m.bert.embeddings.word_embeddings.weight
+
+
+def test_foreach_and_loop_momentum_updates_agree():
+    model = make_model(small_config("model.foreach_ema=true"))
+    loop = twin(model, foreach_ema=False)
+    for mdl in (model, loop):
+        with torch.no_grad():
+            g = torch.Generator().manual_seed(1)
+            for _, _, p_m in mdl.momentum_named_params():
+                p_m.mul_(0.5).add_(torch.randn(p_m.shape, generator=g))
+        for _ in range(3):
+            mdl.momentum_update(0.9)
+    for (name, _, a), (_, _, b) in zip(model.momentum_named_params(), loop.momentum_named_params()):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
+
+
+def test_momentum_weights_get_no_gradient_and_temp_is_clamped():
+    model = make_model(small_config())
+    batch = make_batch(seed=3)
+    with torch.no_grad():
+        model.temp.fill_(3.0)
+    run(model, batch)
+    assert model.temp.item() == pytest.approx(0.5)
+    for _, m in MOMENTUM_PAIRS:
+        for name, p in getattr(model, m).named_parameters():
+            assert p.grad is None and not p.requires_grad, f"{m}.{name}"
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    # every trainable weight is reached; padding row 0 of the embeddings just gets zeros
+    assert not missing and model.temp.grad is not None and len(trainable) > 50
+    with torch.no_grad():
+        model.temp.fill_(1e-5)
+    run(model, batch, backward=False)
+    assert model.temp.item() == pytest.approx(0.001)
+
+
+# ----------------------------------------------------------------- queues and wiring
+
+@pytest.mark.parametrize("start", [8, 24])
+def test_queue_after_forward_holds_the_returned_momentum_features(start):
+    model = make_model(small_config())
+    q = model.cfg.queue_size
+    model.queue_ptr.fill_(start)
+    image_queue, text_queue = model.image_queue.clone(), model.text_queue.clone()
+    batch = make_batch(seed=4)
+    out, _ = run(model, batch, backward=False)
+    written = slice(start, start + BATCH)
+    assert torch.equal(model.image_queue[:, written], out["image_feat_m_all"].t())
+    assert torch.equal(model.text_queue[:, written], out["text_feat_m_all"].t())
+    others = [c for c in range(q) if not start <= c < start + BATCH]
+    assert torch.equal(model.image_queue[:, others], image_queue[:, others])
+    assert torch.equal(model.text_queue[:, others], text_queue[:, others])
+    assert int(model.queue_ptr) == (start + BATCH) % q
+    # and those are the momentum features of this batch, computed here from the parts
+    with torch.no_grad():
+        image_m = model.image_feat(model.encode_image(batch["images"], momentum=True), momentum=True)
+        text_m = model.text_feat(model.encode_text(batch["text_ids"], batch["text_mask"], momentum=True),
+                                 momentum=True)
+    torch.testing.assert_close(out["image_feat_m_all"], image_m)
+    torch.testing.assert_close(out["text_feat_m_all"], text_m)
+
+
+def test_forward_losses_equal_the_components_assembled_by_hand():
+    """alpha 0: ITC is cross-entropy against [batch momentum features, OLD queue]; ITM is
+    cross-entropy of the ITM head over (positives, text + negative image, negative text +
+    image) with labels 1, 0, 0; MLM is cross-entropy over the masked tokens."""
+    model = make_model(small_config("model.share_cross_kv=false", "model.mlm_masked_only=false"))
+    batch = make_batch(seed=5)
+    image_queue, text_queue = model.image_queue.clone(), model.text_queue.clone()
+    out, _ = run(model, batch, alpha=0.0, backward=False)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        temp = model.temp
+        image_embeds = model.encode_image(batch["images"])
+        text_embeds = model.encode_text(ids, mask)
+        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)
+        image_m = model.image_feat(model.encode_image(batch["images"], momentum=True), momentum=True)
+        text_m = model.text_feat(model.encode_text(ids, mask, momentum=True), momentum=True)
+        diag = torch.arange(BATCH)
+        itc = (F.cross_entropy(image_feat @ torch.cat([text_m.t(), text_queue], 1) / temp, diag)
+               + F.cross_entropy(text_feat @ torch.cat([image_m.t(), image_queue], 1) / temp, diag)) / 2
+        pos = model.itm_logits(model.fuse(text_embeds, mask, image_embeds))
+        neg_img = model.itm_logits(model.fuse(text_embeds, mask, image_embeds[NEG_IMAGE]))
+        neg_txt = model.itm_logits(model.fuse(text_embeds[NEG_TEXT], mask[NEG_TEXT], image_embeds))
+        itm = F.cross_entropy(torch.cat([pos, neg_img, neg_txt]),
+                              torch.tensor([1] * BATCH + [0] * 2 * BATCH))
+        logits = model.mlm_logits(batch["mlm_ids"], mask, image_embeds)
+        mlm = F.cross_entropy(logits.reshape(-1, VOCAB), batch["mlm_labels"].reshape(-1))
+    torch.testing.assert_close(out["loss_itc"], itc, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss_itm"], itm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss_mlm"], mlm, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], itc + itm + mlm, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("vectorized", [True, False])
+def test_sampled_negatives_are_never_the_positive_nor_the_same_image(vectorized):
+    model = make_model(small_config(f"model.itm_vectorized_sampling={str(vectorized).lower()}"))
+    batch = make_batch(seed=6)
+    ids = batch["image_ids"]
+    gen = torch.Generator().manual_seed(0)
+    seen = set()
+    with torch.no_grad():
+        for _ in range(10):
+            out = model(**batch, alpha=0.0, generator=gen)
+            for key in ("neg_text_idx", "neg_image_idx"):
+                idx = out[key]
+                assert not (idx == torch.arange(BATCH)).any()
+                assert not (ids[idx] == ids).any()
+                seen.update(zip(range(BATCH), idx.tolist()))
+    assert len(seen) > BATCH  # really sampled, not one fixed choice
+
+
+# ----------------------------------------------------------------- sizes
+
+def vit_params(res, patch, width, depth, mlp_ratio=4.0):
+    hidden = int(width * mlp_ratio)
+    tokens = 1 + (res // patch) ** 2
+    block = (2 * width + 3 * width * width + 3 * width + width * width + width + 2 * width
+             + width * hidden + hidden + hidden * width + width)
+    return 3 * patch * patch * width + width + width + tokens * width + depth * block + 2 * width
+
+
+def bert_params(vocab, width, depth, fusion_layer, intermediate, positions, types, image_width):
+    """Embeddings, layers (cross-attention in the fusion layers), tied MLM head (no pooler)."""
+    embeddings = (vocab + positions + types) * width + 2 * width
+    attention = 4 * (width * width + width) + 2 * width
+    cross = 2 * (width * width + width) + 2 * (image_width * width + width) + 2 * width
+    mlp = width * intermediate + intermediate + intermediate * width + width + 2 * width
+    layers = depth * (attention + mlp) + (depth - fusion_layer) * cross
+    head = width * width + width + 2 * width + vocab  # transform + decoder bias
+    return embeddings + layers + head
+
+
+def test_parameter_formula_reproduces_the_paper_sizes():
+    assert vit_params(256, 16, 768, 12) == 85_844_736
+    assert bert_params(30522, 768, 12, 6, 3072, 512, 2, 768) == 123_697_722
+
+
+def test_tiny_parameter_counts_trainable_and_frozen_momentum():
+    cfg = load_config("tiny")
+    m = cfg.model
+    model = ALBEF(m)
+    vit = vit_params(m.image_res, m.patch_size, m.vision_width, m.vision_depth, m.vision_mlp_ratio)
+    bert = bert_params(m.vocab_size, m.text_width, m.text_depth, m.fusion_layer, m.text_intermediate,
+                       m.max_position_embeddings, m.type_vocab_size, m.vision_width)
+    projections = (m.vision_width + 1) * m.embed_dim + (m.text_width + 1) * m.embed_dim
+    itm_head = 2 * m.text_width + 2
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    assert trainable == vit + bert + projections + itm_head + 1  # + temp
+    assert frozen == vit + bert + projections  # the momentum copies, nothing else
+    assert sum(p.numel() for p in model.visual_encoder.parameters()) == vit
+    assert sum(p.numel() for p in model.text_encoder.parameters()) == bert
+    queues = dict(model.named_buffers())
+    assert queues["image_queue"].shape == queues["text_queue"].shape == (m.embed_dim, m.queue_size)
+    assert queues["image_queue"].dtype == torch.float32
+    torch.testing.assert_close(queues["image_queue"].norm(dim=0), torch.ones(m.queue_size))
+    assert queues["queue_ptr"].tolist() == [0]
+
+
+# ----------------------------------------------------------------- it learns
+
+def test_tiny_model_overfits_one_batch():
+    """8 fixed synthetic pairs (8 distinct images); the total loss, averaged over the last
+    10 of 300 AdamW steps, must fall below 10 % of its first value.
+
+    With queue_size = batch the queue holds the previous step's momentum features of this
+    very batch, near-duplicates of the positives: each ITC direction is bounded below by
+    about log 2 once the model has converged (momentum 0.5 keeps them close). Measured:
+    start 12.1 (ITC 6.6, ITM 0.84, MLM 4.7), end 0.82 (ITC 0.74, ITM 0.02, MLM 0.06)."""
+    cfg = small_config("model.vision_width=64", "model.text_width=64", "model.vision_depth=1",
+                       "model.text_depth=2", "model.fusion_layer=1", "model.text_intermediate=128",
+                       "model.embed_dim=32", "model.queue_size=8", "model.momentum=0.5")
+    model = make_model(cfg)
+    batch = make_batch(seed=0, mlm_probability=0.15, repeat_images=False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.02)
+    gen = torch.Generator().manual_seed(1)
+    history = []
+    for _ in range(300):
+        out = model(**batch, alpha=0.0, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        out["loss"].backward()
+        opt.step()
+        model.momentum_update()
+        history.append({k: out[k].item() for k in ("loss", "loss_itc", "loss_itm", "loss_mlm")})
+    start = history[0]["loss"]
+    last = {k: sum(h[k] for h in history[-10:]) / 10 for k in history[0]}
+    assert math.isfinite(start) and start > 3.0
+    assert last["loss"] < 0.1 * start, f"start {history[0]}, mean of the last 10 steps {last}"
