@@ -36,8 +36,20 @@ def merge(out_dir: str, quiet: bool = False) -> dict:
         raise FileNotFoundError(f"no finished parts in {out_dir}")
     # Parts are direct children of out_dir: merge_index prefixes each shard with the name
     # of the folder holding its index.json, exactly one level.
-    with _quiet_logging():  # merge_index warns about its temp folder and the non-empty out
-        merge_index([os.path.join(p, "index.json") for p in parts], out_dir)
+    # merge_index refuses to replace an index.json (a re-merge after a resumed run): set the
+    # old one aside and restore it if the merge fails.
+    index, old = os.path.join(out_dir, "index.json"), os.path.join(out_dir, ".index.json.old")
+    if os.path.exists(index):
+        os.replace(index, old)
+    try:
+        with _quiet_logging():  # merge_index warns about its temp folder and the non-empty out
+            merge_index([os.path.join(p, "index.json") for p in parts], out_dir)
+    except BaseException:
+        if os.path.exists(old) and not os.path.exists(index):
+            os.replace(old, index)
+        raise
+    if os.path.exists(old):
+        os.remove(old)
 
     stats, per_source = empty_stats(), Counter()
     tmp = os.path.join(out_dir, ".manifest.parquet.tmp")

@@ -98,10 +98,10 @@ def read(unit: dict, opts: ReaderOptions) -> Iterator[RawPair | Reject]:
             try:
                 fields = _split(line, unit["delim"])
             except csv.Error as e:
-                yield Reject("malformed_row", f"{source}/{row_no}", f"line {row_no}: {e}", source)
+                yield Reject("malformed_row", f"{source}/{row_no:09d}", f"line {row_no}: {e}", source)
                 continue
             if len(fields) <= need:
-                yield Reject("malformed_row", f"{source}/{row_no}",
+                yield Reject("malformed_row", f"{source}/{row_no:09d}",
                              f"{len(fields)} fields, need {need + 1}: {line[:120]!r}", source)
                 continue
             key = fields[unit["key_idx"]] if unit["key_idx"] is not None else f"{row_no:09d}"

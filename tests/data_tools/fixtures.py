@@ -17,9 +17,8 @@ from PIL import Image
 def jpeg(seed: int, size: int = 24, fmt: str = "JPEG") -> bytes:
     """A small image unique to ``seed`` (random pixels, so no two seeds share bytes)."""
     rng = random.Random(seed)
-    im = Image.new("RGB", (size + seed % 7, size))
-    im.putdata([(rng.randrange(256), rng.randrange(256), rng.randrange(256))
-                for _ in range(im.width * im.height)])
+    w = size + seed % 7
+    im = Image.frombytes("RGB", (w, size), rng.randbytes(w * size * 3))
     buf = io.BytesIO()
     im.save(buf, format=fmt, quality=90) if fmt == "JPEG" else im.save(buf, format=fmt)
     return buf.getvalue()
