@@ -87,10 +87,10 @@ class LoadReport:
                              ("freshly initialised (no counterpart in the source)", self.freshly_initialised),
                              ("missing from the source", self.missing),
                              ("unexpected in the source", self.unexpected),
-                             ("ignored", self.ignored),
-                             ("notes", self.notes)):
+                             ("ignored", self.ignored)):
             if items:
-                lines.append(f"  {title} ({len(items)}): {_names(_compress(items))}")
+                lines.append(f"  {title} ({len(items)} tensors): {_names(_compress(items))}")
+        lines += [f"  note: {n}" for n in self.notes]
         return "\n".join(lines)
 
 
