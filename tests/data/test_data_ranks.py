@@ -9,7 +9,7 @@ import sys
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import WORKER, subprocess_env
+from data_helpers import WORKER, subprocess_env
 
 BATCH = 8
 STOP = 5  # batches per rank before the "preemption"

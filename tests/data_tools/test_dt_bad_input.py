@@ -4,7 +4,7 @@ import os
 import subprocess
 import sys
 
-import fixtures as F
+import dt_fixtures as F
 
 
 def test_bad_input_counted_per_reason_exit_0_rejects_listed(tmp_path):

@@ -8,7 +8,7 @@ import sys
 import tarfile
 import time
 
-import fixtures as F
+import dt_fixtures as F
 from data_tools.cli import main
 from data_tools.merge import list_parts
 

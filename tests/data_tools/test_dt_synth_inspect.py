@@ -7,7 +7,7 @@ import os
 import pyarrow.parquet as pq
 from PIL import Image
 
-import fixtures as F
+import dt_fixtures as F
 from data_tools.cli import main
 
 
