@@ -15,6 +15,17 @@ from albef_ds.weights import load_hf_bert
 transformers = pytest.importorskip("transformers")
 
 TOL = dict(rtol=1e-5, atol=1e-5)
+#: Outputs at PAD positions are never read (masked as keys everywhere, no MLM label, not
+#: CLS), and transformers' own versions differ there by more than 1e-5 on real weights
+#: (large activations at PAD tokens): checked, but more loosely.
+PAD_TOL = dict(rtol=1e-4, atol=1e-4)
+
+
+def assert_close_tokens(got, want, mask):
+    """[B, L, ...] outputs: within TOL at the real tokens, PAD_TOL at the padding."""
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], want[keep], **TOL)
+    torch.testing.assert_close(got[~keep], want[~keep], **PAD_TOL)
 
 
 def model_cfg(width=32, depth=4, fusion=2, heads=2, intermediate=64, vocab=100, sdpa=True):
@@ -112,8 +123,8 @@ def test_text_encoder_equals_transformers_bertmodel(random_bert):
     ids, mask = batch(cfg.vocab_size)
     want = hf(input_ids=ids, attention_mask=mask).last_hidden_state
     got = model.encode_text(ids, mask)
-    torch.testing.assert_close(got, want, **TOL)
-    torch.testing.assert_close(model.encode_text(ids, mask, momentum=True), want, **TOL)
+    assert_close_tokens(got, want, mask)
+    assert_close_tokens(model.encode_text(ids, mask, momentum=True), want, mask)
     # Not trivially equal: the padding matters and the layers do something.
     assert not torch.allclose(got, hf(input_ids=ids).last_hidden_state, **TOL)
 
@@ -130,9 +141,9 @@ def test_fusion_layers_equal_transformers_cross_attention_layers(random_bert):
     want, ext = text, extended_mask(mask)
     for layer in cross_layers_from(model, cfg):
         want = hf_layer_out(layer, want, ext, image)
-    torch.testing.assert_close(model.fuse(text, mask, image), want, **TOL)
+    assert_close_tokens(model.fuse(text, mask, image), want, mask)
     # The shared-K/V path gives the same.
-    torch.testing.assert_close(model.fuse(text, mask, image_kvs=model.cross_kv(image)), want, **TOL)
+    assert_close_tokens(model.fuse(text, mask, image_kvs=model.cross_kv(image)), want, mask)
 
 
 @torch.no_grad()
@@ -145,7 +156,7 @@ def test_mlm_head_equals_transformers_bertformaskedlm(random_bert):
     want = hf(input_ids=ids, attention_mask=mask).logits
     hidden = model.encode_text(ids, mask)
     got = model.text_encoder.mlm_logits(hidden, masked_only=False)
-    torch.testing.assert_close(got, want, **TOL)
+    assert_close_tokens(got, want, mask)
     labels = torch.full_like(ids, -100)
     labels[0, 3], labels[1, 5], labels[2, 1] = 7, 8, 9
     torch.testing.assert_close(model.text_encoder.mlm_logits(hidden, labels, masked_only=True),
@@ -166,7 +177,7 @@ def test_sdpa_and_eager_attention_agree(random_bert):
         m.outs = (m.encode_text(ids, mask), m.fuse(m.encode_text(ids, mask), mask, image),
                   m.mlm_logits(ids, mask, image))
     for a, b in zip(fast.outs, eager.outs):
-        torch.testing.assert_close(a, b, **TOL)
+        assert_close_tokens(a, b, mask)
 
 
 # --------------------------------------------------------------------------- real weights
@@ -215,11 +226,11 @@ def test_real_pretrained_bert_text_and_fusion_layers_equal_transformers(minilm):
     hf.encoder.layer = hf.encoder.layer[:3]
     want = hf(input_ids=ids, attention_mask=mask).last_hidden_state
     got = model.encode_text(ids, mask)
-    torch.testing.assert_close(got, want, **TOL)
+    assert_close_tokens(got, want, mask)
     eager = ALBEF(model_cfg(width=384, depth=6, fusion=3, heads=12, intermediate=1536, vocab=30522,
                             sdpa=False)).eval()
     eager.load_state_dict(model.state_dict())
-    torch.testing.assert_close(eager.encode_text(ids, mask), want, **TOL)
+    assert_close_tokens(eager.encode_text(ids, mask), want, mask)
 
     # Fusion layers: real self-attention/MLP weights, fresh cross-attention.
     image = torch.randn(ids.shape[0], 5, 384, generator=torch.Generator().manual_seed(1))
@@ -227,7 +238,7 @@ def test_real_pretrained_bert_text_and_fusion_layers_equal_transformers(minilm):
     for layer in cross_layers_from(model, cfg):
         ref = hf_layer_out(layer, ref, ext, image)
     fused = model.fuse(got, mask, image)
-    torch.testing.assert_close(fused, ref, **TOL)
-    torch.testing.assert_close(eager.fuse(got, mask, image), ref, **TOL)
+    assert_close_tokens(fused, ref, mask)
+    assert_close_tokens(eager.fuse(got, mask, image), ref, mask)
     # The cross-attention changes the result (it is not silently skipped).
     assert not torch.allclose(fused, full, atol=1e-3)
