@@ -27,6 +27,16 @@ NEG_TEXT = torch.tensor([(i + 1) % BATCH for i in range(BATCH)])
 NEG_IMAGE = torch.tensor([(i + 3) % BATCH for i in range(BATCH)])
 
 
+@pytest.fixture(autouse=True)
+def one_thread():
+    """These models are tiny: a second intra-op thread buys nothing, and when the 2 CPU
+    cores are shared with other jobs OpenMP's spinning threads make steps 10x slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def small_config(*overrides: str):
     """The tiny preset shrunk further for speed; dropout 0 so that runs are comparable."""
     return load_config("tiny", [
