@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    # The deepspeed launcher puts --local_rank=N before our subcommand; LOCAL_RANK (set by
+    # every launcher, read in albef_ds.distributed) carries the same information.
+    argv = [a for a in argv if not a.startswith("--local_rank")]
     sys.argv[1:] = argv
     parser = build_parser()
     args = parser.parse_args(argv)

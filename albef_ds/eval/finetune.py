@@ -27,7 +27,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--run-dir", default=None)
     p.add_argument("--resume", default="auto")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
 
 
 def resolve_init(path: str) -> str:

@@ -114,12 +114,9 @@ class CheckpointManager:
                 raise FileNotFoundError(f"--resume {resume}: not a complete albef-ds checkpoint "
                                         f"(no {META} in it)")
             return path
-        latest = self.dir / "latest"
-        if latest.is_file():
-            tag_dir = self.dir / latest.read_text().strip()
-            if (tag_dir / META).is_file():
-                return tag_dir
-        tags = self.complete_tags()  # 'latest' lost or pointing at a deleted tag
+        # The newest checkpoint with its meta file (written after every rank finished) is
+        # the commit point; 'latest' may lag it by one if a kill landed between the two writes.
+        tags = self.complete_tags()
         return self.dir / tags[-1] if tags else None
 
     @staticmethod

@@ -44,7 +44,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'auto' (latest complete checkpoint in the run dir), 'none', or a checkpoint "
                         "directory; default: checkpoint.resume from the config")
     p.add_argument("--run-dir", default=None, help="shortcut for --set logging.run_dir=DIR")
-    p.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed launcher
 
 
 class StopFlag:
@@ -131,6 +130,9 @@ def summary(cfg: Config, launch, ds: dict, model, opt_name: str, steps: int, per
 
 
 def run(args) -> int:
+    import warnings
+    # DeepSpeed calls collectives that torch marks deprecated, once per step per rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
     overrides = list(args.overrides)
     if args.run_dir:
         overrides.append(f"logging.run_dir={args.run_dir}")
@@ -192,12 +194,11 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     log(summary(cfg, launch, ds, module, opt_name, total_steps, per_epoch))
 
     step, epoch = 0, 0
-    torch.manual_seed(cfg.train.seed + rank)  # dropout differs per rank, reproducibly
     if resume_dir:
         client, rank_states = ckpt.load(engine, ds_dir)
         step, epoch = int(client["step"]), int(client["epoch"])
         if universal:
-            ema.load_full(assemble_full(rank_states))
+            ema.load_full(assemble_full([s["ema"] for s in rank_states]))
             log(f"resumed from {resume_dir} (world {resume_meta['world_size']} -> {world}, universal)")
         else:
             mine = rank_states[rank]
@@ -262,7 +263,12 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
             ids = batch["text_ids"].to(device, non_blocking=True)
             mask = batch["text_mask"].to(device, non_blocking=True)
             image_ids = batch["image_id"].to(device, non_blocking=True)
-            gen = torch.Generator(device=device).manual_seed(step_seed(cfg.train.seed, step, micro, rank))
+            seed = step_seed(cfg.train.seed, step, micro, rank)
+            # Dropout draws from the global RNG: reseeding it per micro-step makes every draw a
+            # function of (seed, step, micro-step, rank), whatever else consumed the RNG
+            # (the data loader's iterator does, at different times in a resumed run).
+            torch.manual_seed(seed)
+            gen = torch.Generator(device=device).manual_seed(seed + 1)
             mlm_ids, mlm_labels = losses.mask_tokens(ids, cfg.model.vocab_size, probability=cfg.model.mlm_probability,
                                                      generator=gen, **special)
             normalizer = None
