@@ -61,6 +61,21 @@ def twin(model: ALBEF, **changes) -> ALBEF:
     return other
 
 
+def stir(model: ALBEF, seed=0) -> ALBEF:
+    """Make results sensitive to what the tests compare: at BERT's init (std 0.02) the fused
+    text barely depends on the image, so large random cross-attention weights make the
+    image matter; momentum weights are moved off the online ones so mixing the two fails."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "crossattention" in name and p.dim() == 2 and p.requires_grad:
+                p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        for name, _, p_m in model.momentum_named_params():
+            scale = 0.3 if "crossattention" in name and p_m.dim() == 2 else 0.02
+            p_m.add_(scale * torch.randn(p_m.shape, generator=g))
+    return model
+
+
 def make_batch(res=32, seed=0, mlm_probability=0.3, repeat_images=True):
     """8 synthetic pairs; with ``repeat_images`` pairs 0/4 and 1/7 show the same image."""
     g = torch.Generator().manual_seed(seed)
@@ -109,7 +124,7 @@ def assert_same_results(a, b, rtol=1e-5, atol=1e-6):
 
 @pytest.mark.parametrize("alpha", [0.0, 0.4])
 def test_masked_positions_only_mlm_head_gives_the_loss_of_the_full_head(alpha):
-    masked_only = make_model(small_config("model.mlm_masked_only=true"))
+    masked_only = stir(make_model(small_config("model.mlm_masked_only=true")))
     full = twin(masked_only, mlm_masked_only=False)
     batch = make_batch()
     a, b = run(masked_only, batch, alpha), run(full, batch, alpha)
@@ -135,14 +150,14 @@ def test_masked_only_logits_are_the_full_logits_at_masked_positions():
 
 @pytest.mark.parametrize("itm_negatives", ["local", "global"])
 def test_shared_cross_attention_kv_gives_the_same_losses_and_gradients(itm_negatives):
-    model = make_model(small_config("model.share_cross_kv=true", f"model.itm_negatives={itm_negatives}"))
+    model = stir(make_model(small_config("model.share_cross_kv=true", f"model.itm_negatives={itm_negatives}")))
     other = twin(model, share_cross_kv=False)
     batch = make_batch(seed=1)
     assert_same_results(run(model, batch), run(other, batch))
 
 
 def test_sdpa_and_explicit_attention_give_the_same_losses_and_gradients():
-    model = make_model(small_config("model.sdpa=true"))
+    model = stir(make_model(small_config("model.sdpa=true")))
     other = twin(model, sdpa=False)
     assert not any(getattr(m, "sdpa", False) for m in other.modules())
     batch = make_batch(seed=2)
@@ -253,32 +268,50 @@ def test_queue_after_forward_holds_the_returned_momentum_features(start):
     torch.testing.assert_close(out["text_feat_m_all"], text_m)
 
 
-def test_forward_losses_equal_the_components_assembled_by_hand():
-    """alpha 0: ITC is cross-entropy against [batch momentum features, OLD queue]; ITM is
-    cross-entropy of the ITM head over (positives, text + negative image, negative text +
-    image) with labels 1, 0, 0; MLM is cross-entropy over the masked tokens."""
-    model = make_model(small_config("model.share_cross_kv=false", "model.mlm_masked_only=false"))
+def soft_ce(logits, targets):
+    return -(torch.log_softmax(logits, dim=1) * targets).sum(1).mean()
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.4])
+def test_forward_losses_equal_the_components_assembled_by_hand(alpha):
+    """ITC: against [batch momentum features, the queue as it was BEFORE this step], targets
+    alpha * softmax(momentum-momentum sims) + (1 - alpha) * diagonal; ITM: cross-entropy of
+    the ITM head over (positives, text + negative image, negative text + image), labels
+    1, 0, 0; MLM: (1 - alpha) * CE + alpha * soft CE against the momentum BERT run on the
+    momentum image embeddings."""
+    model = stir(make_model(small_config("model.share_cross_kv=false", "model.mlm_masked_only=false")))
     batch = make_batch(seed=5)
     image_queue, text_queue = model.image_queue.clone(), model.text_queue.clone()
-    out, _ = run(model, batch, alpha=0.0, backward=False)
-    ids, mask = batch["text_ids"], batch["text_mask"]
+    out, _ = run(model, batch, alpha=alpha, backward=False)
+    ids, mask, labels = batch["text_ids"], batch["text_mask"], batch["mlm_labels"]
     with torch.no_grad():
         temp = model.temp
         image_embeds = model.encode_image(batch["images"])
         text_embeds = model.encode_text(ids, mask)
         image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)
-        image_m = model.image_feat(model.encode_image(batch["images"], momentum=True), momentum=True)
+        image_embeds_m = model.encode_image(batch["images"], momentum=True)
+        image_m = model.image_feat(image_embeds_m, momentum=True)
         text_m = model.text_feat(model.encode_text(ids, mask, momentum=True), momentum=True)
-        diag = torch.arange(BATCH)
-        itc = (F.cross_entropy(image_feat @ torch.cat([text_m.t(), text_queue], 1) / temp, diag)
-               + F.cross_entropy(text_feat @ torch.cat([image_m.t(), image_queue], 1) / temp, diag)) / 2
+        text_cands = torch.cat([text_m.t(), text_queue], 1)
+        image_cands = torch.cat([image_m.t(), image_queue], 1)
+        truth = torch.zeros(BATCH, BATCH + model.cfg.queue_size)
+        truth[torch.arange(BATCH), torch.arange(BATCH)] = 1.0
+        itc = (soft_ce(image_feat @ text_cands / temp,
+                       alpha * torch.softmax(image_m @ text_cands / temp, 1) + (1 - alpha) * truth)
+               + soft_ce(text_feat @ image_cands / temp,
+                         alpha * torch.softmax(text_m @ image_cands / temp, 1) + (1 - alpha) * truth)) / 2
+
         pos = model.itm_logits(model.fuse(text_embeds, mask, image_embeds))
         neg_img = model.itm_logits(model.fuse(text_embeds, mask, image_embeds[NEG_IMAGE]))
         neg_txt = model.itm_logits(model.fuse(text_embeds[NEG_TEXT], mask[NEG_TEXT], image_embeds))
         itm = F.cross_entropy(torch.cat([pos, neg_img, neg_txt]),
                               torch.tensor([1] * BATCH + [0] * 2 * BATCH))
-        logits = model.mlm_logits(batch["mlm_ids"], mask, image_embeds)
-        mlm = F.cross_entropy(logits.reshape(-1, VOCAB), batch["mlm_labels"].reshape(-1))
+
+        keep = labels != losses.IGNORE_INDEX
+        logits = model.mlm_logits(batch["mlm_ids"], mask, image_embeds)[keep]
+        logits_m = model.mlm_logits(batch["mlm_ids"], mask, image_embeds_m, momentum=True)[keep]
+        mlm = ((1 - alpha) * F.cross_entropy(logits, labels[keep])
+               + alpha * soft_ce(logits, torch.softmax(logits_m, 1)))
     torch.testing.assert_close(out["loss_itc"], itc, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss_itm"], itm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss_mlm"], mlm, rtol=1e-5, atol=1e-6)
