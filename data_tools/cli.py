@@ -149,11 +149,14 @@ def _add_bench(sub):
     p.add_argument("--image-res", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--batches", type=int, default=20, help="batches timed per setting (after 2 warm-up)")
+    p.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is reported")
     p.add_argument("--tokenizer", help="tokenizer folder (default: a vocabulary built from the captions)")
     p.add_argument("--modes", default="crop,randaugment",
                    help="comma list of: crop (RandomResizedCrop + flip), randaugment (+ ALBEF RandAugment)")
     p.add_argument("--convert", metavar="INPUT", help="also time converting INPUT (pairs/s per worker)")
     p.add_argument("--convert-workers", default="1,2")
+    p.add_argument("--convert-rows-per-unit", type=int, default=500,
+                   help="units small enough that every converter worker gets some")
     p.add_argument("--json", help="write the results as JSON here")
 
 
