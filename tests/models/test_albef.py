@@ -222,6 +222,14 @@ def test_foreach_and_loop_momentum_updates_agree():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
 
+def test_copy_params_to_momentum_makes_the_copies_equal():
+    model = stir(make_model(small_config()))
+    assert any(not torch.equal(p, p_m) for _, p, p_m in model.momentum_named_params())
+    model.copy_params_to_momentum()
+    for name, p, p_m in model.momentum_named_params():
+        assert torch.equal(p, p_m), name
+
+
 def test_momentum_weights_get_no_gradient_and_temp_is_clamped():
     model = make_model(small_config())
     batch = make_batch(seed=3)
