@@ -35,6 +35,10 @@ def precision_of(ds: dict) -> str:
 
 def load_ds_config(cfg: Config, world_size: int) -> dict:
     path = Path(cfg.distributed.ds_config)
+    if not path.is_file() and not path.is_absolute():
+        from ..config import PRESET_DIR  # the shipped ds_configs/, from any working directory
+        shipped = PRESET_DIR.parent / path
+        path = shipped if shipped.is_file() else path
     if not path.is_file():
         raise ConfigError(f"config key 'distributed.ds_config': DeepSpeed config file not found: {path}")
     try:
