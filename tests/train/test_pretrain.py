@@ -191,3 +191,30 @@ def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(runs
     two = [keys(runs["zero2"], r) for r in (0, 1)]
     for step in range(12, 16):
         assert sorted(one[(step, 0)]) == sorted(two[0][(step, 0)] + two[1][(step, 0)]), step
+
+
+def test_export_to_the_albef_layout_loads_with_identical_outputs(runs, tmp_path):
+    from albef_ds.cli import main
+    from albef_ds.config import load_config
+    from albef_ds.models import ALBEF
+    from albef_ds.train.export import load_exported
+    from albef_ds.weights import load_albef_checkpoint
+
+    assert main(["export", str(runs["zero3"]), "--out", str(tmp_path)]) == 0
+    ours, cfg = load_exported(tmp_path)
+    reloaded = ALBEF(load_config(tmp_path / "config.yaml").model)
+    load_albef_checkpoint(reloaded, str(tmp_path / "albef.pth"))
+    ours.eval(), reloaded.eval()
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, cfg.model.image_res, cfg.model.image_res, generator=g)
+    ids = torch.randint(5, cfg.model.vocab_size, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        for momentum in (False, True):
+            a, b = ours.encode_image(images, momentum), reloaded.encode_image(images, momentum)
+            assert torch.equal(a, b)
+            ta, tb = ours.encode_text(ids, mask, momentum), reloaded.encode_text(ids, mask, momentum)
+            assert torch.equal(ta, tb)
+            assert torch.equal(ours.fuse(ta, mask, a, momentum=momentum), reloaded.fuse(tb, mask, b, momentum=momentum))
+        assert torch.equal(ours.mlm_logits(ids, mask, a), reloaded.mlm_logits(ids, mask, b))
+    assert torch.equal(ours.image_queue, reloaded.image_queue) and torch.equal(ours.temp, reloaded.temp)

@@ -1,0 +1,122 @@
+"""Engine set-up, schedules and checkpoint bookkeeping, without launching ranks."""
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from albef_ds.config import ConfigError, load_config
+from albef_ds.train.checkpoint import META, CheckpointManager
+from albef_ds.train.engine import load_ds_config, param_groups
+from albef_ds.train.pretrain import _check_data_dirs
+from albef_ds.train.schedule import alpha_at, lr_at
+
+
+def test_ds_config_filled_from_our_config():
+    cfg = load_config("tiny", ["distributed.ds_config=ds_configs/zero3_bf16.json", "train.grad_clip=1.0",
+                               "train.grad_accum_steps=2"], world_size=2)
+    ds = load_ds_config(cfg, world_size=2)
+    assert ds["train_micro_batch_size_per_gpu"] == cfg.train.micro_batch_size
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["train_batch_size"] == cfg.train.micro_batch_size * 2 * 2
+    assert ds["gradient_clipping"] == 1.0
+    assert ds["zero_optimization"]["stage"] == 3 and ds["bf16"]["enabled"]
+
+
+def test_unknown_ds_config_file_names_the_key_and_path():
+    cfg = load_config("tiny", ["distributed.ds_config=ds_configs/nope.json"])
+    with pytest.raises(ConfigError, match=r"distributed\.ds_config.*nope\.json"):
+        load_ds_config(cfg, 1)
+
+
+def test_batch_size_conflict_names_both_sides(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"train_batch_size": 999, "zero_optimization": {"stage": 1}}))
+    cfg = load_config("tiny", [f"distributed.ds_config={path}"])
+    with pytest.raises(ConfigError, match=r"train_batch_size.*999.*32"):
+        load_ds_config(cfg, 1)
+
+
+def test_precision_conflict_names_both_sides():
+    cfg = load_config("tiny", ["distributed.ds_config=ds_configs/zero2_fp16.json", "train.precision=bf16"])
+    with pytest.raises(ConfigError, match=r"train\.precision is bf16.*fp16"):
+        load_ds_config(cfg, 1)
+
+
+def test_optimizer_section_in_the_json_is_refused(tmp_path):
+    path = tmp_path / "ds.json"
+    path.write_text(json.dumps({"optimizer": {"type": "Adam"}}))
+    with pytest.raises(ConfigError, match="optimizer"):
+        load_ds_config(load_config("tiny", [f"distributed.ds_config={path}"]), 1)
+
+
+def test_queue_not_divisible_by_micro_batch_times_world():
+    with pytest.raises(ConfigError, match=r"model\.queue_size.*32 x 3"):
+        load_config("tiny", ["model.queue_size=1024"], world_size=3)
+
+
+def test_missing_data_directory_names_the_key_and_path(tmp_path):
+    cfg = load_config("tiny", [f"data.train_dirs=[{tmp_path / 'absent'}]", f"data.tokenizer={tmp_path}"])
+    with pytest.raises(ConfigError, match=r"data\.train_dirs.*absent"):
+        _check_data_dirs(cfg)
+
+
+def test_no_weight_decay_on_biases_norms_and_scalars():
+    from albef_ds.models import ALBEF
+    model = ALBEF(load_config("tiny", ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1"]).model)
+    decay, no_decay = param_groups(model, 0.02)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert decay["weight_decay"] == 0.02 and no_decay["weight_decay"] == 0.0
+    for p in no_decay["params"]:
+        assert p.ndim <= 1 or names[id(p)].endswith(".bias"), names[id(p)]
+    for p in decay["params"]:
+        assert p.ndim >= 2, names[id(p)]
+    assert any(names[id(p)] == "temp" for p in no_decay["params"])
+    assert all(p.requires_grad for g in (decay, no_decay) for p in g["params"])
+
+
+def test_lr_warmup_then_cosine_and_alpha_ramp():
+    assert lr_at(0, 100, 1e-4, 1e-5, 1e-5, 10) == pytest.approx(1e-5)
+    assert lr_at(5, 100, 1e-4, 1e-5, 1e-5, 10) == pytest.approx(1e-5 + 0.5 * 9e-5)
+    assert lr_at(10, 100, 1e-4, 1e-5, 1e-5, 10) == pytest.approx(1e-4)
+    assert lr_at(55, 100, 1e-4, 1e-5, 1e-5, 10) == pytest.approx(1e-5 + 0.5 * 9e-5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(100, 100, 1e-4, 1e-5, 1e-5, 10) == pytest.approx(1e-5)
+    assert alpha_at(0, 50, 0.4, 1.0) == 0.0
+    assert alpha_at(25, 50, 0.4, 1.0) == pytest.approx(0.2)
+    assert alpha_at(500, 50, 0.4, 1.0) == pytest.approx(0.4)
+
+
+class FakeEngine:
+    def __init__(self, fail=False):
+        self.fail = fail
+
+    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
+        assert save_latest is False  # DeepSpeed must never write its own 'latest'
+        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
+        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_text("partial")
+        if self.fail:
+            raise OSError("disk full (simulated crash in the middle of a save)")
+
+
+def test_a_crash_in_the_middle_of_a_save_never_becomes_latest(tmp_path):
+    ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
+    ckpt.save(FakeEngine(), 4, {"global_batch": 8}, {"rng": None})
+    with pytest.raises(OSError):
+        ckpt.save(FakeEngine(fail=True), 8, {"global_batch": 8}, {"rng": None})
+    assert (ckpt.dir / "latest").read_text() == "step_00000004"
+    assert ckpt.resolve("auto") == ckpt.dir / "step_00000004"
+    assert not (ckpt.dir / "step_00000008" / META).exists()
+    with pytest.raises(FileNotFoundError, match="not a complete"):
+        ckpt.resolve(str(ckpt.dir / "step_00000008"))
+
+
+def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
+    ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
+    for step in (1, 2):
+        ckpt.save(FakeEngine(), step, {}, {})
+    (tmp_path / "best.json").write_text(json.dumps({"tag": "step_00000001"}))
+    for step in (3, 4, 5):
+        ckpt.save(FakeEngine(), step, {}, {})
+    assert ckpt.complete_tags() == ["step_00000001", "step_00000004", "step_00000005"]
+    assert torch.load(ckpt.dir / "step_00000005" / "albef_rank00000.pt", weights_only=False) == {}
