@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import random
 import shutil
 import subprocess
@@ -102,7 +103,9 @@ class CheckpointManager:
     def complete_tags(self) -> list[str]:
         if not self.dir.is_dir():
             return []
-        return sorted(p.parent.name for p in self.dir.glob(f"step_*/{META}"))
+        # Only our own tags: a converted "<tag>_universal" folder holds a copy of the meta too.
+        return sorted(p.parent.name for p in self.dir.glob(f"step_*/{META}")
+                      if re.fullmatch(r"step_\d{8}", p.parent.name))
 
     def resolve(self, resume: str) -> Optional[Path]:
         """'auto' -> the latest complete checkpoint or None; 'none' -> None; else a path."""
