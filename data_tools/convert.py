@@ -84,28 +84,50 @@ def _check_plan(out: str, inputs: list[str], units: list[dict], opts: ConvertOpt
 # ----------------------------------------------------------------------------- workers
 
 _WORKER: dict = {}
+#: rows between two updates of the shared progress counters
+PROGRESS_EVERY = 256
 
 
-def _init_worker(opts: ConvertOptions, exclude: frozenset) -> None:
-    _WORKER["opts"], _WORKER["exclude"] = opts, exclude
+def _init_worker(opts: ConvertOptions, exclude: frozenset, counters) -> None:
+    _WORKER["opts"], _WORKER["exclude"], _WORKER["counters"] = opts, exclude, counters
 
 
-def convert_unit(unit: dict, opts: ConvertOptions, exclude: frozenset = frozenset()) -> dict:
-    """Convert one unit into its part folder; returns the part's stats."""
+def convert_unit(unit: dict, opts: ConvertOptions, exclude: frozenset = frozenset(), counters=None,
+                 on_progress=None) -> dict:
+    """Convert one unit into its part folder; returns the part's stats. ``counters``:
+    optional shared (kept, skipped) values, advanced as rows go by, for the progress bar;
+    ``on_progress()`` is called after each advance (in-process runs refresh the bar)."""
     writer = PartWriter(opts.out, part_name(unit["index"]), compression=opts.compression,
                         shard_size=opts.shard_size, also_parquet=opts.also_parquet)
+    reported = (0, 0)
     try:
         for raw in read_unit(unit, opts.reader):
             item = raw if not hasattr(raw, "caption") else check_pair(raw, opts.max_side, exclude)
             writer.add(item)
-        return writer.commit()
+            if counters is not None and writer.stats["read"] % PROGRESS_EVERY == 0:
+                reported = _report(counters, writer.stats, reported)
+                if on_progress is not None:
+                    on_progress()
+        stats = writer.commit()
+        if counters is not None:
+            _report(counters, stats, reported)
+        return stats
     except BaseException:
         writer.abort()
         raise
 
 
+def _report(counters, stats: dict, reported: tuple) -> tuple:
+    kept, skipped = stats["kept"], stats["read"] - stats["kept"]
+    with counters[0].get_lock():
+        counters[0].value += kept - reported[0]
+    with counters[1].get_lock():
+        counters[1].value += skipped - reported[1]
+    return kept, skipped
+
+
 def _convert_in_worker(unit: dict) -> dict:
-    return convert_unit(unit, _WORKER["opts"], _WORKER["exclude"])
+    return convert_unit(unit, _WORKER["opts"], _WORKER["exclude"], _WORKER["counters"])
 
 
 # ----------------------------------------------------------------------------- driver
@@ -137,26 +159,36 @@ def convert(inputs: list[str], opts: ConvertOptions) -> dict:
     bar = _progress(len(mine), done_before, opts.progress)
     start = time.time()
 
-    def account(s: dict) -> None:
-        stats["read"] += s["read"]
-        stats["kept"] += s["kept"]
-        for k, v in s["skipped"].items():
-            stats["skipped"][k] = stats["skipped"].get(k, 0) + v
-        rate = stats["kept"] / max(time.time() - start, 1e-9)
-        bar.update(1)
-        bar.set_postfix(pairs_per_s=f"{rate:.0f}", kept=stats["kept"],
-                        skipped=sum(stats["skipped"].values()), refresh=False)
+    ctx = mp.get_context("fork")  # workers inherit the imported modules (streaming imports torch)
+    counters = (ctx.Value("q", 0), ctx.Value("q", 0))  # kept, skipped: updated as rows go by
+
+    def account(s: dict | None) -> None:
+        if s is not None:
+            stats["read"] += s["read"]
+            stats["kept"] += s["kept"]
+            for k, v in s["skipped"].items():
+                stats["skipped"][k] = stats["skipped"].get(k, 0) + v
+            bar.update(1)
+        kept = counters[0].value
+        rate = kept / max(time.time() - start, 1e-9)
+        bar.set_postfix(pairs_per_s=f"{rate:.0f}", kept=str(kept), skipped=str(counters[1].value))
 
     if opts.workers <= 1 or len(todo) <= 1:
         for u in todo:
-            account(convert_unit(u, opts, exclude))
+            account(convert_unit(u, opts, exclude, counters, on_progress=lambda: account(None)))
     else:
-        # fork: workers inherit the imported modules (streaming pulls in torch, slow to import)
-        ctx = mp.get_context("fork")
         with ctx.Pool(min(opts.workers, len(todo)), initializer=_init_worker,
-                      initargs=(opts, exclude), maxtasksperchild=None) as pool:
-            for s in pool.imap_unordered(_convert_in_worker, todo):
+                      initargs=(opts, exclude, counters)) as pool:
+            results = pool.imap_unordered(_convert_in_worker, todo)
+            remaining = len(todo)
+            while remaining:
+                try:
+                    s = results.next(timeout=1.0)
+                except mp.TimeoutError:
+                    account(None)  # refresh pairs/s and skips while long parts run
+                    continue
                 account(s)
+                remaining -= 1
     bar.close()
     elapsed = time.time() - start
     stats["seconds"] = round(elapsed, 3)
