@@ -47,7 +47,9 @@ def _export_world(rank: int, world_size: int) -> None:
         env = os.environ.get(name)
         if env is not None and int(env) != value:
             raise ValueError(f"{name}={env} in the environment but build_train_loader got {value}")
-        os.environ[name] = str(value)
+    if world_size == 1 and "WORLD_SIZE" not in os.environ:
+        return  # streaming's defaults (rank 0 of 1, alone on the node) are right; leave env alone
+    os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
     if "LOCAL_WORLD_SIZE" not in os.environ:
         local = world_size
         import torch.distributed as dist
