@@ -91,7 +91,9 @@ def build_streams(cfg) -> list:
         kw: dict[str, Any] = {}
         if weights is not None:
             kw["proportion"] = weights[i] / total
-        if _is_remote(path):
+        if _is_remote(path) or d.cache_dir:
+            # remote (s3://, gs://, ...) or, with data.cache_dir, a shared filesystem path:
+            # streaming copies the shards it needs into the local cache
             cache = d.cache_dir or os.path.join(tempfile.gettempdir(), "albef_ds_cache")
             kw.update(remote=path, local=os.path.join(cache, hashlib.sha1(path.encode()).hexdigest()[:16]))
         else:

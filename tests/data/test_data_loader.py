@@ -101,3 +101,13 @@ def test_mixing_weights_follow_the_config(tmp_path, synth_small):
     a = sum(k.startswith("a/") for k in keys)
     b = sum(k.startswith("b/") for k in keys)
     assert a + b == 128 and a == 96 and b == 32  # 3:1 of an epoch of 128 samples
+
+
+def test_cache_dir_copies_shards_from_a_shared_path(tmp_path, synth_small):
+    _, tok_dir = synth_small
+    _write_dataset(tmp_path / "nfs", 32, "nfs")
+    cache = tmp_path / "cache"
+    cfg = make_cfg([tmp_path / "nfs"], cache_dir=str(cache), shuffle=False)
+    keys = [k for b in build_train_loader(cfg, load_tokenizer(tok_dir), 0, 1) for k in b["key"]]
+    assert sorted(keys) == sorted(f"nfs/{i}" for i in range(32))
+    assert list(cache.glob("*/part-000000/shard.00000.mds"))  # read from the local copy
