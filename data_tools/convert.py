@@ -141,8 +141,8 @@ def convert(inputs: list[str], opts: ConvertOptions) -> dict:
 
     if not 0 <= opts.task_id < opts.num_tasks:
         raise InputError(f"--task-id {opts.task_id} is outside [0, --num-tasks={opts.num_tasks})")
+    units = plan_units(inputs, opts)  # before creating --out: a bad input leaves nothing behind
     os.makedirs(opts.out, exist_ok=True)
-    units = plan_units(inputs, opts)
     _check_plan(opts.out, inputs, units, opts)
     exclude = load_exclude_hashes(opts.exclude, opts.exclude_image_root) if opts.exclude else frozenset()
 

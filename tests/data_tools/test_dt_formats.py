@@ -117,6 +117,7 @@ def test_max_side_resizes(tmp_path):
 def test_missing_input_or_unreadable_format_fails_naming_the_path(tmp_path, capsys):
     assert convert([tmp_path / "nope.tsv"], tmp_path / "out") == 2
     assert str(tmp_path / "nope.tsv") in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
     (tmp_path / "weird.xyz").write_text("hello")
     assert convert([tmp_path / "weird.xyz"], tmp_path / "out2") == 2
     assert "weird.xyz" in capsys.readouterr().err
