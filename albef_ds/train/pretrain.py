@@ -14,6 +14,7 @@ flag reduced every step), save, and exit with :data:`EXIT_PREEMPTED`.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -64,6 +65,17 @@ class StopFlag:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+
+def _worker_ignores_stop_signals(previous_init, worker_id: int) -> None:
+    """DataLoader worker init: leave SIGUSR1/SIGTERM/SIGINT to the rank. SLURM signals every
+    process of a step (scancel, requeue, preemption): a worker killed by SIGTERM makes the
+    rank raise ("DataLoader worker ... killed by signal") instead of saving a checkpoint.
+    The rank shuts its workers down itself when it exits."""
+    for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+    if previous_init is not None:
+        previous_init(worker_id)
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -179,6 +191,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
             f"so that micro x accumulation x world ({world}) matches")
 
     loader = build_train_loader(cfg, tokenizer, rank, world)
+    loader.worker_init_fn = functools.partial(_worker_ignores_stop_signals, loader.worker_init_fn)
     micro_per_epoch = len(loader)
     per_epoch = cfg.train.steps_per_epoch or max(1, micro_per_epoch // cfg.train.grad_accum_steps)
     total_steps = cfg.train.max_steps or cfg.train.epochs * per_epoch
