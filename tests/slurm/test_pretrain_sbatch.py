@@ -233,3 +233,35 @@ def test_external_requeue_sigterm_saves_within_killwait_and_resumes(slurm_cluste
     print(f"SIGTERM (external requeue) at step {stop_step}: checkpoint committed {t_saved - t_term:.1f}s "
           f"after SIGTERM, ranks exited after {t_ended - t_term:.1f}s (KillWait {KILL_WAIT}s); "
           f"requeue command to SIGTERM {t_term - t_requeue:.1f}s; whole job {time.monotonic() - t0:.1f}s")
+
+
+def test_deepspeed_launcher_variant_usr1_requeues_and_resumes(slurm_cluster, synth, uninterrupted):
+    """slurm/pretrain-deepspeed.sbatch: 2 CPU ranks on one node under the `deepspeed`
+    launcher (which forwards SIGTERM, not SIGUSR1); the USR1 warning ends in a checkpoint,
+    a requeue and a resumed run that consumes the uninterrupted run's samples."""
+    c = slurm_cluster
+    root, data, tok = synth
+    run_dir = root / "deepspeed"
+    run_dir.mkdir()
+    env = _job_env(run_dir, data, tok)
+    env.pop("ALBEF_DS")
+    env["NUM_RANKS"] = "2"
+    t0 = time.monotonic()
+    job = c.sbatch("--nodes=1", "--ntasks=1", "--cpus-per-task=2", "--gpus-per-node=0",
+                   f"--output={run_dir}/slurm-%j.out", str(REPO / "slurm" / "pretrain-deepspeed.sbatch"),
+                   env=env, cwd=root)
+    _wait_for_progress(c, job, run_dir, steps=CKPT_EVERY + 2)
+    c.run("scancel", "--signal=USR1", "--batch", job)
+    _restart(c, job, run_dir)
+    info = _wait_done(c, job, run_dir)
+    assert int(info["Restarts"]) == 1, info
+    text = _log(run_dir, job)
+    assert (run_dir / "DONE").read_text() == str(STEPS)
+    assert text.count("world size 2 on 1 node(s) (deepspeed/torchrun)") == 2, text[-3000:]
+    stop = re.search(r"stop requested \(SIGTERM\): checkpoint at step (\d+) committed", text)
+    assert stop, text[-5000:]
+    stop_step = int(stop.group(1))
+    assert f"scontrol requeue {job}" in text and "final step reached (16): done" in text
+    assert re.search(rf"resumed from \S+step_{stop_step:08d} at step {stop_step}\b", text), text[-3000:]
+    _assert_same_samples(run_dir, uninterrupted[1])
+    print(f"deepspeed launcher, USR1 at step {stop_step}: job took {time.monotonic() - t0:.1f}s")
