@@ -186,12 +186,27 @@ def test_two_ranks_one_per_node_complete_all_steps(uninterrupted):
 
 
 def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, synth, uninterrupted):
+    """Submitted with slurm/submit-pretrain.sh (pretrain.sbatch plus an eval.sbatch job that
+    waits for it with afterok: through the requeue, it runs once training completed)."""
     c = slurm_cluster
+    root, data, tok = synth
+    run_dir = root / "usr1"
+    env = _job_env(run_dir, data, tok)
+    pretrain_args = env.pop("EXTRA_ARGS").split()
+    for name in ("RUN_DIR", "CONFIG", "DS_CONFIG", "DEVICE"):
+        env.pop(name)
     t0 = time.monotonic()
-    job, run_dir = _submit(c, synth, "usr1")
+    sub = c.run("bash", str(REPO / "slurm" / "submit-pretrain.sh"), "--run-dir", str(run_dir), "--config", "tiny",
+                "--ds-config", "ds_configs/zero2_fp32.json", "--nodes", "2", "--gpus-per-node", "1",
+                "--cpus-per-task", "1", "--cpu", "--eval", str(data / "test.json"), "--", *pretrain_args,
+                env=env, cwd=root)
+    job = re.search(r"^PRETRAIN_JOB_ID=(\d+)$", sub.stdout, re.M).group(1)
+    eval_job = re.search(r"^EVAL_JOB_ID=(\d+)$", sub.stdout, re.M).group(1)
+    assert c.job_info(eval_job)["Dependency"].startswith(f"afterok:{job}")
     _wait_for_progress(c, job, run_dir, steps=CKPT_EVERY + 2)
     c.run("scancel", "--signal=USR1", "--batch", job)
     _restart(c, job, run_dir)
+    assert c.job_state(eval_job) == "PENDING"  # the requeue did not release the dependency
     info = _wait_done(c, job, run_dir)
     assert int(info["Restarts"]) == 1, info
     text = _assert_finished(run_dir, job, restarts=1)
@@ -202,7 +217,14 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, synth, uni
     assert "training step ended: exit 3" in text and f"scontrol requeue {job}" in text, text[-3000:]
     assert re.search(rf"resumed from \S+step_{stop_step:08d} at step {stop_step}\b", text), text[-3000:]
     _assert_same_samples(run_dir, uninterrupted[1])
-    print(f"USR1 at step {stop_step}: preempted + requeued + resumed job took {time.monotonic() - t0:.1f}s")
+    t_train = time.monotonic() - t0
+    eval_info = c.wait_job(eval_job, timeout=120)
+    eval_log = (run_dir / "logs" / f"eval-{eval_job}.out").read_text(errors="replace")
+    assert eval_info["JobState"] == "COMPLETED", (eval_info, eval_log[-3000:])
+    result = json.loads((run_dir / "eval-test" / "retrieval.json").read_text())
+    assert "txt_r1" in json.dumps(result), result
+    print(f"USR1 at step {stop_step}: preempted + requeued + resumed job took {t_train:.1f}s; "
+          f"eval job after it: {time.monotonic() - t0 - t_train:.1f}s more")
 
 
 def test_external_requeue_sigterm_saves_within_killwait_and_resumes(slurm_cluster, synth, uninterrupted):
