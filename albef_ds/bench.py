@@ -3,12 +3,17 @@
     albef-ds bench --config tiny                         # the fast path, phases, pairs/s
     albef-ds bench --config tiny --options reference     # what the reference computes, its way
     albef-ds bench --config tiny --compare reference fast --steps 20
+    albef-ds bench --config mid --switches               # each fast path alone, both ways
+    albef-ds bench --config albef-base --scaling         # bytes per step, 8/64/512 GPUs
 
-An option set is a preset name (``fast``, ``reference``) or comma-separated switches
-``key=value``: config keys (``model.sdpa=false``) and bench keys (``autocast=bf16``,
-``compile=true``, ``queue_broadcast=true``, ``fused_adam=true``). ``--compare A B`` builds
-both models and alternates their steps in one process, so machine noise hits both alike,
-and prints B's speed-up over A.
+An option set is a preset name (``fast``, ``fast-bf16``, ``reference``) or comma-separated
+switches ``key=value``, presets included (``fast,compile=true``): config keys
+(``model.sdpa=false``) and bench keys (``autocast=bf16``, ``compile=true``,
+``queue_broadcast=true``, ``fused_adam=true``, ``host_sync=true``). ``--compare A B``
+builds both models and alternates their steps in one process, so machine noise hits both
+alike, and prints B's speed-up over A: the ratio of median step times and the quartiles
+of the per-step ratios of adjacent steps. ``--switches`` does that for every switch in
+:data:`SWITCHES`, after a fast-vs-fast pair that shows the noise floor.
 
 FLOPs per pair are the analytic count of the reference algorithm (albef_ds.model_info):
 the project's single MFU definition. On a CPU the report gives achieved GFLOP/s instead.
@@ -32,23 +37,60 @@ from .config import Config, load_config
 #: per pass, queues broadcast every step as DDP does with buffers).
 PRESETS = {
     "reference": "model.sdpa=false,model.share_cross_kv=false,model.mlm_masked_only=false,"
-                 "model.itm_vectorized_sampling=false,model.foreach_ema=false,autocast=none,"
-                 "queue_broadcast=true,fused_adam=false",
-    "fast": "model.sdpa=true,model.share_cross_kv=true,model.mlm_masked_only=true,"
-            "model.itm_vectorized_sampling=true,model.foreach_ema=true,fused_adam=true",
+                 "model.itm_vectorized_sampling=false,model.foreach_ema=false,"
+                 "model.activation_checkpointing=false,model.itm_negatives=local,"
+                 "model.itc_candidates=local,autocast=none,compile=false,"
+                 "queue_broadcast=true,fused_adam=false,host_sync=true",
+    # Every fast path that leaves the fp32 numbers as they are (tests/test_bench.py checks
+    # that it gives the reference's losses). The bench runs one rank, where the global ITM
+    # candidates are the local batch: local negatives draw the same ones without
+    # re-encoding the negative texts (which the global path does for other ranks' texts).
+    "fast": "model.sdpa=true,model.share_cross_kv=true,model.mlm_masked_only=true,model.itm_negatives=local,"
+            "model.itm_vectorized_sampling=true,model.foreach_ema=true,"
+            "model.activation_checkpointing=false,autocast=none,compile=false,"
+            "queue_broadcast=false,fused_adam=true,host_sync=false",
+    # ... plus bf16 autocast: different rounding, so a preset of its own.
+    "fast-bf16": "fast,autocast=bf16",
 }
-BENCH_KEYS = {"autocast": "none", "compile": "false", "queue_broadcast": "false", "fused_adam": "true"}
+BENCH_KEYS = {"autocast": "none", "compile": "false", "queue_broadcast": "false", "fused_adam": "true",
+              "host_sync": "false"}
+
+#: The switches measured one by one (``--switches``): (name, value in the reference, value
+#: in the fast path). Each is timed against the reference with only it flipped, and the
+#: fast path against the fast path with only it flipped back.
+SWITCHES = [
+    ("model.sdpa", "false", "true"),
+    ("model.share_cross_kv", "false", "true"),
+    ("model.mlm_masked_only", "false", "true"),
+    ("model.itm_vectorized_sampling", "false", "true"),
+    ("model.foreach_ema", "false", "true"),
+    ("fused_adam", "false", "true"),
+    ("queue_broadcast", "true", "false"),
+    ("host_sync", "true", "false"),
+    ("autocast", "none", "bf16"),
+    ("model.activation_checkpointing", "false", "true"),
+    ("compile", "false", "true"),
+]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config or preset name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--options", default="fast", help="option set: fast, reference, or key=value,...")
+    p.add_argument("--options", default="fast", help="option set: fast, fast-bf16, reference, or key=value,...")
     p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two option sets, interleaved")
+    p.add_argument("--switches", action="store_true",
+                   help="time each fast-path switch alone: reference vs reference+switch and "
+                        "fast-minus-switch vs fast, each pair interleaved")
+    p.add_argument("--only", default=None, help="with --switches: comma-separated switch names")
+    p.add_argument("--scaling", action="store_true",
+                   help="print the communication/scaling model of this config (no timing)")
+    p.add_argument("--scaling-batch", type=int, default=None, help="pairs per GPU in the scaling model")
     p.add_argument("--batch", type=int, default=None, help="pairs per step (default: train.micro_batch_size)")
     p.add_argument("--text-len", type=int, default=None, help="tokens per caption (default: data.max_tokens)")
     p.add_argument("--steps", type=int, default=10, help="timed steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    p.add_argument("--no-phases", action="store_true", help="skip the per-phase timing steps")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
 
@@ -91,6 +133,23 @@ class PhaseTimer:
         self.totals[name] = self.totals.get(name, 0.0) + time.perf_counter() - t
 
 
+#: the scalar outputs a training loop logs every step
+LOGGED = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc", "pos_sim", "neg_sim")
+
+
+def compile_encoders(model) -> None:
+    """torch.compile each transformer block of both encoders, online and momentum, in
+    place (parameter names and the state dict unchanged). Blocks, not whole encoders: the
+    BERT is entered through ``encode_text``/``fuse``, which compiling the module would miss,
+    and the MLM head sees a data-dependent number of rows."""
+    for name in ("visual_encoder", "visual_encoder_m"):
+        for block in getattr(model, name).blocks:
+            block.compile()
+    for name in ("text_encoder", "text_encoder_m"):
+        for layer in getattr(model, name).bert.encoder.layer:
+            layer.compile()
+
+
 class Runner:
     """One option set: a model, its optimizer, and a fixed synthetic batch."""
 
@@ -104,19 +163,46 @@ class Runner:
         self.optimizer = make_optimizer(self.model, cfg, device, fused)
         self.autocast = bench["autocast"]
         if bench["compile"] == "true":
-            self.model.visual_encoder = torch.compile(self.model.visual_encoder)
-            self.model.text_encoder.bert = torch.compile(self.model.text_encoder.bert)
+            compile_encoders(self.model)
         g = torch.Generator().manual_seed(0)
         res, vocab = cfg.model.image_res, cfg.model.vocab_size
         self.images = torch.randn(batch, 3, res, res, generator=g).to(device)
         self.ids = torch.randint(5, vocab, (batch, text_len), generator=g).to(device)
         self.ids[:, 0] = 2
         self.mask = torch.ones_like(self.ids)
+        # captions of different lengths, as real batches have (padding to the longest)
+        for i in range(batch):
+            n = text_len - (i * 7) % max(1, text_len // 2)
+            self.ids[i, n - 1] = 3
+            self.ids[i, n:] = 0
+            self.mask[i, n:] = 0
         self.step_index = 0
+        self.logged: list = []  # host floats (host_sync) or device sums
+        self.first_step_s: float | None = None
+
+    def saved_activation_bytes(self) -> int:
+        """Bytes autograd keeps for the backward of one step (distinct storages, parameters
+        excluded): the activation memory that checkpointing trades for recomputation.
+        Runs one full step (the runner's draws advance as for any step)."""
+        params = {p.untyped_storage().data_ptr() for p in self.model.parameters()}
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            if t.device.type != "meta":
+                ptr = t.untyped_storage().data_ptr()
+                if ptr not in params:
+                    seen[ptr] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            self.step()
+        return sum(seen.values())
 
     def step(self, timer: PhaseTimer | None = None) -> dict:
         phase = timer or (lambda name: contextlib.nullcontext())
         self.model.phase_timer = timer
+        # Same draws in every runner: masking, ITM negatives and (with dropout) the dropout masks.
+        torch.manual_seed(self.cfg.train.seed + self.step_index)
         gen = torch.Generator(device=self.device).manual_seed(self.step_index)
         self.step_index += 1
         mlm_ids, mlm_labels = losses.mask_tokens(self.ids, self.cfg.model.vocab_size, 4, 0, 2,
@@ -136,6 +222,14 @@ class Runner:
         if self.bench["queue_broadcast"] == "true":
             with phase("queue_broadcast"):
                 broadcast_buffers(self.model)
+        with phase("logging"):
+            if self.bench["host_sync"] == "true":
+                # The reference's MetricLogger: loss.item() for every logged value, every step.
+                self.logged.append({k: float(out[k].item()) for k in LOGGED})
+            else:
+                # Device-side sums, read at log steps only (albef_ds.train.metrics.RunningMeans).
+                stacked = torch.stack([out[k].detach().float() for k in LOGGED])
+                self.logged = [stacked + self.logged[0]] if self.logged else [stacked]
         return out
 
 
@@ -163,7 +257,9 @@ def make_optimizer(model, cfg: Config, device: torch.device, fused: bool):
 
 
 def timed_steps(runners: list[Runner], steps: int, warmup: int) -> list[list[float]]:
-    """Alternate the runners' steps; returns each runner's step times (seconds)."""
+    """Alternate the runners' steps (A B A B ...); returns each runner's step times
+    (seconds). The first step of each runner (compilation, allocator warm-up) is kept apart
+    in ``runner.first_step_s``."""
     times = [[] for _ in runners]
     for i in range(warmup + steps):
         for j, r in enumerate(runners):
@@ -171,71 +267,170 @@ def timed_steps(runners: list[Runner], steps: int, warmup: int) -> list[list[flo
             t = time.perf_counter()
             r.step()
             PhaseTimer(r.device).sync()
+            dt = time.perf_counter() - t
+            if r.first_step_s is None:
+                r.first_step_s = dt
             if i >= warmup:
-                times[j].append(time.perf_counter() - t)
+                times[j].append(dt)
     return times
 
 
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+    xs = sorted(xs)
+    if len(xs) < 2:
+        return (xs[0],) * 3
+    q = statistics.quantiles(xs, n=4, method="inclusive")
+    return q[0], statistics.median(xs), q[2]
+
+
+def speedup(times_a: list[float], times_b: list[float]) -> dict:
+    """B's speed-up over A: the ratio of median step times, and the quartiles of the
+    per-step ratios of adjacent (interleaved) steps, which machine noise hits alike."""
+    paired = [a / b for a, b in zip(times_a, times_b)]
+    q1, med, q3 = quartiles(paired)
+    return {"ratio": statistics.median(times_a) / statistics.median(times_b),
+            "paired_q1": q1, "paired_median": med, "paired_q3": q3, "n": len(paired)}
+
+
 def report(name: str, runner: Runner, times: list[float], batch: int, flops_per_pair: float,
-           peak: float | None) -> dict:
-    phases = PhaseTimer(runner.device)
-    for _ in range(max(1, min(3, len(times)))):
-        runner.step(phases)
-    n = max(1, min(3, len(times)))
+           peak: float | None, phases: bool = True) -> dict:
+    timer = PhaseTimer(runner.device)
+    n = max(1, min(3, len(times))) if phases else 0
+    for _ in range(n):
+        runner.step(timer)
+    saved = runner.saved_activation_bytes()
     step_s = statistics.median(times)
     pairs_s = batch / step_s
+    q1, _, q3 = quartiles(times)
     result = {
-        "options": name, "batch": batch, "step_s": step_s, "pairs_per_s": pairs_s,
+        "options": name, "batch": batch, "step_s": step_s, "step_s_q1": q1, "step_s_q3": q3,
+        "pairs_per_s": pairs_s, "first_step_s": runner.first_step_s,
         "flops_per_pair": flops_per_pair, "achieved_tflops": pairs_s * flops_per_pair / 1e12,
-        "phases_ms": {k: 1000 * v / n for k, v in phases.totals.items()},
+        "phases_ms": {k: 1000 * v / n for k, v in timer.totals.items()} if n else {},
+        "threads": torch.get_num_threads(), "saved_activations_mb": saved / 2**20,
     }
+    if runner.bench["compile"] == "true" and runner.first_step_s is not None:
+        # the first step traces and compiles every block; later shapes may add a little
+        result["compile_s"] = runner.first_step_s - step_s
     if peak:
         result["mfu"] = pairs_s * flops_per_pair / peak
     if runner.device.type == "cuda":
         result["peak_memory_gb"] = torch.cuda.max_memory_allocated(runner.device) / 2**30
+    else:
+        import resource
+        result["max_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
 
 def print_result(r: dict) -> None:
     extra = f", MFU {100 * r['mfu']:.1f}%" if "mfu" in r else f", {r['achieved_tflops'] * 1000:.1f} GFLOP/s achieved"
     mem = f", peak memory {r['peak_memory_gb']:.1f} GiB" if "peak_memory_gb" in r else ""
-    print(f"[{r['options']}] {r['pairs_per_s']:.1f} pairs/s ({1000 * r['step_s']:.1f} ms/step, batch {r['batch']}){extra}{mem}")
+    comp = f", compile {r['compile_s']:.1f} s" if "compile_s" in r else ""
+    print(f"[{r['options']}] {r['pairs_per_s']:.2f} pairs/s ({1000 * r['step_s']:.1f} ms/step, "
+          f"IQR {1000 * r['step_s_q1']:.0f}-{1000 * r['step_s_q3']:.0f}, batch {r['batch']}){extra}{mem}{comp}; "
+          f"{r['saved_activations_mb']:.0f} MB saved for backward")
     total = sum(r["phases_ms"].values())
     for k, v in sorted(r["phases_ms"].items(), key=lambda kv: -kv[1]):
         print(f"    {k:22s} {v:9.2f} ms  {100 * v / max(total, 1e-9):5.1f}%")
 
 
-def run(args) -> int:
+def build_runner(args, spec: str, device: torch.device) -> tuple[Runner, Config]:
+    overrides, bench = parse_options(spec)
+    cfg = load_config(args.config, list(args.overrides) + overrides)
+    batch = args.batch or cfg.train.micro_batch_size
+    text_len = args.text_len or cfg.data.max_tokens
+    return Runner(cfg, bench, batch, text_len, device), cfg
+
+
+def compare(args, specs: list[str], device: torch.device, phases: bool = True) -> dict:
+    """Build the option sets' runners, time them interleaved, report each (and B / A)."""
     from .model_info import analytic_flops, device_peak_flops
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    specs = args.compare or [args.options]
-    runners, names, cfgs = [], [], []
-    for spec in specs:
-        overrides, bench = parse_options(spec)
-        cfg = load_config(args.config, list(args.overrides) + overrides)
-        batch = args.batch or cfg.train.micro_batch_size
-        text_len = args.text_len or cfg.data.max_tokens
-        runners.append(Runner(cfg, bench, batch, text_len, device))
-        names.append(spec)
-        cfgs.append(cfg)
+    runners, cfgs = zip(*(build_runner(args, spec, device) for spec in specs))
     batch = runners[0].images.shape[0]
     text_len = runners[0].ids.shape[1]
-    flops = analytic_flops(cfgs[0], text_len)["total"]
+    flops = analytic_flops(cfgs[0], text_len, batch)["total"]
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    times = timed_steps(runners, args.steps, args.warmup)
+    times = timed_steps(list(runners), args.steps, args.warmup)
     results = []
-    for name, runner, t in zip(names, runners, times):
+    for name, runner, t in zip(specs, runners, times):
         dtype = "bf16" if runner.autocast == "bf16" else "fp32"
-        r = report(name, runner, t, batch, flops, device_peak_flops(dev_name, dtype))
-        r.update({"device": dev_name, "config": args.config, "text_len": text_len})
+        r = report(name, runner, t, batch, flops, device_peak_flops(dev_name, dtype), phases)
+        r.update({"device": dev_name, "config": str(args.config), "text_len": text_len})
         results.append(r)
-        print_result(r)
     out = {"results": results}
-    if args.compare:
-        out["speedup"] = results[1]["pairs_per_s"] / results[0]["pairs_per_s"]
-        print(f"{names[1]} / {names[0]}: {out['speedup']:.2f}x pairs/s (medians of {args.steps} interleaved steps)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2))
+    if len(specs) == 2:
+        out.update(speedup(times[0], times[1]))
+        out["speedup"] = out["ratio"]
+    return out
+
+
+def switch_specs(name: str, ref_value: str, fast_value: str) -> list[tuple[str, str, str]]:
+    """(label, A, B) pairs timing one switch: alone on the reference, and removed from the
+    fast path (or, for a switch the fast preset leaves off, added to it)."""
+    overrides, bench = parse_options("fast")
+    in_fast = dict(o.split("=", 1) for o in overrides).get(name, bench.get(name)) == fast_value
+    second = ((f"{name} off fast", f"fast,{name}={ref_value}", "fast") if in_fast
+              else (f"{name} on fast", "fast", f"fast,{name}={fast_value}"))
+    return [(f"{name} on reference", "reference", f"reference,{name}={fast_value}"), second]
+
+
+def run_switches(args, device: torch.device) -> dict:
+    chosen = set(args.only.split(",")) if args.only else None
+    rows = []
+    pairs = [("noise floor (fast vs fast)", "fast", "fast")]  # what noise alone does to a ratio
+    for name, ref_value, fast_value in SWITCHES:
+        if chosen is not None and name not in chosen and name.split(".")[-1] not in chosen:
+            continue
+        pairs += switch_specs(name, ref_value, fast_value)
+    for label, a, b in pairs:
+        name = "none" if label.startswith("noise") else label.split(" ")[0]
+        out = compare(args, [a, b], device, phases=False)
+        ra, rb = out["results"]
+        row = {"switch": name, "label": label, "a": a, "b": b,
+               "a_pairs_per_s": ra["pairs_per_s"], "b_pairs_per_s": rb["pairs_per_s"],
+               "a_saved_mb": ra["saved_activations_mb"], "b_saved_mb": rb["saved_activations_mb"],
+               **{k: out[k] for k in ("ratio", "paired_q1", "paired_median", "paired_q3", "n")}}
+        for r in (ra, rb):
+            if "compile_s" in r:
+                row["compile_s"] = r["compile_s"]
+        rows.append(row)
+        print(f"{label:42s} {row['a_pairs_per_s']:8.2f} -> {row['b_pairs_per_s']:8.2f} pairs/s  "
+              f"x{row['ratio']:.3f} (paired steps: median {row['paired_median']:.3f}, "
+              f"IQR {row['paired_q1']:.3f}-{row['paired_q3']:.3f}, n={row['n']}); saved for backward "
+              f"{row['a_saved_mb']:.0f} -> {row['b_saved_mb']:.0f} MB", flush=True)
+    return {"switches": rows}
+
+
+def run(args) -> int:
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.scaling:
+        from . import scaling
+        cfg = load_config(args.config, list(args.overrides))
+        out = scaling.report(cfg, batch=args.scaling_batch, text_len=args.text_len)
+        print(scaling.format_report(out))
+        _write_json(args.json, out)
+        return 0
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.switches:
+        out = run_switches(args, device)
+    else:
+        specs = args.compare or [args.options]
+        out = compare(args, list(specs), device, phases=not args.no_phases)
+        for r in out["results"]:
+            print_result(r)
+        if args.compare:
+            print(f"{specs[1]} / {specs[0]}: {out['ratio']:.2f}x pairs/s (medians of {args.steps} "
+                  f"interleaved steps; per-step ratios: median {out['paired_median']:.2f}, "
+                  f"IQR {out['paired_q1']:.2f}-{out['paired_q3']:.2f})")
+    out["torch"] = torch.__version__
+    out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    _write_json(args.json, out)
     return 0
+
+
+def _write_json(path, out: dict) -> None:
+    if path:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(out, indent=2))

@@ -68,9 +68,10 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, feats: torch.Tensor) -> None
     n, q = feats.shape[0], queue.shape[1]
     if q % n != 0:
         raise ValueError(f"queue size {q} is not a multiple of the enqueued batch {n}")
-    start = int(ptr)
-    queue[:, start:start + n] = feats.t().to(queue.dtype)
-    ptr[0] = (start + n) % q
+    # Columns computed on the device from the pointer: no host sync (int(ptr)) per step.
+    columns = (ptr + torch.arange(n, device=ptr.device)) % q
+    queue.index_copy_(1, columns.to(queue.device), feats.t().to(queue.dtype))
+    ptr.copy_((ptr + n) % q)
 
 
 # ----------------------------------------------------------------------------- ITM
@@ -93,10 +94,10 @@ def itm_weights(sim: torch.Tensor, pos_idx: torch.Tensor,
         excluded |= row_ids[:, None] == cand_ids[None, :]
     logits.masked_fill_(excluded, float("-inf"))
     empty = excluded.all(dim=1)
-    if empty.any():
-        fallback = torch.zeros_like(logits)
-        fallback[torch.arange(len(pos_idx), device=sim.device), pos_idx] = float("-inf")
-        logits = torch.where(empty[:, None], fallback, logits)
+    # Always built (no `if empty.any()`: that would be a host sync per step on a GPU).
+    fallback = torch.zeros_like(logits)
+    fallback[torch.arange(len(pos_idx), device=sim.device), pos_idx] = float("-inf")
+    logits = torch.where(empty[:, None], fallback, logits)
     weights = F.softmax(logits, dim=1)
     # exp underflow can still zero a whole row with huge similarity gaps; guard it too.
     weights = torch.nan_to_num(weights, nan=0.0)

@@ -47,6 +47,15 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return (1.0 - mask[:, None, None, :].to(dtype)) * torch.finfo(dtype).min
 
 
+def sdpa_pays_off(q: torch.Tensor, dropout_p: float) -> bool:
+    """Whether ``F.scaled_dot_product_attention`` beats the explicit softmax(QK^T)V here.
+    Always on GPUs. On CPU (torch 2.14, measured in docs/benchmarks.md): with dropout there
+    is no fused kernel and the math fallback's masked-row-safe softmax costs more than the
+    explicit form; in bf16 the CPU flash kernel is 6-13x slower than the explicit form
+    (its backward above all). The two forms compute the same attention."""
+    return q.device.type != "cpu" or (dropout_p == 0.0 and q.dtype == torch.float32)
+
+
 class BertEmbeddings(nn.Module):
     def __init__(self, spec: BertSpec):
         super().__init__()
@@ -94,7 +103,7 @@ class BertSelfAttention(nn.Module):
         q = self.split_heads(self.query(hidden))
         k, v = kv if kv is not None else self.kv(hidden if source is None else source)
         dropout_p = self.dropout_p if self.training else 0.0
-        if self.sdpa:
+        if self.sdpa and sdpa_pays_off(q, dropout_p):
             if mask is not None:
                 mask = mask.to(q.dtype)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p)
@@ -102,7 +111,10 @@ class BertSelfAttention(nn.Module):
             scores = q @ k.transpose(-1, -2) / math.sqrt(self.head_dim)
             if mask is not None:
                 scores = scores + mask.to(scores.dtype)
-            probs = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=self.training)
+            # softmax in fp32 (a no-op in fp32): under bf16 autocast on CPU a bf16 softmax
+            # over rows shorter than 32 keys is 3-4x slower, forward + backward, and less exact.
+            probs = scores.float().softmax(dim=-1).to(v.dtype)
+            probs = F.dropout(probs, p=dropout_p, training=self.training)
             out = probs @ v
         b, _, n, _ = out.shape
         return out.transpose(1, 2).reshape(b, n, -1)

@@ -29,7 +29,21 @@ class ImageEncoder(VisionTransformer):
     """
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        self._choose_attention(images)
         return self.forward_features(images)
+
+    def _choose_attention(self, images: torch.Tensor) -> None:
+        """timm attends through SDPA (``fused_attn``); on CPU under bf16 autocast its flash
+        kernel is 6-13x slower than the explicit form (see bert.sdpa_pays_off), so the
+        blocks use the explicit form there. Same attention either way."""
+        if images.device.type != "cpu":
+            return
+        bf16 = images.dtype != torch.float32 or (
+            torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") != torch.float32)
+        fused = not bf16
+        for block in self.blocks:
+            if getattr(block.attn, "fused_attn", fused) != fused:
+                block.attn.fused_attn = fused
 
 
 def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: int,
