@@ -105,7 +105,7 @@ exit 0
     # requeued: back to PENDING with a begin time ~2 min ahead; skip that delay
     info = c.wait_job(job, states={"PENDING"}, timeout=40)
     assert int(info["Restarts"]) == 1, info
-    c.run("scontrol", "update", f"jobid={job}", "starttime=now")
+    c.start_requeued_now(job)
     info = c.wait_job(job, timeout=60)
     elapsed = time.monotonic() - t0
     text = log.read_text()

@@ -133,7 +133,7 @@ def _restart(cluster, job: str, run_dir: Path):
     """The job is back to PENDING (requeued, Restarts=1): start it now (skips ~120 s)."""
     info = cluster.wait_job(job, states={"PENDING"}, timeout=90)
     assert int(info["Restarts"]) == 1, (info, _log(run_dir, job)[-3000:])
-    cluster.run("scontrol", "update", f"jobid={job}", "starttime=now")
+    cluster.start_requeued_now(job)
 
 
 def _assert_same_samples(run_dir: Path, ref_dir: Path) -> dict:
