@@ -329,7 +329,9 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
                 t_log, pairs_since_log = time.time(), 0
                 if keys_log is not None:
                     keys_log.flush()
-            if evaluator is not None and cfg.eval.every_steps and step % cfg.eval.every_steps == 0:
+            # Epochs counted in optimizer steps (train.steps_per_epoch or the data size).
+            end_of_epoch = eval_each_epoch and (step % per_epoch == 0 or step == total_steps)
+            if evaluator is not None and (end_of_epoch or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
                 validate()
             saved = step % cfg.checkpoint.every_steps == 0 or step == total_steps
             if saved:
@@ -344,8 +346,6 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
                 break
         else:
             epoch += 1
-            if evaluator is not None and eval_each_epoch:
-                validate()
     if keys_log is not None:
         keys_log.close()
     metrics.close()
