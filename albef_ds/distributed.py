@@ -110,6 +110,17 @@ def device() -> torch.device:
     return torch.device(name)
 
 
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum over ranks (identity in one process); CPU tensors travel through the backend's
+    device (NCCL reduces only GPU tensors) and come back on the CPU."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return tensor
+    home = tensor.device
+    tensor = tensor.to(device()).contiguous()
+    dist.all_reduce(tensor)
+    return tensor.to(home)
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

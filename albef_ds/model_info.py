@@ -30,7 +30,6 @@ reference's switches (no cross-attention K/V sharing, MLM logits everywhere).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 from typing import Optional

@@ -34,15 +34,9 @@ class RetrievalEvaluator:
 
     def __call__(self, model, device: torch.device, zero_stage: int = 0) -> dict:
         from .retrieval import evaluate
+        from ..distributed import all_reduce_sum
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
-
-        def all_reduce(t):
-            if world > 1:
-                t = t.to(device)
-                dist.all_reduce(t)
-                t = t.cpu()
-            return t
         gathered = contextlib.nullcontext()
         if zero_stage == 3:  # partitioned weights: gather them for the evaluation's forwards
             import deepspeed
@@ -50,6 +44,6 @@ class RetrievalEvaluator:
         was_training = model.training
         with gathered:
             metrics = evaluate(model, self.split, self.load_images, self.tokenize, self.cfg.eval.k_test,
-                               self.cfg.eval.batch_size, rank, world, all_reduce, device)
+                               self.cfg.eval.batch_size, rank, world, all_reduce_sum, device)
         model.train(was_training)
         return metrics

@@ -86,8 +86,6 @@ def read_split(path: Path, max_words: int, max_images=None):
 
 
 def run(args) -> int:
-    import torch.distributed as dist
-
     from .. import distributed as dist_lib
     from ..tokenizer import load_tokenizer
     from .retrieval import evaluate, format_table
@@ -107,14 +105,8 @@ def run(args) -> int:
     image_root = Path(args.image_root) if args.image_root else split_path.parent
     load_images, tokenize = make_io(cfg, split, image_root, tokenizer)
 
-    def all_reduce(t):
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            t = t.contiguous()
-            dist.all_reduce(t)
-        return t
-
     metrics = evaluate(model, split, load_images, tokenize, args.k or cfg.eval.k_test,
-                       cfg.eval.batch_size, launch.rank, launch.world_size, all_reduce, device,
+                       cfg.eval.batch_size, launch.rank, launch.world_size, dist_lib.all_reduce_sum, device,
                        progress=True)
     if launch.rank == 0:
         print(format_table({"ITC only": {k[4:]: v for k, v in metrics.items() if k.startswith("itc_")},

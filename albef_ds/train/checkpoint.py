@@ -26,7 +26,6 @@ from typing import Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from ..distributed import barrier
 
@@ -153,6 +152,3 @@ class CheckpointManager:
                   for f in sorted(tag_dir.glob("albef_rank*.pt"))]
         return client_state or {}, states
 
-
-def world_size_now() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1

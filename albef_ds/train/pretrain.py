@@ -16,10 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
-import math
-import os
 import signal
-import sys
 import time
 from pathlib import Path
 
