@@ -135,7 +135,7 @@ class CheckpointManager:
             subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                             "--input_folder", str(tag_dir), "--output_folder", str(out),
                             "--inject_missing_state"], check=True)
-            # load_checkpoint wants the universal folder's own "latest"-style layout.
+            # Our per-rank files (RNG, momentum masters, meta) travel with the converted folder.
             for extra in tag_dir.glob("albef_*"):
                 shutil.copy2(extra, out / extra.name)
         barrier()
