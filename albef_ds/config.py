@@ -51,6 +51,7 @@ class ModelConfig:
     layer_norm_eps: float = 1e-12
     # Heads and contrastive learning.
     embed_dim: int = 256
+    #: momentum features kept as extra ITC negatives; 0: none (the "no queue" ablation).
     queue_size: int = 65536
     momentum: float = 0.995
     temp: float = 0.07
@@ -65,6 +66,11 @@ class ModelConfig:
     #: ITC positives are every candidate of the same image id, ids kept in a queue too
     #: (retrieval fine-tuning); False: the diagonal only (pretraining).
     itc_id_positives: bool = False
+    #: text feature for ITC: "cls" (the paper: the [CLS] hidden state) or "mean" (mean of
+    #: the caption's token states). A [CLS] trained from random init with momentum targets
+    #: sits on a plateau for hundreds of steps (docs/benchmarks.md); the CPU demo's tiny
+    #: model, which has no pretrained BERT, pools by mean. Weights are the same either way.
+    text_pool: str = "cls"
     #: include the MLM loss (pretraining); retrieval fine-tuning trains ITC + ITM only.
     mlm: bool = True
     #: compute MLM logits only at masked positions (same loss, far less work).
@@ -216,6 +222,8 @@ class Config:
                  f"must lie in (0, 1), got {m.mlm_probability}")
         _require(m.itc_candidates in ("global", "local"), "model.itc_candidates",
                  f"must be 'global' or 'local', got {m.itc_candidates!r}")
+        _require(m.text_pool in ("cls", "mean"), "model.text_pool",
+                 f"must be 'cls' or 'mean', got {m.text_pool!r}")
         _require(m.itm_negatives in ("global", "local"), "model.itm_negatives",
                  f"must be 'global' or 'local', got {m.itm_negatives!r}")
         _require(t.micro_batch_size >= 2, "train.micro_batch_size",

@@ -23,7 +23,7 @@ import torch
 
 #: defaults sized for ~10 minutes on a 2-core CPU (docs/benchmarks.md has the figures).
 DEFAULT_TRAIN_PAIRS = 20_000
-DEFAULT_STEPS = 1200
+DEFAULT_STEPS = 1000
 DEFAULT_TEST_IMAGES = 1000
 
 

@@ -64,8 +64,11 @@ def id_targets(row_ids: torch.Tensor, cand_ids: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def enqueue(queue: torch.Tensor, ptr: torch.Tensor, feats: torch.Tensor) -> None:
     """Write ``feats`` [N, D] into ``queue`` [D, Q] at ``ptr`` (in place) and advance the
-    pointer modulo Q. Q must be a multiple of N so that a write never straddles the end."""
+    pointer modulo Q. Q must be a multiple of N so that a write never straddles the end.
+    Q = 0 is no queue at all (the "no queue" ablation): nothing is written."""
     n, q = feats.shape[0], queue.shape[1]
+    if q == 0:
+        return
     if q % n != 0:
         raise ValueError(f"queue size {q} is not a multiple of the enqueued batch {n}")
     # Columns computed on the device from the pointer: no host sync (int(ptr)) per step.

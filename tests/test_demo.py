@@ -1,10 +1,13 @@
 """``albef-ds demo`` end to end (a shorter variant than the README's), then
-``albef-ds finetune-retrieval`` from its checkpoint at a new resolution.
+``albef-ds finetune-retrieval`` from its checkpoint: at the demo's resolution it must raise
+R@1 on the synth val split; at 96 px it must resample and keep the best epoch.
 
-These tests check the pipeline and its outputs, not a learning bar: from random
-initialisation the tiny model's image and text features collapse (in-batch cosine ~0.96)
-and zero-shot recall stays at 3-4x chance after the full demo (docs/benchmarks.md). The
-issue's bar (20x chance) is not reached yet; a test claiming it would fail.
+The short variant (2,000 train pairs, 300 steps, 100 test images: chance R@1 1 %) has a
+lower bar than the full demo's 20x: ITC-only R@1 at least 5x chance both ways and R@10 at
+least 3x chance. Measured here (1 thread): ITC TR@1 20 %, IR@1 10.2 %, TR@10 74 %, IR@10
+50.8 %. After only 300 steps the ITM head is not trained enough to re-rank (re-ranked IR@1
+2 %), so re-ranked figures are only compared with the untrained model's; the full demo's
+(1,000 steps) are in docs/benchmarks.md.
 """
 import json
 import os
@@ -15,7 +18,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 40
+STEPS = 300
 
 
 def run(argv, timeout=900):
@@ -40,36 +43,62 @@ def test_demo_runs_end_to_end_and_reports_against_chance(demo):
     assert trained["chance_img_r1"] == pytest.approx(100 / 100)
     assert trained["chance_txt_r1"] == pytest.approx(100 * 5 / 500)
     assert trained["num_images"] == 100 and trained["num_texts"] == 500
-    assert trained != untrained
     for key in ("txt_r1", "img_r10", "itc_txt_r1", "r_mean"):
         assert 0.0 <= trained[key] <= 100.0
+    # it learns: ITC retrieval far above chance, and the re-ranked table above the untrained one
+    assert trained["itc_txt_r1"] >= 5 * trained["chance_txt_r1"], trained
+    assert trained["itc_img_r1"] >= 5 * trained["chance_img_r1"], trained
+    assert trained["itc_txt_r10"] >= 30.0 and trained["itc_img_r10"] >= 30.0, trained
+    assert trained["r_mean"] >= 2 * untrained["r_mean"], (trained, untrained)
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics][-1] == STEPS
-    assert metrics[-1]["loss_mlm"] < metrics[0]["loss_mlm"]  # the language side learns within 40 steps
+    assert metrics[-1]["loss_itc"] < metrics[0]["loss_itc"] and metrics[-1]["loss_mlm"] < metrics[0]["loss_mlm"]
     assert (out / "run" / "DONE").is_file()
 
 
-def test_finetuning_the_demo_checkpoint_at_96px_keeps_the_best_epoch(demo, tmp_path):
-    out, _, _ = demo
+def val_recall(out: Path, dest: Path) -> dict:
+    run(["eval-retrieval", "--model", str(out / "run"), "--split", str(out / "data" / "val.json"),
+         "--max-images", "100", "--out", str(dest), "--tokenizer", str(out / "tokenizer")])
+    return json.loads((dest / "retrieval.json").read_text())
+
+
+def finetune(out: Path, run_dir: Path, *overrides: str) -> list[dict]:
+    """``finetune-retrieval`` from the demo run; returns the per-epoch val results."""
     data = out / "data"
-    common = ["--set", f"data.tokenizer={out / 'tokenizer'}", "--set", f"data.val_dir={data / 'val.json'}",
-              "--set", "eval.max_images=100"]
-    before = tmp_path / "before"
-    run(["eval-retrieval", "--model", str(out / "run"), "--split", str(data / "val.json"), "--max-images", "100",
-         "--out", str(before), "--tokenizer", str(out / "tokenizer")])
-    start = json.loads((before / "retrieval.json").read_text())
+    sets = [f"data.tokenizer={out / 'tokenizer'}", f"data.val_dir={data / 'val.json'}", "eval.max_images=100",
+            f"data.train_dirs=[{data / 'train'}]", "logging.progress_bar=false", "checkpoint.every_steps=1000",
+            *overrides]
     run(["finetune-retrieval", "--config", str(out / "run" / "config.yaml"), "--init", str(out / "run"),
-         "--run-dir", str(tmp_path / "ft"), "--set", f"data.train_dirs=[{data / 'train'}]",
-         "--set", "train.max_steps=20", "--set", "train.steps_per_epoch=10", "--set", "train.lr=2e-4",
-         "--set", "train.warmup_steps=5", "--set", "model.image_res=96", "--set", "logging.progress_bar=false",
-         "--set", "checkpoint.every_steps=1000", *common])
+         "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]])
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+            if "r_mean" in line and "loss" not in line]
+
+
+def test_finetuning_the_demo_checkpoint_raises_val_recall_at_1(demo, tmp_path):
+    """100 steps of retrieval fine-tuning (id positives, no MLM) at lr 2e-5, i.e. near where
+    pretraining's cosine ended: a fresh optimizer at the pretraining peak lr (1e-4 and up)
+    first loses recall (docs/benchmarks.md). Measured here: TR@1 14 -> 18 %, IR@1 1.4 ->
+    5.8 % re-ranked; ITC 24 -> 32 %, 7.2 -> 12.2 %."""
+    out, _, _ = demo
+    before = val_recall(out, tmp_path / "before")
+    val = finetune(out, tmp_path / "ft", "train.max_steps=100", "train.steps_per_epoch=50", "train.lr=2e-5",
+                   "train.warmup_steps=5")
+    best = json.loads((tmp_path / "ft" / "best.json").read_text())
+    after = next(v for v in val if v["r_mean"] == best["r_mean"])
+    for key in ("txt_r1", "img_r1", "itc_txt_r1", "itc_img_r1"):
+        assert after[key] > before[key], (key, before, after)
+
+
+def test_finetuning_the_demo_checkpoint_at_96px_keeps_the_best_epoch(demo, tmp_path):
+    """At a new resolution (position embeddings resampled): one val evaluation per epoch,
+    the best one's checkpoint kept, and the fine-tuning switches recorded in its config."""
+    out, _, _ = demo
+    val = finetune(out, tmp_path / "ft", "train.max_steps=20", "train.steps_per_epoch=10", "train.lr=2e-5",
+                   "train.warmup_steps=5", "model.image_res=96")
     best = json.loads((tmp_path / "ft" / "best.json").read_text())
     assert (tmp_path / "ft" / "checkpoints" / best["tag"]).is_dir()
-    val = [json.loads(line) for line in (tmp_path / "ft" / "metrics.jsonl").read_text().splitlines()
-           if "r_mean" in line and "loss" not in line]
     assert len(val) == 2, val  # one evaluation per epoch
     assert best["r_mean"] == max(v["r_mean"] for v in val)
-    assert 0.0 <= start["r_mean"] <= 100.0
     from albef_ds.config import load_config
     cfg = load_config(tmp_path / "ft" / "config.yaml")
     assert cfg.model.image_res == 96 and cfg.model.itc_id_positives and not cfg.model.mlm

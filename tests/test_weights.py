@@ -58,7 +58,7 @@ def outputs(model, cfg, seed=0) -> dict:
         fused = model.fuse(txt, mask, img, momentum=mom)
         out.update({f"image{s}": img, f"text{s}": txt, f"fused{s}": fused,
                     f"image_feat{s}": model.image_feat(img, momentum=mom),
-                    f"text_feat{s}": model.text_feat(txt, momentum=mom),
+                    f"text_feat{s}": model.text_feat(txt, mask, momentum=mom),
                     f"mlm{s}": model.mlm_logits(masked, mask, img, momentum=mom)})
     out["itm"] = model.itm_logits(out["fused"])
     out["temp"] = model.temp.clone()

@@ -133,9 +133,10 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     text_embeds = torch.zeros(n_txt, ids.shape[1], model.cfg.text_width)
     text_feat = torch.zeros(n_txt, model.cfg.embed_dim)
     for c in bar(mine(chunks(n_txt, batch_size)), "encode texts"):
-        e = model.encode_text(ids[c.start:c.stop].to(device), mask[c.start:c.stop].to(device))
+        chunk_mask = mask[c.start:c.stop].to(device)
+        e = model.encode_text(ids[c.start:c.stop].to(device), chunk_mask)
         text_embeds[c.start:c.stop] = e.float().cpu()
-        text_feat[c.start:c.stop] = model.text_feat(e).float().cpu()
+        text_feat[c.start:c.stop] = model.text_feat(e, chunk_mask).float().cpu()
     tokens = (model.cfg.image_res // model.cfg.patch_size) ** 2 + 1
     image_embeds = torch.zeros(n_img, tokens, model.cfg.vision_width)
     image_feat = torch.zeros(n_img, model.cfg.embed_dim)

@@ -101,8 +101,16 @@ class ALBEF(nn.Module):
         """L2-normalised projection of the CLS token: [B, embed_dim]."""
         return F.normalize(self._part("vision_proj", momentum)(image_embeds[:, 0]), dim=-1)
 
-    def text_feat(self, text_embeds: torch.Tensor, momentum: bool = False) -> torch.Tensor:
-        return F.normalize(self._part("text_proj", momentum)(text_embeds[:, 0]), dim=-1)
+    def text_feat(self, text_embeds: torch.Tensor, text_mask: torch.Tensor,
+                  momentum: bool = False) -> torch.Tensor:
+        """L2-normalised projection of [CLS] (``text_pool: cls``) or of the mean over the
+        caption's tokens, padding excluded (``text_pool: mean``): [B, embed_dim]."""
+        if self.cfg.text_pool == "mean":
+            keep = text_mask[..., None].to(text_embeds.dtype)
+            pooled = (text_embeds * keep).sum(1) / keep.sum(1).clamp_min(1)
+        else:
+            pooled = text_embeds[:, 0]
+        return F.normalize(self._part("text_proj", momentum)(pooled), dim=-1)
 
     def cross_kv(self, image_embeds: torch.Tensor, momentum: bool = False) -> list:
         """Per-fusion-layer cross-attention keys/values of these images, computed once."""
@@ -185,12 +193,13 @@ class ALBEF(nn.Module):
             image_feat = self.image_feat(image_embeds)
         with self._phase("text_encoder"):
             text_embeds = self.encode_text(text_ids, text_mask)
-            text_feat = self.text_feat(text_embeds)
+            text_feat = self.text_feat(text_embeds, text_mask)
 
         with torch.no_grad(), self._phase("momentum_and_gathers"):
             image_embeds_m = self.encode_image(images, momentum=True)
             image_feat_m = self.image_feat(image_embeds_m, momentum=True)
-            text_feat_m = self.text_feat(self.encode_text(text_ids, text_mask, momentum=True), momentum=True)
+            text_feat_m = self.text_feat(self.encode_text(text_ids, text_mask, momentum=True), text_mask,
+                                         momentum=True)
             # One gather per micro-step: the global batch's momentum features feed the
             # queue on every rank (so queues never diverge) and the in-batch candidates.
             image_feat_m_all = gather.gather(image_feat_m)

@@ -271,7 +271,7 @@ def test_queue_after_forward_holds_the_returned_momentum_features(start):
     with torch.no_grad():
         image_m = model.image_feat(model.encode_image(batch["images"], momentum=True), momentum=True)
         text_m = model.text_feat(model.encode_text(batch["text_ids"], batch["text_mask"], momentum=True),
-                                 momentum=True)
+                                 batch["text_mask"], momentum=True)
     torch.testing.assert_close(out["image_feat_m_all"], image_m)
     torch.testing.assert_close(out["text_feat_m_all"], text_m)
 
@@ -296,10 +296,10 @@ def test_forward_losses_equal_the_components_assembled_by_hand(alpha):
         temp = model.temp
         image_embeds = model.encode_image(batch["images"])
         text_embeds = model.encode_text(ids, mask)
-        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds)
+        image_feat, text_feat = model.image_feat(image_embeds), model.text_feat(text_embeds, mask)
         image_embeds_m = model.encode_image(batch["images"], momentum=True)
         image_m = model.image_feat(image_embeds_m, momentum=True)
-        text_m = model.text_feat(model.encode_text(ids, mask, momentum=True), momentum=True)
+        text_m = model.text_feat(model.encode_text(ids, mask, momentum=True), mask, momentum=True)
         text_cands = torch.cat([text_m.t(), text_queue], 1)
         image_cands = torch.cat([image_m.t(), image_queue], 1)
         truth = torch.zeros(BATCH, BATCH + model.cfg.queue_size)
@@ -324,6 +324,53 @@ def test_forward_losses_equal_the_components_assembled_by_hand(alpha):
     torch.testing.assert_close(out["loss_itm"], itm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss_mlm"], mlm, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss"], itc + itm + mlm, rtol=1e-5, atol=1e-6)
+
+
+def test_queue_size_zero_is_in_batch_contrast_only():
+    """The "no queue" ablation: with queue_size 0 the ITC candidates are the batch's momentum
+    features alone (cross-entropy against the diagonal at alpha 0), and a step runs."""
+    model = make_model(small_config("model.queue_size=0"))
+    batch = make_batch(seed=4, repeat_images=False)
+    out, grads = run(model, batch, alpha=0.0)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        image = model.image_feat(model.encode_image(batch["images"]))
+        text = model.text_feat(model.encode_text(ids, mask), mask)
+        image_m = model.image_feat(model.encode_image(batch["images"], momentum=True), momentum=True)
+        text_m = model.text_feat(model.encode_text(ids, mask, momentum=True), mask, momentum=True)
+        diag = torch.arange(BATCH)
+        itc = (F.cross_entropy(image @ text_m.t() / model.temp, diag)
+               + F.cross_entropy(text @ image_m.t() / model.temp, diag)) / 2
+    torch.testing.assert_close(out["loss_itc"], itc, rtol=1e-5, atol=1e-6)
+    assert model.image_queue.shape[1] == 0 and "visual_encoder.cls_token" in grads
+
+
+def test_mean_text_pool_averages_the_real_tokens_and_ignores_padding():
+    """text_pool=mean: the projection of the average of each caption's unpadded token
+    states (counted here one row at a time); more padding changes nothing; text_pool=cls
+    projects the [CLS] state; and the forward's ITC uses the choice (the two losses differ
+    on the same weights, MLM does not)."""
+    model = make_model(small_config("model.text_pool=mean")).eval()
+    batch = make_batch(seed=3)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        feat = model.text_feat(model.encode_text(ids, mask), mask)
+        for i in range(BATCH):
+            n = int(mask[i].sum())
+            states = model.encode_text(ids[i:i + 1, :n], mask[i:i + 1, :n])[0]
+            expected = F.normalize(model.text_proj(sum(states[j] for j in range(n)) / n), dim=-1)
+            torch.testing.assert_close(feat[i], expected, rtol=1e-5, atol=1e-6)
+        padded_ids = torch.cat([ids, torch.full((BATCH, 5), PAD)], 1)
+        padded_mask = torch.cat([mask, torch.zeros(BATCH, 5, dtype=mask.dtype)], 1)
+        torch.testing.assert_close(model.text_feat(model.encode_text(padded_ids, padded_mask), padded_mask),
+                                   feat, rtol=1e-5, atol=1e-6)
+        cls = twin(model, text_pool="cls").eval()
+        states = cls.encode_text(ids, mask)
+        torch.testing.assert_close(cls.text_feat(states, mask), F.normalize(cls.text_proj(states[:, 0]), dim=-1))
+        mean_out, _ = run(model, batch, backward=False)
+        cls_out, _ = run(cls, batch, backward=False)
+    assert not torch.allclose(mean_out["loss_itc"], cls_out["loss_itc"])
+    torch.testing.assert_close(mean_out["loss_mlm"], cls_out["loss_mlm"])
 
 
 @pytest.mark.parametrize("vectorized", [True, False])
