@@ -3,8 +3,8 @@
 1. ``albef-data synth``: procedural shapes/colours/relations with paraphrased captions
    (train pairs as MDS shards; a fixed test split of 1,000 images x 5 captions).
 2. ``albef-data build-vocab``: a WordPiece vocabulary from the train captions.
-3. ``albef-ds pretrain``: the tiny model (configs/tiny.yaml) on one process, through the
-   real DeepSpeed engine; checkpoints, metrics.jsonl and TensorBoard in the run directory.
+3. ``albef-ds pretrain``: the tiny model (configs/tiny.yaml, no queue: DEMO_OVERRIDES) on
+   one process, through the real DeepSpeed engine; checkpoints, metrics.jsonl and TensorBoard in the run directory.
 4. ``albef-ds eval-retrieval``: zero-shot retrieval on the test split, for the untrained
    model and the trained one, beside chance.
 
@@ -25,6 +25,11 @@ import torch
 DEFAULT_TRAIN_PAIRS = 20_000
 DEFAULT_STEPS = 1000
 DEFAULT_TEST_IMAGES = 1000
+#: The demo trains without the momentum-feature queue. From random init the queue holds
+#: features of an encoder hundreds of steps stale; on this schedule it costs over half the
+#: recall (docs/benchmarks.md, "Ablations": 3 seeds). ``--set model.queue_size=1024`` puts
+#: it back (the tiny preset's value).
+DEMO_OVERRIDES = ["model.queue_size=0"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -85,7 +90,7 @@ def run(args) -> int:
     overrides = [f"data.train_dirs=[{data / 'train'}]", f"data.tokenizer={tok}",
                  f"logging.run_dir={run_dir}", f"train.max_steps={args.steps}", f"train.seed={args.seed}",
                  f"data.shuffle_seed={args.seed}", f"checkpoint.every_steps={max(1, args.steps // 4)}",
-                 *args.overrides]
+                 *DEMO_OVERRIDES, *args.overrides]
     cfg = load_config(args.config, overrides)
     _say(f"3/4 pretraining {args.config} for {args.steps} steps "
          f"(TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})")

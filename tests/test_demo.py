@@ -1,13 +1,13 @@
 """``albef-ds demo`` end to end (a shorter variant than the README's), then
 ``albef-ds finetune-retrieval`` from its checkpoint: at the demo's resolution it must raise
-R@1 on the synth val split; at 96 px it must resample and keep the best epoch.
+ITC R@1 on the synth val split; at 96 px it must resample and keep the best epoch.
 
 The short variant (2,000 train pairs, 300 steps, 100 test images: chance R@1 1 %) has a
 lower bar than the full demo's 20x: ITC-only R@1 at least 5x chance both ways and R@10 at
-least 3x chance. Measured here (1 thread): ITC TR@1 20 %, IR@1 10.2 %, TR@10 74 %, IR@10
-50.8 %. After only 300 steps the ITM head is not trained enough to re-rank (re-ranked IR@1
-2 %), so re-ranked figures are only compared with the untrained model's; the full demo's
-(1,000 steps) are in docs/benchmarks.md.
+least 30 % (3x chance). Measured here (1 thread): ITC TR@1 27 %, IR@1 21.6 %, TR@10 83 %,
+IR@10 82.6 %. After only 300 steps the ITM head is not trained enough to re-rank (re-ranked
+IR@1 4.2 %), so re-ranked figures are only compared with the untrained model's; the full
+demo's (1,000 steps) are in docs/benchmarks.md.
 """
 import json
 import os
@@ -76,16 +76,18 @@ def finetune(out: Path, run_dir: Path, *overrides: str) -> list[dict]:
 
 def test_finetuning_the_demo_checkpoint_raises_val_recall_at_1(demo, tmp_path):
     """100 steps of retrieval fine-tuning (id positives, no MLM) at lr 2e-5, i.e. near where
-    pretraining's cosine ended: a fresh optimizer at the pretraining peak lr (1e-4 and up)
-    first loses recall (docs/benchmarks.md). Measured here: TR@1 14 -> 18 %, IR@1 1.4 ->
-    5.8 % re-ranked; ITC 24 -> 32 %, 7.2 -> 12.2 %."""
+    pretraining's cosine ended (a fresh optimizer at the pretraining peak lr first loses
+    recall: docs/benchmarks.md). ITC R@1 must rise both ways. Re-ranked R@1 is not asserted
+    here: after 300 pretraining steps the ITM head is still at its prior and re-ranking
+    measures its noise (re-ranked IR@1 7.8 % against 23.8 % by ITC before fine-tuning).
+    Measured here: ITC TR@1 33 -> 38 %, IR@1 23.8 -> 26.8 %, r_mean 45.1 -> 46.8."""
     out, _, _ = demo
     before = val_recall(out, tmp_path / "before")
     val = finetune(out, tmp_path / "ft", "train.max_steps=100", "train.steps_per_epoch=50", "train.lr=2e-5",
                    "train.warmup_steps=5")
     best = json.loads((tmp_path / "ft" / "best.json").read_text())
     after = next(v for v in val if v["r_mean"] == best["r_mean"])
-    for key in ("txt_r1", "img_r1", "itc_txt_r1", "itc_img_r1"):
+    for key in ("itc_txt_r1", "itc_img_r1", "itc_r_mean", "r_mean"):
         assert after[key] > before[key], (key, before, after)
 
 
