@@ -4,7 +4,8 @@
    (train pairs as MDS shards; a fixed test split of 1,000 images x 5 captions).
 2. ``albef-data build-vocab``: a WordPiece vocabulary from the train captions.
 3. ``albef-ds pretrain``: the tiny model (configs/tiny.yaml, no queue: DEMO_OVERRIDES) on
-   one process, through the real DeepSpeed engine; checkpoints, metrics.jsonl and TensorBoard in the run directory.
+   one process, through the real DeepSpeed engine; checkpoints, metrics.jsonl and
+   TensorBoard in the run directory.
 4. ``albef-ds eval-retrieval``: zero-shot retrieval on the test split, for the untrained
    model and the trained one, beside chance.
 
@@ -21,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-#: defaults sized for ~10 minutes on a 2-core CPU (docs/benchmarks.md has the figures).
+#: defaults sized for ~8 minutes on a 2-core CPU, under the issue's 10 (docs/benchmarks.md).
 DEFAULT_TRAIN_PAIRS = 20_000
 DEFAULT_STEPS = 1000
 DEFAULT_TEST_IMAGES = 1000
