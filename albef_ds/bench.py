@@ -361,7 +361,6 @@ def compare(args, specs: list[str], device: torch.device, phases: bool = True) -
     out = {"results": results}
     if len(specs) == 2:
         out.update(speedup(times[0], times[1]))
-        out["speedup"] = out["ratio"]
     return out
 
 
@@ -378,13 +377,13 @@ def switch_specs(name: str, ref_value: str, fast_value: str) -> list[tuple[str, 
 def run_switches(args, device: torch.device) -> dict:
     chosen = set(args.only.split(",")) if args.only else None
     rows = []
-    pairs = [("noise floor (fast vs fast)", "fast", "fast")]  # what noise alone does to a ratio
+    # (switch, label, A, B); the first shows what machine noise alone does to a ratio
+    pairs = [("none", "noise floor (fast vs fast)", "fast", "fast")]
     for name, ref_value, fast_value in SWITCHES:
         if chosen is not None and name not in chosen and name.split(".")[-1] not in chosen:
             continue
-        pairs += switch_specs(name, ref_value, fast_value)
-    for label, a, b in pairs:
-        name = "none" if label.startswith("noise") else label.split(" ")[0]
+        pairs += [(name, *spec) for spec in switch_specs(name, ref_value, fast_value)]
+    for name, label, a, b in pairs:
         out = compare(args, [a, b], device, phases=False)
         ra, rb = out["results"]
         row = {"switch": name, "label": label, "a": a, "b": b,

@@ -118,7 +118,7 @@ def test_bench_cli_compare_short_mode_writes_parsable_json(tmp_path):
         assert {"image_encoder", "text_encoder", "itm_fusion", "mlm", "backward", "optimizer",
                 "ema"} <= set(r["phases_ms"])
     assert "queue_broadcast" in result["results"][0]["phases_ms"]
-    assert result["speedup"] > 0 and result["n"] == 1
+    assert result["ratio"] > 0 and result["n"] == 1
 
 
 def test_bench_switches_mode_runs_each_pair(tmp_path, monkeypatch):
