@@ -37,7 +37,10 @@ def fixed_inputs(cfg, seed: int = 0) -> dict:
     images = torch.randn(b, 3, res, res, generator=g)
     images[4] = images[0]
     # Fixed ITM negatives as global indices: never the positive, never a same-image pair.
+    # Meant for 2 ranks (4 rows each) and 4 ranks (2 rows each): a negative image of the
+    # row's own rank (rows 2 and 6 at 2 ranks, row 6 at 4), image 7 drawn by two ranks
+    # (rows 1 and 6) and images drawn twice (2 by rows 4 and 7, 6 by rows 0 and 3).
     neg_text = torch.tensor([5, 6, 7, 5, 1, 2, 3, 1])
-    neg_image = torch.tensor([6, 7, 5, 6, 2, 3, 1, 2])
+    neg_image = torch.tensor([6, 7, 1, 6, 2, 3, 7, 2])
     return dict(images=images, ids=ids, mask=mask, mlm_ids=mlm_ids, mlm_labels=mlm_labels,
                 image_ids=image_ids, neg_text=neg_text, neg_image=neg_image)

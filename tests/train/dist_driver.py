@@ -23,6 +23,53 @@ def local_slice(t, rank, world):
     return t[rank * per:(rank + 1) * per]
 
 
+class _ScaleGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, factor):
+        ctx.factor = factor
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * ctx.factor, None
+
+
+class DetachedRemoteRows(TorchGather):
+    """Mutation: the other ranks' rows arrive without their graph (a plain all_gather)."""
+
+    def gather_with_grad(self, tensor):
+        full = super().gather(tensor)
+        per = tensor.shape[0]
+        return torch.cat([full[:self.rank * per], tensor, full[(self.rank + 1) * per:]])
+
+
+class ScaledGrad(TorchGather):
+    """Mutation: the gathered rows' gradient scaled by ``factor`` (x W or / W)."""
+
+    def __init__(self, factor):
+        super().__init__()
+        self.factor = factor
+
+    def gather_with_grad(self, tensor):
+        return _ScaleGrad.apply(super().gather_with_grad(tensor), self.factor)
+
+
+def itm_only_grads(cfg, local, neg_text, neg_image, gather, world):
+    """Gradient of loss_itm alone on a plain model (no DeepSpeed), averaged over ranks by
+    hand as data parallelism does."""
+    torch.manual_seed(0)
+    plain = ALBEF(cfg.model)
+    out = plain(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
+                alpha=0.4, image_ids=local["image_ids"], gather=gather, itm_negatives=(neg_text, neg_image))
+    out["loss_itm"].backward()
+    grads = {}
+    for n, p in plain.named_parameters():
+        if p.grad is not None:
+            torch.distributed.all_reduce(p.grad)
+            grads[n] = p.grad / world
+    return grads
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -55,6 +102,13 @@ def main():
     result["text_queue"] = engine.module.text_queue.clone()
     result["queue_ptr"] = engine.module.queue_ptr.clone()
     result["image_feat_m_all"] = out["image_feat_m_all"].clone()
+
+    # 1b. ITM alone through the gathered negatives, with the true gather and with mutations
+    #     that the test must catch (the full loss's gradient hides the ITM path: ITC dominates).
+    neg = (local_slice(inputs["neg_text"], rank, world), local_slice(inputs["neg_image"], rank, world))
+    mutations = {"true": gather, "detached_remote_rows": DetachedRemoteRows(),
+                 "grad_times_world": ScaledGrad(float(world)), "grad_over_world": ScaledGrad(1.0 / world)}
+    result["itm_grads"] = {name: itm_only_grads(cfg, local, *neg, g, world) for name, g in mutations.items()}
 
     # 2. Global negatives reach the other rank's image encoder: rank 1's own loss is zeroed,
     #    rank 0's texts take their negative images from rank 1; a plain model, no averaging.

@@ -3,6 +3,9 @@
 - 2 ranks x B give the gradients (after DeepSpeed's averaging) of 1 rank x 2B, with
   dropout 0, fixed ITM negatives and MLM masks, and the MLM loss normalised by the global
   count of masked tokens, including the gradient through gathered ITM negatives.
+- The gradient of loss_itm alone through the gathered negatives (own-rank negatives and
+  rows drawn by two ranks included) equals one rank's; mutated exchanges (remote rows
+  detached, gradient x W or / W) miss it by orders of magnitude.
 - Queues are bit-identical across ranks and hold exactly the gathered momentum features.
 - Global negatives: drawn from the other rank's samples too, never a same-image pair, and
   the gradient reaches the other rank's image encoder.
@@ -24,6 +27,13 @@ from albef_ds.models import ALBEF  # noqa: E402
 REPO = Path(__file__).resolve().parents[2]
 #: fp32 sums in another order (gathers, all-reduce of gradients): relative tolerance.
 GRAD_RTOL = 1e-4
+#: Each tensor's error is taken relative to its own largest entry, but never to less than
+#: this fraction of the largest entry of the whole gradient. Some exact gradients are zero
+#: (an attention key bias: softmax over the keys ignores a constant added to every key
+#: score), so both sides hold rounding noise (~1e-11) and noise over noise means nothing.
+GRAD_FLOOR = 1e-3
+#: A mutated ITM gradient (remote rows detached, x W, / W) must miss by this factor at least.
+MUTATION_MARGIN = 100
 
 
 def deepspeed_launch(script_args: list[str], cwd: Path, timeout: int = 300, num: int = 2) -> subprocess.CompletedProcess:
@@ -57,20 +67,51 @@ def single():
     return model, out, grads
 
 
+def relative_errors(got: dict, ref: dict) -> dict:
+    """name -> max |got - ref| / max(max |ref|, GRAD_FLOOR x the largest |ref| overall)."""
+    assert set(got) == set(ref), set(got) ^ set(ref)
+    floor = GRAD_FLOOR * max(r.abs().max().item() for r in ref.values())
+    return {n: (got[n] - r).abs().max().item() / max(r.abs().max().item(), floor) for n, r in ref.items()}
+
+
+@pytest.fixture(scope="module")
+def single_itm_grads():
+    """The gradient of loss_itm alone, 1 rank x 2B, the same fixed negatives."""
+    cfg = tiny_cfg(1)
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model)
+    x = fixed_inputs(cfg)
+    out = model(x["images"], x["ids"], x["mask"], x["mlm_ids"], x["mlm_labels"], alpha=0.4,
+                image_ids=x["image_ids"], itm_negatives=(x["neg_text"], x["neg_image"]))
+    out["loss_itm"].backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
 def test_two_ranks_give_the_gradients_of_one_rank_with_twice_the_batch(ranks, single):
     _, _, grads = single
     got = ranks[0]["grads"]
-    assert set(got) == set(grads)
     assert torch.equal(ranks[0]["grads"]["visual_encoder.pos_embed"], ranks[1]["grads"]["visual_encoder.pos_embed"])
-    worst = 0.0
-    for name, ref in grads.items():
-        scale = ref.abs().max().item() + 1e-8
-        err = (got[name] - ref).abs().max().item() / scale
-        worst = max(worst, err)
+    for name, err in relative_errors(got, grads).items():
         assert err < GRAD_RTOL, f"{name}: relative error {err:.2e}"
     # The ITM gradient through gathered negative images is in there: the vision tower's
     # gradient must be non-trivial.
     assert got["visual_encoder.blocks.0.attn.qkv.weight"].abs().sum() > 0
+
+
+def test_itm_gradient_through_gathered_negatives_equals_one_rank(ranks, single_itm_grads):
+    for rank in ranks:
+        errors = relative_errors(rank["itm_grads"]["true"], single_itm_grads)
+        worst = max(errors, key=errors.get)
+        assert errors[worst] < GRAD_RTOL, f"{worst}: relative error {errors[worst]:.2e}"
+    # The negatives' path carries a real share of the image encoder's ITM gradient.
+    assert single_itm_grads["visual_encoder.blocks.0.attn.qkv.weight"].abs().sum() > 0
+
+
+@pytest.mark.parametrize("mutation", ["detached_remote_rows", "grad_times_world", "grad_over_world"])
+def test_a_wrong_negatives_gradient_fails_the_comparison(ranks, single_itm_grads, mutation):
+    """Mutations of the exchange that the test above must catch, by a wide margin."""
+    worst = max(relative_errors(ranks[0]["itm_grads"][mutation], single_itm_grads).values())
+    assert worst > MUTATION_MARGIN * GRAD_RTOL, f"{mutation}: worst relative error only {worst:.2e}"
 
 
 def test_losses_average_to_the_single_process_losses(ranks, single):
