@@ -58,11 +58,22 @@ class ModelConfig:
     #: final momentum-distillation weight (ramped from 0, see TrainConfig.alpha_ramp_epochs)
     alpha: float = 0.4
     mlm_probability: float = 0.15
-    #: "global": in-batch ITC candidates are the momentum features of the global batch;
-    #: "local": the reference's behaviour (this rank's batch only).
-    itc_candidates: str = "global"
-    #: where ITM hard negatives come from: "local" (reference) or "global" (all ranks).
-    itm_negatives: str = "global"
+    #: the ranks that share in-batch ITC candidates, ITM negatives and queue contents:
+    #: "world" (every rank) or a number of consecutive ranks (a node's ranks first), so the
+    #: objective stays that of the recipe however many GPUs run it: with 8, a 512-GPU job is
+    #: 64 pools of the paper's 512 pairs, each with its own queue. Must divide the world size;
+    #: larger than the world: the whole world (a 1-rank test of an 8-rank preset).
+    negative_pool: str = "world"
+    #: "pool": in-batch ITC candidates are the momentum features of the pool's batch;
+    #: "local": the reference's behaviour (this rank's batch only; the queue is filled over
+    #: the pool either way, as the reference fills it over every rank). "global": old name of "pool".
+    itc_candidates: str = "pool"
+    #: where ITM hard negatives come from: "local" (reference) or "pool" ("global": old name).
+    itm_negatives: str = "pool"
+    #: how pooled ITM negatives travel: "rows" (each rank receives the image embeddings it
+    #: drew, gradients go back to their owners: bytes constant in the pool size) or
+    #: "gather" (every rank's embeddings all-gathered with gradient: O(pool) bytes).
+    itm_exchange: str = "rows"
     #: ITC positives are every candidate of the same image id, ids kept in a queue too
     #: (retrieval fine-tuning); False: the diagonal only (pretraining).
     itc_id_positives: bool = False
@@ -201,6 +212,11 @@ class Config:
     def global_batch(self, world_size: int) -> int:
         return self.train.micro_batch_size * world_size * self.train.grad_accum_steps
 
+    def pool_size(self, world_size: int) -> int:
+        """Ranks in one negatives pool at this world size (model.negative_pool)."""
+        pool = self.model.negative_pool
+        return world_size if pool == "world" else min(int(pool), world_size)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -220,12 +236,21 @@ class Config:
         _require(0.0 <= m.alpha <= 1.0, "model.alpha", f"must lie in [0, 1], got {m.alpha}")
         _require(0.0 < m.mlm_probability < 1.0, "model.mlm_probability",
                  f"must lie in (0, 1), got {m.mlm_probability}")
-        _require(m.itc_candidates in ("global", "local"), "model.itc_candidates",
-                 f"must be 'global' or 'local', got {m.itc_candidates!r}")
+        m.itc_candidates = "pool" if m.itc_candidates == "global" else m.itc_candidates
+        m.itm_negatives = "pool" if m.itm_negatives == "global" else m.itm_negatives
+        _require(m.itc_candidates in ("pool", "local"), "model.itc_candidates",
+                 f"must be 'pool' or 'local', got {m.itc_candidates!r}")
+        _require(m.itm_exchange in ("rows", "gather"), "model.itm_exchange",
+                 f"must be 'rows' or 'gather', got {m.itm_exchange!r}")
+        _require(m.negative_pool == "world" or (m.negative_pool.isdigit() and int(m.negative_pool) >= 1),
+                 "model.negative_pool", f"must be 'world' or a number of ranks >= 1, got {m.negative_pool!r}")
+        pool = self.pool_size(world_size)
+        _require(world_size % pool == 0, "model.negative_pool",
+                 f"{m.negative_pool} ranks do not divide the world size {world_size}")
         _require(m.text_pool in ("cls", "mean"), "model.text_pool",
                  f"must be 'cls' or 'mean', got {m.text_pool!r}")
-        _require(m.itm_negatives in ("global", "local"), "model.itm_negatives",
-                 f"must be 'global' or 'local', got {m.itm_negatives!r}")
+        _require(m.itm_negatives in ("pool", "local"), "model.itm_negatives",
+                 f"must be 'pool' or 'local', got {m.itm_negatives!r}")
         _require(t.micro_batch_size >= 2, "train.micro_batch_size",
                  f"ITM needs at least 2 pairs per batch, got {t.micro_batch_size}")
         _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
@@ -235,12 +260,12 @@ class Config:
                  f"must be auto, deepspeed, apex or torch, got {t.optimizer!r}")
         _require(self.data.max_tokens <= m.max_position_embeddings, "data.max_tokens",
                  f"{self.data.max_tokens} exceeds model.max_position_embeddings")
-        # Features are enqueued once per micro-step for the whole (gathered) micro-batch, so
-        # the queue must hold a whole number of them for the pointer to wrap exactly.
-        per_enqueue = t.micro_batch_size * world_size
+        # Features are enqueued once per micro-step for the pool's whole (gathered)
+        # micro-batch, so the queue must hold a whole number of them for the pointer to wrap.
+        per_enqueue = t.micro_batch_size * pool
         _require(m.queue_size % per_enqueue == 0, "model.queue_size",
-                 f"{m.queue_size} is not a multiple of train.micro_batch_size x world size "
-                 f"= {t.micro_batch_size} x {world_size} = {per_enqueue}")
+                 f"{m.queue_size} is not a multiple of train.micro_batch_size x pool ranks "
+                 f"= {t.micro_batch_size} x {pool} = {per_enqueue}")
         if self.data.train_weights is not None:
             _require(len(self.data.train_weights) == len(self.data.train_dirs), "data.train_weights",
                      f"has {len(self.data.train_weights)} entries for {len(self.data.train_dirs)} train_dirs")

@@ -56,18 +56,28 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _local_world_size(env: Mapping[str, str], world: int) -> int:
+    """Ranks on this node. torchrun sets LOCAL_WORLD_SIZE, the deepspeed launcher LOCAL_SIZE
+    (on every node of a multi-node job), srun SLURM_NTASKS_PER_NODE / SLURM_TASKS_PER_NODE
+    ("4(x2)"); with none of them every rank is taken to be on this node."""
+    for name in ("LOCAL_WORLD_SIZE", "LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE"):
+        value = env.get(name, "").split("(")[0].split(",")[0]
+        if value:
+            return int(value)
+    return world
+
+
 def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         world = int(env["WORLD_SIZE"])
-        local_world = int(env.get("LOCAL_WORLD_SIZE", env.get("SLURM_NTASKS_PER_NODE", world)))
         return LaunchEnv(int(env["RANK"]), int(env.get("LOCAL_RANK", 0)), world,
-                         local_world, env.get("MASTER_ADDR", "127.0.0.1"),
+                         _local_world_size(env, world), env.get("MASTER_ADDR", "127.0.0.1"),
                          int(env.get("MASTER_PORT", 29500)), "deepspeed/torchrun")
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
         world = int(env["SLURM_NTASKS"])
         nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", 1)))
-        local_world = int(env.get("SLURM_NTASKS_PER_NODE", "").split("(")[0] or max(1, world // nodes))
+        local_world = _local_world_size(env, max(1, world // nodes))
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
         # A port derived from the job id: the same on every rank without talking.
         port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
@@ -118,6 +128,8 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     home = tensor.device
     tensor = tensor.to(device()).contiguous()
     dist.all_reduce(tensor)
+    world = dist.get_world_size()
+    TRAFFIC.add("eval_sum", 2 * (world - 1) / world * _nbytes(tensor))
     return tensor.to(home)
 
 
@@ -126,21 +138,79 @@ def barrier() -> None:
         dist.barrier()
 
 
+class Traffic:
+    """Bytes this rank RECEIVES through the collectives albef-ds itself issues (feature
+    gathers, the negatives exchange, evaluation sums), by kind. A ring all-gather of n bytes
+    per rank receives (G - 1) n; an all-to-all the rows other ranks send; a ring all-reduce
+    2 (G - 1) / G n. DeepSpeed's own gradient and parameter traffic is not counted here."""
+
+    def __init__(self):
+        self.bytes: dict[str, float] = {}
+
+    def add(self, kind: str, nbytes: float) -> None:
+        self.bytes[kind] = self.bytes.get(kind, 0.0) + float(nbytes)
+
+    def take(self) -> dict[str, float]:
+        """The counts since the last call, and reset."""
+        out, self.bytes = self.bytes, {}
+        return out
+
+
+#: every collective of this module records into it (read per log interval by the trainer).
+TRAFFIC = Traffic()
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+class _RowExchange(torch.autograd.Function):
+    """Rows of the owners' local tensors to the ranks that drew them, and their gradients
+    back: forward, owner o sends ``tensor[send_rows]`` split by requester; backward, each
+    requester returns the gradient of the rows it got, and the owner adds them up at
+    ``send_rows`` (a row drawn by several ranks, or twice, gets the sum)."""
+
+    @staticmethod
+    def forward(ctx, tensor, send_rows, send_counts, recv_counts, group, kind):
+        ctx.save_for_backward(send_rows)
+        ctx.meta = (tensor.shape[0], send_counts, recv_counts, group, kind)
+        payload = tensor.index_select(0, send_rows).contiguous()
+        out = tensor.new_empty((sum(recv_counts),) + tuple(tensor.shape[1:]))
+        dist.all_to_all_single(out, payload, recv_counts, send_counts, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        (send_rows,) = ctx.saved_tensors
+        rows, send_counts, recv_counts, group, kind = ctx.meta
+        grad = grad.contiguous()
+        back = grad.new_empty((sum(send_counts),) + tuple(grad.shape[1:]))
+        dist.all_to_all_single(back, grad, send_counts, recv_counts, group=group)
+        me = dist.get_rank(group)
+        row_bytes = back[0].numel() * back.element_size() if back.shape[0] else 0
+        TRAFFIC.add(kind + "_backward", row_bytes * (sum(send_counts) - send_counts[me]))
+        out = grad.new_zeros((rows,) + tuple(grad.shape[1:]))
+        out.index_add_(0, send_rows, back)
+        return out, None, None, None, None, None
+
+
 class TorchGather:
-    """The model's view of other ranks (see albef_ds.gather) over torch.distributed."""
+    """The model's view of the other ranks of its pool (see albef_ds.gather) over
+    torch.distributed. ``group``: the pool's process group (None: every rank)."""
 
     def __init__(self, group=None):
         self.group = group
         self.world_size = dist.get_world_size(group)
         self.rank = dist.get_rank(group)
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather(self, tensor: torch.Tensor, kind: str = "feature_gather") -> torch.Tensor:
         tensor = tensor.detach().contiguous()
         parts = [torch.empty_like(tensor) for _ in range(self.world_size)]
         dist.all_gather(parts, tensor, group=self.group)
+        TRAFFIC.add(kind, (self.world_size - 1) * _nbytes(tensor))
         return torch.cat(parts)
 
-    def gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather_with_grad(self, tensor: torch.Tensor, kind: str = "negatives_full_gather") -> torch.Tensor:
         # Autograd-aware: backward hands each rank the sum, over every rank's loss, of the
         # gradients for its own slice. With data-parallel gradient averaging on top, that is
         # exactly the gradient of the mean of the ranks' losses (tests/train checks it).
@@ -149,17 +219,72 @@ class TorchGather:
         from torch.distributed.nn.functional import all_gather
         with warnings.catch_warnings():  # deprecated in favour of a private API: keep the public one
             warnings.simplefilter("ignore", FutureWarning)
-            return torch.cat(all_gather(tensor.contiguous(), group=self.group))
+            parts = all_gather(tensor.contiguous(), group=self.group)
+        # forward all-gather, backward reduce-scatter of the same buffer
+        TRAFFIC.add(kind, (self.world_size - 1) * _nbytes(tensor))
+        TRAFFIC.add(kind + "_backward", (self.world_size - 1) * _nbytes(tensor))
+        return torch.cat(parts)
+
+    def select_rows(self, tensor: torch.Tensor, index: torch.Tensor,
+                    kind: str = "negatives_exchange") -> torch.Tensor:
+        """``gather(tensor)[index]`` without gathering: ``index`` [N] holds rows of the pool's
+        concatenated batch (every rank holds ``tensor.shape[0]`` rows); only those rows move,
+        from their owners, with gradient back to the owners when ``tensor`` requires one.
+        Bytes per rank: N rows each way, whatever the pool size."""
+        rows = tensor.shape[0]
+        owner = torch.div(index, rows, rounding_mode="floor")
+        order = torch.argsort(owner, stable=True)  # requests grouped by owner rank
+        wanted = (index - owner * rows)[order]
+        recv = torch.bincount(owner, minlength=self.world_size)
+        send = torch.empty_like(recv)
+        dist.all_to_all_single(send, recv, group=self.group)  # how many rows each rank wants of mine
+        # Split sizes are Python ints for every backend: one host sync per exchange.
+        recv_counts, send_counts = recv.tolist(), send.tolist()
+        send_rows = wanted.new_empty(sum(send_counts))
+        dist.all_to_all_single(send_rows, wanted.contiguous(), send_counts, recv_counts, group=self.group)
+        me = self.rank
+        TRAFFIC.add(kind + "_plan", _nbytes(recv) * (self.world_size - 1) / self.world_size
+                    + wanted.element_size() * (sum(send_counts) - send_counts[me]))
+        got = _RowExchange.apply(tensor, send_rows, send_counts, recv_counts, self.group, kind)
+        row_bytes = _nbytes(tensor) // max(rows, 1)
+        TRAFFIC.add(kind, row_bytes * (sum(recv_counts) - recv_counts[me]))
+        # Back from owner order to the order of ``index``.
+        return got.index_select(0, torch.argsort(order))
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         tensor = tensor.detach().clone()
         dist.all_reduce(tensor, group=self.group)
+        TRAFFIC.add("sum", 2 * (self.world_size - 1) / self.world_size * _nbytes(tensor))
         return tensor
 
 
-def make_gather():
-    """TorchGather when a process group of several ranks runs, else the identity."""
+def pool_size(pool: str, world_size: int) -> int:
+    """Ranks in one negatives pool: "world", "local" (1) or a number of ranks (at most the
+    world: a 1-rank test of the 8-rank preset pools its one rank)."""
+    if pool == "world":
+        return world_size
+    if pool == "local":
+        return 1
+    return min(int(pool), world_size)
+
+
+def make_pool_gather(pool: str = "world"):
+    """The gather of this rank's negatives pool: consecutive ranks (so a pool fills a node
+    before it spans two: every launcher numbers a node's ranks consecutively) of
+    ``pool_size`` ranks. The identity in one process or a 1-rank pool."""
     from .gather import SINGLE_PROCESS
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return SINGLE_PROCESS
+    world = dist.get_world_size()
+    size = pool_size(pool, world)
+    if size == 1:
+        return SINGLE_PROCESS
+    if size == world:
         return TorchGather()
-    return SINGLE_PROCESS
+    group, _ = dist.new_subgroups(group_size=size)  # collective: every rank creates every group
+    return TorchGather(group)
+
+
+def make_gather():
+    """TorchGather over every rank when a process group of several ranks runs, else the identity."""
+    return make_pool_gather("world")

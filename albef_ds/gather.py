@@ -13,14 +13,19 @@ class SingleProcess:
     world_size = 1
     rank = 0
 
-    def gather(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather(self, tensor: torch.Tensor, kind: str = "") -> torch.Tensor:
         """Concatenate every rank's tensor along dim 0, without gradient."""
         return tensor.detach()
 
-    def gather_with_grad(self, tensor: torch.Tensor) -> torch.Tensor:
+    def gather_with_grad(self, tensor: torch.Tensor, kind: str = "") -> torch.Tensor:
         """Concatenate along dim 0; backward sends each rank the gradient of its slice,
         summed over every rank's loss."""
         return tensor
+
+    def select_rows(self, tensor: torch.Tensor, index: torch.Tensor, kind: str = "") -> torch.Tensor:
+        """``gather(tensor)[index]``, moving only the selected rows; backward returns each
+        row's gradient to the rank that owns it (summed over every rank that drew it)."""
+        return tensor[index]
 
     def sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum over ranks, without gradient."""

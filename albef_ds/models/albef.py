@@ -205,14 +205,14 @@ class ALBEF(nn.Module):
             image_feat_m_all = gather.gather(image_feat_m)
             text_feat_m_all = gather.gather(text_feat_m)
             ids_all = gather.gather(image_ids) if image_ids is not None else None
-            if cfg.itc_candidates == "global":
+            if cfg.itc_candidates == "pool":
                 batch_image_m, batch_text_m, offset = image_feat_m_all, text_feat_m_all, rank_offset
             else:
                 batch_image_m, batch_text_m, offset = image_feat_m, text_feat_m, 0
             image_cands = torch.cat([batch_image_m, self.image_queue.t().to(batch_image_m.dtype)])
             text_cands = torch.cat([batch_text_m, self.text_queue.t().to(batch_text_m.dtype)])
             if cfg.itc_id_positives and image_ids is not None:
-                batch_ids = ids_all if cfg.itc_candidates == "global" else image_ids
+                batch_ids = ids_all if cfg.itc_candidates == "pool" else image_ids
                 pos_targets = losses.id_targets(image_ids, torch.cat([batch_ids, self.idx_queue[0]]))
             else:
                 pos_targets = losses.diagonal_targets(bs, image_cands.shape[0], offset, images.device)
@@ -228,7 +228,7 @@ class ALBEF(nn.Module):
             losses.enqueue(self.text_queue, self.queue_ptr, text_feat_m_all)
 
         # ---- ITM on hard negatives
-        global_itm = cfg.itm_negatives == "global"
+        global_itm = cfg.itm_negatives == "pool"
         itm_offset = rank_offset if global_itm else 0
         pos_idx = itm_offset + torch.arange(bs, device=images.device)
         if itm_negatives is None:
@@ -270,13 +270,19 @@ class ALBEF(nn.Module):
         """ITM logits over positives and both kinds of negatives; also returns the images'
         cross-attention keys/values (reused by MLM) when they are shared."""
         bs = image_embeds.shape[0]
-        if self.cfg.itm_negatives == "global":
-            # Image embeddings of negatives may live on another rank: the gather keeps the
-            # graph, so their gradient flows back to the rank that encoded them. Negative
-            # texts travel as ids (cheap) and are re-encoded here.
-            image_embeds_neg = gather.gather_with_grad(image_embeds)[neg_image_idx]
-            neg_ids = gather.gather(text_ids)[neg_text_idx]
-            neg_mask = gather.gather(text_mask)[neg_text_idx]
+        pooled = self.cfg.itm_negatives == "pool"
+        if pooled:
+            # Image embeddings of negatives may live on another rank of the pool: only the
+            # drawn rows travel (itm_exchange "rows"; "gather": every rank's embeddings, the
+            # O(pool) reference of the tests), with their gradient back to the rank that
+            # encoded them. Negative texts travel as ids (cheap) and are re-encoded here.
+            if self.cfg.itm_exchange == "rows":
+                image_embeds_neg = gather.select_rows(image_embeds, neg_image_idx)
+            else:
+                image_embeds_neg = gather.gather_with_grad(image_embeds)[neg_image_idx]
+            tokens = gather.select_rows(torch.cat([text_ids, text_mask], dim=1), neg_text_idx,
+                                        kind="negative_texts")
+            neg_ids, neg_mask = tokens.split(text_ids.shape[1], dim=1)
             text_embeds_neg = self.encode_text(neg_ids, neg_mask)
         else:
             image_embeds_neg = image_embeds[neg_image_idx]
@@ -289,7 +295,7 @@ class ALBEF(nn.Module):
         image_kvs = None
         if self.cfg.share_cross_kv:
             image_kvs = self.cross_kv(image_embeds)
-            if self.cfg.itm_negatives == "global":
+            if pooled:
                 neg_kvs = self.cross_kv(image_embeds_neg)
             else:
                 neg_kvs = [(k[neg_image_idx], v[neg_image_idx]) for k, v in image_kvs]

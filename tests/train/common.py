@@ -8,16 +8,20 @@ GLOBAL_BATCH = 8
 VOCAB = 100
 
 
-def tiny_cfg(world_size: int = 1):
+def tiny_overrides(world_size: int = 1) -> list[str]:
     per = GLOBAL_BATCH // world_size
-    return load_config("tiny", [
+    return [
         "model.image_res=32", "model.patch_size=8", "model.vision_width=32", "model.vision_depth=2",
         "model.vision_heads=2", "model.text_width=32", "model.text_depth=4", "model.fusion_layer=2",
         "model.text_heads=2", "model.text_intermediate=64", f"model.vocab_size={VOCAB}",
         "model.embed_dim=16", "model.queue_size=64", "model.hidden_dropout=0.0",
         "model.attention_dropout=0.0", f"train.micro_batch_size={per}", "train.precision=fp32",
         "distributed.ds_config=ds_configs/zero2_fp32.json",
-    ], world_size=world_size)
+    ]
+
+
+def tiny_cfg(world_size: int = 1, extra: list[str] = ()):
+    return load_config("tiny", tiny_overrides(world_size) + list(extra), world_size=world_size)
 
 
 def fixed_inputs(cfg, seed: int = 0) -> dict:

@@ -11,9 +11,10 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import GLOBAL_BATCH, fixed_inputs, tiny_cfg  # noqa: E402
+from common import GLOBAL_BATCH, VOCAB, fixed_inputs, tiny_cfg, tiny_overrides  # noqa: E402
 
-from albef_ds.distributed import TorchGather, init_distributed  # noqa: E402
+from albef_ds.config import load_config  # noqa: E402
+from albef_ds.distributed import TRAFFIC, TorchGather, init_distributed, make_pool_gather  # noqa: E402
 from albef_ds.models import ALBEF  # noqa: E402
 from albef_ds.train.engine import initialize  # noqa: E402
 
@@ -35,39 +36,63 @@ class _ScaleGrad(torch.autograd.Function):
 
 
 class DetachedRemoteRows(TorchGather):
-    """Mutation: the other ranks' rows arrive without their graph (a plain all_gather)."""
+    """Mutation: the rows drawn from other ranks arrive without their graph."""
 
-    def gather_with_grad(self, tensor):
-        full = super().gather(tensor)
-        per = tensor.shape[0]
-        return torch.cat([full[:self.rank * per], tensor, full[(self.rank + 1) * per:]])
+    def select_rows(self, tensor, index, kind="negatives_exchange"):
+        got = super().select_rows(tensor.detach(), index, kind)
+        rows = tensor.shape[0]
+        own = (index // rows == self.rank).view(-1, *([1] * (tensor.dim() - 1)))
+        return torch.where(own, tensor[index % rows], got)
 
 
 class ScaledGrad(TorchGather):
-    """Mutation: the gathered rows' gradient scaled by ``factor`` (x W or / W)."""
+    """Mutation: the exchanged rows' gradient scaled by ``factor`` (x W or / W)."""
 
     def __init__(self, factor):
         super().__init__()
         self.factor = factor
 
-    def gather_with_grad(self, tensor):
-        return _ScaleGrad.apply(super().gather_with_grad(tensor), self.factor)
+    def select_rows(self, tensor, index, kind="negatives_exchange"):
+        return _ScaleGrad.apply(super().select_rows(tensor, index, kind), self.factor)
 
 
 def itm_only_grads(cfg, local, neg_text, neg_image, gather, world):
     """Gradient of loss_itm alone on a plain model (no DeepSpeed), averaged over ranks by
-    hand as data parallelism does."""
+    hand as data parallelism does; and the loss."""
     torch.manual_seed(0)
     plain = ALBEF(cfg.model)
     out = plain(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
                 alpha=0.4, image_ids=local["image_ids"], gather=gather, itm_negatives=(neg_text, neg_image))
     out["loss_itm"].backward()
-    grads = {}
+    grads = {"loss_itm": out["loss_itm"].detach()}
     for n, p in plain.named_parameters():
         if p.grad is not None:
             torch.distributed.all_reduce(p.grad)
             grads[n] = p.grad / world
     return grads
+
+
+def traffic_per_step(cfg_overrides, rank, world, batch=4):
+    """Bytes this rank receives through albef-ds's own collectives in one training forward
+    and backward, micro-batch ``batch`` whatever the world size. Every negative is drawn
+    from the next rank of the pool (the exchange's worst case; sampled draws make the count
+    vary with the draws)."""
+    cfg = load_config("tiny", [o for o in tiny_overrides(world) if "micro_batch_size" not in o]
+                      + [f"train.micro_batch_size={batch}"] + cfg_overrides, world_size=world)
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model)
+    gather = make_pool_gather(cfg.model.negative_pool)
+    g = torch.Generator().manual_seed(100 + rank)
+    res, n = cfg.model.image_res, 12
+    ids = torch.randint(5, VOCAB, (batch, n), generator=g)
+    mask = torch.ones(batch, n, dtype=torch.long)
+    image_ids = torch.arange(batch) + 1000 * rank
+    remote = ((gather.rank + 1) % gather.world_size) * batch + torch.arange(batch)
+    TRAFFIC.take()
+    out = model(torch.randn(batch, 3, res, res, generator=g), ids, mask, ids, torch.full_like(ids, -100),
+                alpha=0.4, image_ids=image_ids, gather=gather, itm_negatives=(remote, remote))
+    out["loss"].backward()
+    return TRAFFIC.take()
 
 
 def main():
@@ -109,6 +134,15 @@ def main():
     mutations = {"true": gather, "detached_remote_rows": DetachedRemoteRows(),
                  "grad_times_world": ScaledGrad(float(world)), "grad_over_world": ScaledGrad(1.0 / world)}
     result["itm_grads"] = {name: itm_only_grads(cfg, local, *neg, g, world) for name, g in mutations.items()}
+    full_gather_cfg = tiny_cfg(world, ["model.itm_exchange=gather"])
+    result["itm_grads"]["full_gather"] = itm_only_grads(full_gather_cfg, local, *neg, gather, world)
+
+    # 1c. Bytes per rank per step through our own collectives, same micro-batch at any world.
+    result["traffic"] = {
+        "rows_pool2": traffic_per_step(["model.negative_pool=2"], rank, world),
+        "rows_world": traffic_per_step([], rank, world),
+        "gather_world": traffic_per_step(["model.itm_exchange=gather"], rank, world),
+    }
 
     # 2. Global negatives reach the other rank's image encoder: rank 1's own loss is zeroed,
     #    rank 0's texts take their negative images from rank 1; a plain model, no averaging.

@@ -46,11 +46,24 @@ def deepspeed_launch(script_args: list[str], cwd: Path, timeout: int = 300, num:
     return proc
 
 
+#: world sizes of the real launches: every multi-rank assertion holds at each.
+WORLDS = (2, 4)
+
+
 @pytest.fixture(scope="module")
-def ranks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist")
-    deepspeed_launch([str(REPO / "tests/train/dist_driver.py"), "--out", str(out)], cwd=REPO)
-    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(2)]
+def launches(tmp_path_factory):
+    """world size -> what each rank saw; one launch per world size serves every test."""
+    out = {}
+    for world in WORLDS:
+        d = tmp_path_factory.mktemp(f"dist{world}")
+        deepspeed_launch([str(REPO / "tests/train/dist_driver.py"), "--out", str(d)], cwd=REPO, num=world)
+        out[world] = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    return out
+
+
+@pytest.fixture(params=WORLDS, ids=[f"{w}ranks" for w in WORLDS])
+def ranks(request, launches):
+    return launches[request.param]
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +97,8 @@ def single_itm_grads():
     out = model(x["images"], x["ids"], x["mask"], x["mlm_ids"], x["mlm_labels"], alpha=0.4,
                 image_ids=x["image_ids"], itm_negatives=(x["neg_text"], x["neg_image"]))
     out["loss_itm"].backward()
-    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return {"loss_itm": out["loss_itm"].detach(), **grads}
 
 
 def test_two_ranks_give_the_gradients_of_one_rank_with_twice_the_batch(ranks, single):
@@ -98,11 +112,17 @@ def test_two_ranks_give_the_gradients_of_one_rank_with_twice_the_batch(ranks, si
     assert got["visual_encoder.blocks.0.attn.qkv.weight"].abs().sum() > 0
 
 
-def test_itm_gradient_through_gathered_negatives_equals_one_rank(ranks, single_itm_grads):
-    for rank in ranks:
-        errors = relative_errors(rank["itm_grads"]["true"], single_itm_grads)
-        worst = max(errors, key=errors.get)
-        assert errors[worst] < GRAD_RTOL, f"{worst}: relative error {errors[worst]:.2e}"
+def test_itm_gradient_through_exchanged_negatives_equals_one_rank(ranks, single_itm_grads):
+    """Selected-row exchange and full gather: the gradient and loss of one rank x 2B."""
+    ref = {k: v for k, v in single_itm_grads.items() if k != "loss_itm"}
+    for way in ("true", "full_gather"):
+        for rank in ranks:
+            got = {k: v for k, v in rank["itm_grads"][way].items() if k != "loss_itm"}
+            errors = relative_errors(got, ref)
+            worst = max(errors, key=errors.get)
+            assert errors[worst] < GRAD_RTOL, f"{way}: {worst}: relative error {errors[worst]:.2e}"
+        mean = sum(r["itm_grads"][way]["loss_itm"] for r in ranks) / len(ranks)
+        torch.testing.assert_close(mean, single_itm_grads["loss_itm"], rtol=1e-5, atol=1e-6)
     # The negatives' path carries a real share of the image encoder's ITM gradient.
     assert single_itm_grads["visual_encoder.blocks.0.attn.qkv.weight"].abs().sum() > 0
 
@@ -110,21 +130,24 @@ def test_itm_gradient_through_gathered_negatives_equals_one_rank(ranks, single_i
 @pytest.mark.parametrize("mutation", ["detached_remote_rows", "grad_times_world", "grad_over_world"])
 def test_a_wrong_negatives_gradient_fails_the_comparison(ranks, single_itm_grads, mutation):
     """Mutations of the exchange that the test above must catch, by a wide margin."""
-    worst = max(relative_errors(ranks[0]["itm_grads"][mutation], single_itm_grads).values())
+    got = {k: v for k, v in ranks[0]["itm_grads"][mutation].items() if k != "loss_itm"}
+    ref = {k: v for k, v in single_itm_grads.items() if k != "loss_itm"}
+    worst = max(relative_errors(got, ref).values())
     assert worst > MUTATION_MARGIN * GRAD_RTOL, f"{mutation}: worst relative error only {worst:.2e}"
 
 
 def test_losses_average_to_the_single_process_losses(ranks, single):
     _, out, _ = single
     for key in ("loss_itc", "loss_itm", "loss_mlm"):
-        mean = (ranks[0]["losses"][key] + ranks[1]["losses"][key]) / 2
+        mean = sum(r["losses"][key] for r in ranks) / len(ranks)
         torch.testing.assert_close(mean, out[key].detach(), rtol=1e-5, atol=1e-6)
 
 
 def test_queues_identical_across_ranks_and_hold_the_gathered_features(ranks, single):
-    r0, r1 = ranks
-    assert torch.equal(r0["image_queue"], r1["image_queue"])
-    assert torch.equal(r0["text_queue"], r1["text_queue"])
+    r0 = ranks[0]
+    for r in ranks[1:]:
+        assert torch.equal(r0["image_queue"], r["image_queue"])
+        assert torch.equal(r0["text_queue"], r["text_queue"])
     assert int(r0["queue_ptr"]) == GLOBAL_BATCH
     # The first GLOBAL_BATCH columns are the momentum features of the global batch, in rank order.
     assert torch.equal(r0["image_queue"][:, :GLOBAL_BATCH], r0["image_feat_m_all"].t())
@@ -135,7 +158,7 @@ def test_queues_identical_across_ranks_and_hold_the_gathered_features(ranks, sin
 
 def test_global_negatives_cross_ranks_and_skip_same_image(ranks):
     image_ids = fixed_inputs(tiny_cfg(1))["image_ids"]
-    per = GLOBAL_BATCH // 2
+    per = GLOBAL_BATCH // len(ranks)
     for rank, r in enumerate(ranks):
         rows = torch.arange(per) + rank * per
         for drawn in (r["sampled_neg_text"], r["sampled_neg_image"]):
@@ -156,5 +179,31 @@ def test_retrieval_on_two_ranks_equals_one_rank(ranks):
     torch.manual_seed(0)
     single = evaluate(ALBEF(cfg.model), fake_split(), *fake_io(cfg.model.image_res, cfg.model.vocab_size),
                       k_test=3, batch_size=2)
-    assert ranks[0]["retrieval"] == single
-    assert ranks[1]["retrieval"] == single
+    for r in ranks:
+        assert r["retrieval"] == single
+
+
+def _bytes(traffic: dict) -> float:
+    return sum(traffic.values())
+
+
+def test_bytes_per_rank_constant_in_the_world_size_with_the_row_exchange(launches):
+    """Same micro-batch, a pool of 2 ranks: bytes through our own collectives per rank per
+    step do not grow from 2 to 4 ranks; the full gather over the world does (measured the
+    same way); with the exchange, the negatives' own bytes are constant even over the world."""
+    mean = {w: {k: sum(_bytes(r["traffic"][k]) for r in launches[w]) / w for k in launches[w][0]["traffic"]}
+            for w in WORLDS}
+    assert mean[2]["rows_pool2"] > 0
+    assert abs(mean[4]["rows_pool2"] / mean[2]["rows_pool2"] - 1) < 0.10, mean
+    assert mean[4]["gather_world"] / mean[2]["gather_world"] > 1.8, mean  # O(world): 3/1 ideally
+
+    def negatives(r, key):
+        t = r["traffic"][key]
+        return sum(v for k, v in t.items() if k.startswith("negatives_"))
+    rows = {w: sum(negatives(r, "rows_world") for r in launches[w]) / w for w in WORLDS}
+    assert abs(rows[4] / rows[2] - 1) < 0.10, rows
+    # A rank receives its B = 4 drawn rows, and the gradients of the 4 rows drawn of it.
+    row_bytes = 17 * 32 * 4  # image tokens x width x fp32
+    for r in launches[4]:
+        t = r["traffic"]["rows_world"]
+        assert t["negatives_exchange"] == 4 * row_bytes and t["negatives_exchange_backward"] == 4 * row_bytes
