@@ -123,7 +123,7 @@ def device() -> torch.device:
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum over ranks (identity in one process); CPU tensors travel through the backend's
     device (NCCL reduces only GPU tensors) and come back on the CPU."""
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return tensor
     home = tensor.device
     tensor = tensor.to(device()).contiguous()
@@ -136,6 +136,28 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+def _several() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank ``src``'s ``obj`` on every rank (itself in one process)."""
+    if not _several():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def all_gather_object(obj) -> list:
+    """Every rank's ``obj``, in rank order ([obj] in one process)."""
+    if not _several():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 class Traffic:

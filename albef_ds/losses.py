@@ -14,6 +14,11 @@ import torch.nn.functional as F
 IGNORE_INDEX = -100
 
 
+def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32 when it is a narrower float (bf16, fp16); float64 stays float64."""
+    return t.float() if t.is_floating_point() and t.element_size() < 4 else t
+
+
 # --------------------------------------------------------------------------- ITC + MoD
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -32,19 +37,25 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
     image_cands_m, text_cands_m: [K, D] momentum candidates (in-batch features, then queue).
     pos_targets: [B, K] ground-truth distribution over candidates (rows sum to 1).
     Returns (loss, sim_i2t [B, K], sim_t2i [B, K]).
+
+    Similarities are computed in fp32 at least: bf16 keeps 8 bits of mantissa, so cosines
+    near 1 divided by temp = 0.07 differ by ~0.1 between neighbouring values, noise in a
+    softmax over 65k candidates.
     """
+    image_feat, text_feat, image_feat_m, text_feat_m, image_cands_m, text_cands_m, temp = (
+        at_least_fp32(t) for t in (image_feat, text_feat, image_feat_m, text_feat_m,
+                                   image_cands_m, text_cands_m, temp))
     sim_i2t = image_feat @ text_cands_m.t() / temp
     sim_t2i = text_feat @ image_cands_m.t() / temp
     with torch.no_grad():
-        targets_i2t = pos_targets
-        targets_t2i = pos_targets
+        targets_i2t = pos_targets.to(sim_i2t.dtype)
+        targets_t2i = pos_targets.to(sim_i2t.dtype)
         if alpha > 0:
             sim_i2t_m = image_feat_m @ text_cands_m.t() / temp
             sim_t2i_m = text_feat_m @ image_cands_m.t() / temp
-            targets_i2t = alpha * F.softmax(sim_i2t_m.float(), dim=1) + (1 - alpha) * pos_targets
-            targets_t2i = alpha * F.softmax(sim_t2i_m.float(), dim=1) + (1 - alpha) * pos_targets
-    loss = (soft_cross_entropy(sim_i2t.float(), targets_i2t)
-            + soft_cross_entropy(sim_t2i.float(), targets_t2i)) / 2
+            targets_i2t = alpha * F.softmax(sim_i2t_m, dim=1) + (1 - alpha) * targets_i2t
+            targets_t2i = alpha * F.softmax(sim_t2i_m, dim=1) + (1 - alpha) * targets_t2i
+    loss = (soft_cross_entropy(sim_i2t, targets_i2t) + soft_cross_entropy(sim_t2i, targets_t2i)) / 2
     return loss, sim_i2t, sim_t2i
 
 

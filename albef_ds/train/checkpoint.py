@@ -1,16 +1,23 @@
-"""Checkpoints that survive a kill at any moment, and resume on any number of ranks.
+"""Checkpoints that survive a kill at any moment, and resume on any number of ranks, at
+a size and a read cost per rank that do not grow with the world size.
 
 Layout under ``RUN_DIR/checkpoints``::
 
-    step_00000200/            DeepSpeed's files (module, ZeRO optimizer partitions)
-        albef_rank00000.pt    per rank: RNG states, fp32 momentum master, loader state
-        albef_meta.json       world size, global batch, step (rank 0, after every rank wrote)
-    latest                    the tag of the newest COMPLETE checkpoint
+    step_00000200/               a complete checkpoint (renamed from .partial: the commit)
+        (DeepSpeed's files)      module states (rank 0), ZeRO partitions (one per rank)
+        albef_momentum.pt        fp32 momentum master of the parameters held whole: once
+        albef_rank00000.pt       per rank: RNG states, its ZeRO-3 partitions of the master
+        albef_queue_pool00000.pt per negatives pool: its queues and pointer
+        albef_meta.json          step, world size, global batch, pools
+    step_00000400.partial/       a save under way (or killed): never resumed from
+    latest                       the tag of the newest complete checkpoint
 
-DeepSpeed's own ``latest`` is written by rank 0 before all ranks are known to be done, so
-we never let it: ``latest`` is ours, written after a barrier, atomically (tmp + rename).
-DeepSpeed saves ``client_state`` from rank 0 only, so everything per rank (RNG, the
-ZeRO-3 partition of the momentum master) goes into a file of each rank's own.
+A save writes into ``<tag>.partial`` and rank 0 renames it to ``<tag>`` once every rank's
+files are on disk, so files of an interrupted save (possibly at another world size) can
+never mix with a later one. On resume rank 0 picks the tag and broadcasts it; every rank
+checks that it sees the same checkpoint (a caching shared file system can show ranks
+different folders) before anything is loaded. Each rank then reads DeepSpeed's files for
+itself, the shared momentum file, its own rank file and its pool's queue file.
 """
 from __future__ import annotations
 
@@ -22,14 +29,25 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
 
-from ..distributed import barrier
+from .. import distributed as dist_lib
 
 META = "albef_meta.json"
+MOMENTUM_FILE = "albef_momentum.pt"
+PARTIAL = ".partial"
+TAG_PATTERN = re.compile(r"step_\d{8}")
+
+
+def tag_of(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def queue_file(tag_dir: Path, pool: int) -> Path:
+    return tag_dir / f"albef_queue_pool{pool:05d}.pt"
 
 
 def rank_file(tag_dir: Path, rank: int) -> Path:
@@ -57,46 +75,60 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _atomic_torch_save(obj, path: Path) -> None:
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from, with the reason and the path."""
 
 
 class CheckpointManager:
-    def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int, world_size: int):
+    """Save, find and load checkpoints. ``collectives``: barrier / broadcast_object /
+    all_gather_object (albef_ds.distributed by default; tests hand in fakes)."""
+
+    def __init__(self, run_dir: str | os.PathLike, keep_last: int, rank: int, world_size: int,
+                 collectives=dist_lib):
         self.dir = Path(run_dir) / "checkpoints"
         self.keep_last = keep_last
         self.rank = rank
         self.world_size = world_size
+        self.comm = collectives
 
     # ------------------------------------------------------------------ save
-    def save(self, engine, step: int, client_state: dict, rank_state: dict) -> Path:
-        tag = f"step_{step:08d}"
-        tag_dir = self.dir / tag
+    def save(self, engine, step: int, client_state: dict, files: dict, meta: Optional[dict] = None) -> Path:
+        """DeepSpeed's state plus ``files`` (file name -> object, what THIS rank writes) into
+        ``<tag>.partial``, renamed to ``<tag>`` by rank 0 when every rank is done."""
+        tag = tag_of(step)
+        final, partial = self.dir / tag, self.dir / (tag + PARTIAL)
+        if self.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)  # left by a save killed at this step
+        self.comm.barrier()
         client_state = dict(client_state)
         # Needed by DeepSpeed's universal-checkpoint converter (resume on another world size).
         client_state["universal_checkpoint_info"] = {"universal_checkpoint_version": 0.2}
-        engine.save_checkpoint(str(self.dir), tag=tag, client_state=client_state, save_latest=False)
-        _atomic_torch_save(rank_state, rank_file(tag_dir, self.rank))
-        barrier()  # every rank's files are on disk
+        engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client_state, save_latest=False)
+        for name, obj in files.items():
+            torch.save(obj, partial / name)
+        self.comm.barrier()  # every rank's files are on disk
         if self.rank == 0:
-            meta = {"step": step, "world_size": self.world_size,
-                    "global_batch": client_state.get("global_batch"),
-                    "zero_stage": client_state.get("zero_stage")}
-            _atomic_write(tag_dir / META, json.dumps(meta))
+            _atomic_write(partial / META, json.dumps({"step": step, "world_size": self.world_size,
+                                                      **(meta or {})}))
+            if final.exists():  # the same step saved twice (a best checkpoint, then the periodic one)
+                shutil.rmtree(final)
+            os.replace(partial, final)
             _atomic_write(self.dir / "latest", tag)
             self._prune()
-        barrier()
-        return tag_dir
+        self.comm.barrier()
+        return final
 
     def _prune(self) -> None:
+        """Keep the newest ``keep_last`` complete checkpoints (and the best); remove partial
+        folders of interrupted saves (this save's own was renamed already)."""
         best = self.dir.parent / "best.json"
         keep = {json.loads(best.read_text())["tag"]} if best.is_file() else set()
         complete = [t for t in self.complete_tags() if t not in keep]
         for tag in complete[: max(0, len(complete) - self.keep_last)]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
             shutil.rmtree(self.dir / f"{tag}_universal", ignore_errors=True)
+        for stale in self.dir.glob(f"step_*{PARTIAL}"):
+            shutil.rmtree(stale, ignore_errors=True)
 
     # ------------------------------------------------------------------ find
     def complete_tags(self) -> list[str]:
@@ -104,10 +136,9 @@ class CheckpointManager:
             return []
         # Only our own tags: a converted "<tag>_universal" folder holds a copy of the meta too.
         return sorted(p.parent.name for p in self.dir.glob(f"step_*/{META}")
-                      if re.fullmatch(r"step_\d{8}", p.parent.name))
+                      if TAG_PATTERN.fullmatch(p.parent.name))
 
-    def resolve(self, resume: str) -> Optional[Path]:
-        """'auto' -> the latest complete checkpoint or None; 'none' -> None; else a path."""
+    def _resolve_here(self, resume: str) -> Optional[Path]:
         if resume == "none":
             return None
         if resume != "auto":
@@ -116,10 +147,34 @@ class CheckpointManager:
                 raise FileNotFoundError(f"--resume {resume}: not a complete albef-ds checkpoint "
                                         f"(no {META} in it)")
             return path
-        # The newest checkpoint with its meta file (written after every rank finished) is
-        # the commit point; 'latest' may lag it by one if a kill landed between the two writes.
         tags = self.complete_tags()
         return self.dir / tags[-1] if tags else None
+
+    def resolve(self, resume: str) -> Optional[Path]:
+        """'auto' -> the latest complete checkpoint or None; 'none' -> None; else a path.
+        Rank 0 decides; every rank must then see that checkpoint, at the same step."""
+        error = None
+        chosen = None
+        if self.rank == 0:
+            try:
+                chosen = self._resolve_here(resume)
+            except FileNotFoundError as e:
+                error = str(e)
+        error, chosen = self.comm.broadcast_object((error, None if chosen is None else str(chosen)))
+        if error:
+            raise FileNotFoundError(error)
+        if chosen is None:
+            return None
+        path = Path(chosen)
+        seen = json.loads((path / META).read_text())["step"] if (path / META).is_file() else None
+        views = self.comm.all_gather_object(seen)
+        if len(set(views)) != 1:
+            blind = [r for r, v in enumerate(views) if v != views[0]]
+            raise CheckpointError(
+                f"ranks disagree about checkpoint {path}: rank 0 resumes from step {views[0]}, rank(s) "
+                f"{blind} see {[views[r] for r in blind]} (None: no {META}); a shared file system that "
+                f"caches directory listings? nothing was loaded")
+        return path
 
     @staticmethod
     def meta(tag_dir: Path) -> dict:
@@ -128,27 +183,40 @@ class CheckpointManager:
     # ------------------------------------------------------------------ load
     def prepare_universal(self, tag_dir: Path) -> Path:
         """Convert a checkpoint from another world size with DeepSpeed's ds_to_universal
-        (rank 0, once); every rank then loads ``<tag>_universal``."""
+        (rank 0, once); every rank then loads DeepSpeed's state from ``<tag>_universal``
+        (our own files are read from ``tag_dir``)."""
         out = tag_dir.parent / f"{tag_dir.name}_universal"
         if self.rank == 0 and not (out / "zero").is_dir():
             shutil.rmtree(out, ignore_errors=True)
             subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
                             "--input_folder", str(tag_dir), "--output_folder", str(out),
                             "--inject_missing_state"], check=True)
-            # Our per-rank files (RNG, momentum masters, meta) travel with the converted folder.
-            for extra in tag_dir.glob("albef_*"):
-                shutil.copy2(extra, out / extra.name)
-        barrier()
+        self.comm.barrier()
         return out
 
-    def load(self, engine, tag_dir: Path) -> tuple[dict, list[dict]]:
-        """Load DeepSpeed state; return (client_state, every saved rank's state)."""
-        path, client_state = engine.load_checkpoint(str(tag_dir.parent), tag=tag_dir.name,
+    def load(self, engine, tag_dir: Path, ds_dir: Optional[Path] = None) -> dict:
+        """Load DeepSpeed's state (from ``ds_dir``, default ``tag_dir``); return the client state."""
+        ds_dir = ds_dir or tag_dir
+        path, client_state = engine.load_checkpoint(str(ds_dir.parent), tag=ds_dir.name,
                                                     load_optimizer_states=True,
                                                     load_lr_scheduler_states=True)
         if path is None:
-            raise RuntimeError(f"DeepSpeed could not load the checkpoint {tag_dir}")
-        states = [torch.load(f, map_location="cpu", weights_only=False)
-                  for f in sorted(tag_dir.glob("albef_rank*.pt"))]
-        return client_state or {}, states
+            raise CheckpointError(f"DeepSpeed could not load the checkpoint {ds_dir}")
+        return client_state or {}
 
+
+def read(path: Path):
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def rank_files(tag_dir: Path) -> Iterator[dict]:
+    """Every rank's file of a checkpoint, loaded one at a time (universal resume, export)."""
+    for f in sorted(tag_dir.glob("albef_rank*.pt")):
+        yield read(f)
+
+
+def read_queue(tag_dir: Path, pool: int) -> dict:
+    """Pool ``pool``'s queues; after a world-size change with more pools than were saved,
+    pool p starts from saved pool p mod (saved pools)."""
+    saved = max(1, int(CheckpointManager.meta(tag_dir).get("pools", 1)))
+    return read(queue_file(tag_dir, pool % saved))

@@ -12,6 +12,8 @@ whole on every rank (``ds_persist``) and the forward reads ``param.data``, not
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
@@ -92,28 +94,46 @@ class MomentumEMA:
                 piece, _ = _partition_slice(p_m, master.view(-1))
                 p_m.ds_tensor[: piece.numel()].copy_(piece)
 
-    def state_dict(self) -> dict:
+    def _ensure_master(self) -> None:
         if self.master is None:
             self._init_master(self._storages()[1])
-        return {"names": self.names, "kinds": self.kinds, "shapes": self.shapes,
-                "offsets": self.offsets, "master": [t.clone() for t in self.master]}
 
-    def load_state_dict(self, state: dict) -> None:
+    def full_state(self) -> dict:
+        """Name -> fp32 master of every parameter held whole (all of them under ZeRO-0/1/2,
+        the persistent ones under ZeRO-3): the same on every rank, so one rank saves it."""
+        self._ensure_master()
+        return {"shapes": dict(zip(self.names, self.shapes)),
+                "full": {n: m.reshape(shape).clone() for n, m, k, shape in
+                         zip(self.names, self.master, self.kinds, self.shapes) if k == "full"}}
+
+    def partition_state(self) -> dict:
+        """This rank's ZeRO-3 partitions of the master: name -> (offset, flat tensor)."""
+        self._ensure_master()
+        return {n: (off, m.reshape(-1).clone()) for n, m, k, off in
+                zip(self.names, self.master, self.kinds, self.offsets) if k == "partition"}
+
+    def load(self, full_state: dict, partitions: dict) -> None:
+        """Same world size: the shared whole tensors and this rank's own partitions."""
         if self.master is None:
-            self.master = [t.clone().float() for t in state["master"]]
-        if state["names"] != self.names or [t.numel() for t in state["master"]] != [t.numel() for t in self.master]:
-            raise RuntimeError("momentum master in the checkpoint does not match this model/partitioning")
-        for mine, saved in zip(self.master, state["master"]):
-            mine.copy_(saved)
+            self.master = [torch.zeros(d.shape, dtype=torch.float32) for d in self._storages()[1]]
+        for i, name in enumerate(self.names):
+            if self.kinds[i] == "full":
+                source = full_state["full"].get(name)
+            else:
+                source = partitions.get(name, (None, None))[1]
+                if source is not None and partitions[name][0] != self.offsets[i]:
+                    source = None
+            if source is None or source.numel() != self.master[i].numel():
+                raise RuntimeError(f"momentum master in the checkpoint does not match this model/partitioning "
+                                   f"at {name}")
+            self.master[i].copy_(source.reshape(self.master[i].shape))
         self._write()
 
     def load_full(self, full: dict) -> None:
         """Fill the master from full fp32 momentum tensors (name -> tensor), e.g. after a
         resume on another number of ranks."""
         if self.master is None:
-            self.master = [torch.zeros(d.numel()) for d in self._storages()[1]]
-            self.master = [m.view(d.shape) if d.numel() == m.numel() else m
-                           for m, d in zip(self.master, self._storages()[1])]
+            self.master = [torch.zeros(d.shape, dtype=torch.float32) for d in self._storages()[1]]
         for i, name in enumerate(self.names):
             flat = full[name].float().reshape(-1)
             if self.kinds[i] == "partition":
@@ -125,21 +145,18 @@ class MomentumEMA:
         self._write()
 
 
-def assemble_full(rank_states: list[dict]) -> dict:
-    """Full fp32 momentum tensors from every rank's EMA state (ZeRO-3 partitions joined)."""
-    first = rank_states[0]
-    out = {}
-    for i, name in enumerate(first["names"]):
-        shape = first["shapes"][i]
-        numel = 1
-        for s in shape:
-            numel *= s
-        if first["kinds"][i] == "full":
-            out[name] = first["master"][i].reshape(shape).clone()
-            continue
-        flat = torch.zeros(sum(st["master"][i].numel() for st in rank_states))
-        for st in rank_states:
-            part = st["master"][i].reshape(-1)
-            flat[st["offsets"][i]: st["offsets"][i] + part.numel()] = part
-        out[name] = flat[:numel].reshape(shape).clone()
+def assemble_full(full_state: dict, partition_states) -> dict:
+    """Full fp32 momentum tensors from the shared whole tensors and every rank's ZeRO-3
+    partitions; ``partition_states`` is iterated once (pass a generator that loads one
+    rank's file at a time: one full copy in memory, never every rank's files at once)."""
+    shapes = full_state["shapes"]
+    out = {n: t.clone() for n, t in full_state["full"].items()}
+    flats = {n: torch.zeros(math.prod(shape)) for n, shape in shapes.items() if n not in out}
+    for partitions in partition_states:
+        for name, (offset, part) in partitions.items():
+            flat = flats[name]
+            n = max(0, min(part.numel(), flat.numel() - offset))  # the last partition is padded
+            flat[offset: offset + n] = part[:n]
+    for name, flat in flats.items():
+        out[name] = flat.reshape(shapes[name])
     return out

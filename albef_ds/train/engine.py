@@ -134,6 +134,21 @@ def initialize(model: torch.nn.Module, cfg: Config, world_size: int, total_steps
     return engine, ds, opt_name
 
 
+@torch.no_grad()
+def clamp_master(param: torch.nn.Parameter, low: float, high: float) -> None:
+    """Clamp a parameter where the optimizer keeps it: DeepSpeed's fp32 master under ZeRO
+    (and bf16/fp16), which overwrites the module's copy at every step, so a clamp of the
+    module's copy alone (the reference's, in the forward) lets the master drift past the
+    bound. Each rank clamps the part of the master it holds: no collective."""
+    if hasattr(param, "ds_id"):  # ZeRO-3: this rank's fp32 partition (padding clamped too: unused)
+        from deepspeed.utils import safe_get_local_fp32_param, safe_set_local_fp32_param
+        safe_set_local_fp32_param(param, safe_get_local_fp32_param(param).clamp(low, high))
+    elif getattr(param, "_hp_mapping", None) is not None:  # ZeRO-1/2: a view of the flat fp32 partition
+        param._hp_mapping.get_hp_fragment().clamp_(low, high)
+    else:  # this rank holds no piece of the master, or no DeepSpeed optimizer wraps it
+        param.data.clamp_(low, high)
+
+
 def engine_dtype(ds: dict) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds)]
 

@@ -1,8 +1,8 @@
 """``albef-ds export CKPT``: one fp32 model from a (ZeRO-sharded) training checkpoint.
 
 Online weights come from DeepSpeed's fp32 optimizer partitions (``zero_to_fp32``), the
-momentum weights from our fp32 EMA masters (every rank's file, ZeRO-3 partitions joined),
-the queues from the client state. Writes ``model.pt`` (our layout, loadable by
+momentum weights from our fp32 EMA master (the shared file, ZeRO-3 partitions joined from
+the rank files one at a time), the queues from pool 0's queue file. Writes ``model.pt`` (our layout, loadable by
 :func:`load_exported`) and ``albef.pth`` (the reference release's layout).
 """
 from __future__ import annotations
@@ -39,18 +39,14 @@ def consolidate(tag_dir: Path, cfg: Config) -> torch.nn.Module:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     from ..models import ALBEF
+    from . import checkpoint as ckpt_lib
     from .ema import assemble_full
 
     model = ALBEF(cfg.model)
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    # ZeRO-1/2 name it mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_…; rank 0 holds the client state.
-    client = torch.load(sorted(tag_dir.glob("*mp_rank_00_model_states.pt"))[0], map_location="cpu",
-                        weights_only=False)
-    ranks = [torch.load(f, map_location="cpu", weights_only=False)
-             for f in sorted(tag_dir.glob("albef_rank*.pt"))]
-    state.update(assemble_full([r["ema"] for r in ranks]))
-    for name in ("image_queue", "text_queue", "queue_ptr"):
-        state[name] = client[name]
+    momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
+    state.update(assemble_full(momentum, (f["ema_partitions"] for f in ckpt_lib.rank_files(tag_dir))))
+    state.update(ckpt_lib.read_queue(tag_dir, 0))  # pool 0's queues
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied (decoder = word embeddings) and buffer entries may be absent from DeepSpeed's
     # parameter list; anything else missing is a real gap.

@@ -32,6 +32,8 @@ from ..config import Config, ConfigError, load_config, save_config
 EXIT_PREEMPTED = 3
 #: marker written in the run directory when the planned final step is reached.
 DONE_MARKER = "DONE"
+#: the reference's bounds on the contrastive temperature.
+TEMP_BOUNDS = (0.001, 0.5)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -131,7 +133,9 @@ def summary(cfg: Config, launch, ds: dict, model, opt_name: str, steps: int, per
         f"  batch: micro {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum_steps} x "
         f"world {launch.world_size} = global {cfg.global_batch(launch.world_size)}",
         f"  steps: {steps} ({per_epoch} per epoch); queue {cfg.model.queue_size}; "
-        f"ITC candidates {cfg.model.itc_candidates}; ITM negatives {cfg.model.itm_negatives}",
+        f"ITC candidates {cfg.model.itc_candidates}; ITM negatives {cfg.model.itm_negatives} "
+        f"({cfg.model.itm_exchange}); negatives pool {cfg.pool_size(launch.world_size)} rank(s) = "
+        f"{cfg.pool_size(launch.world_size) * cfg.train.micro_batch_size} pairs per micro-step",
         f"  data: {', '.join(cfg.data.train_dirs)} (tokenizer {cfg.data.tokenizer})",
         f"  run dir: {cfg.logging.run_dir}",
     ]
@@ -158,9 +162,10 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     val r_mean is kept (``best.json`` names it) whatever ``keep_last`` says."""
     from ..data import build_train_loader
     from ..tokenizer import load_tokenizer
+    from . import checkpoint as ckpt_lib
     from .checkpoint import CheckpointManager, rng_state, set_rng_state
     from .ema import MomentumEMA, assemble_full
-    from .engine import clean_shared_memory_leftovers, engine_dtype, initialize
+    from .engine import clamp_master, clean_shared_memory_leftovers, engine_dtype, initialize
     from .metrics import MetricsLogger, RunningMeans, memory_gb
     from .schedule import alpha_at
 
@@ -200,25 +205,29 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     device = dist_lib.device()
     dtype = engine_dtype(ds)
     ema = MomentumEMA(module, cfg.model.momentum, foreach=cfg.model.foreach_ema)
-    gather = dist_lib.make_gather()
+    gather = dist_lib.make_pool_gather(cfg.model.negative_pool)
+    world_gather = dist_lib.make_gather()
     log(summary(cfg, launch, ds, module, opt_name, total_steps, per_epoch))
 
+    pool = cfg.pool_size(world)
+    pool_index = rank // pool  # which negatives pool this rank belongs to (its queue file)
     step, epoch = 0, 0
     if resume_dir:
-        client, rank_states = ckpt.load(engine, ds_dir)
+        client = ckpt.load(engine, resume_dir, ds_dir)
         step, epoch = int(client["step"]), int(client["epoch"])
+        momentum = ckpt_lib.read(resume_dir / ckpt_lib.MOMENTUM_FILE)
         if universal:
-            ema.load_full(assemble_full([s["ema"] for s in rank_states]))
+            ema.load_full(assemble_full(momentum, (f["ema_partitions"] for f in ckpt_lib.rank_files(resume_dir))))
             log(f"resumed from {resume_dir} (world {resume_meta['world_size']} -> {world}, universal)")
         else:
-            mine = rank_states[rank]
-            ema.load_state_dict(mine["ema"])
+            mine = ckpt_lib.read(ckpt_lib.rank_file(resume_dir, rank))
+            ema.load(momentum, mine["ema_partitions"])
             set_rng_state(mine["rng"])
             log(f"resumed from {resume_dir} at step {step}")
+        queues = ckpt_lib.read_queue(resume_dir, pool_index)
         with torch.no_grad():
-            module.image_queue.copy_(client["image_queue"])
-            module.text_queue.copy_(client["text_queue"])
-            module.queue_ptr.copy_(client["queue_ptr"])
+            for name, value in queues.items():
+                getattr(module, name).copy_(value)
         loader.load_state_dict(client["loader"])
 
     metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard)
@@ -253,19 +262,26 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     stopped_by_signal = False
     micro = 0
     t_log = time.time()
-    pairs_since_log = 0
+    pairs_since_log = steps_since_log = 0
+    dist_lib.TRAFFIC.take()  # start-up collectives are not a step's
     engine.train()
 
+    queue_names = [n for n in ("image_queue", "text_queue", "queue_ptr", "idx_queue") if hasattr(module, n)]
+
     def save():
-        client = {
-            "step": step, "epoch": epoch, "global_batch": cfg.global_batch(world),
-            "zero_stage": ds.get("zero_optimization", {}).get("stage", 0),
-            "loader": loader.state_dict(),
-            "image_queue": module.image_queue.detach().cpu(),
-            "text_queue": module.text_queue.detach().cpu(),
-            "queue_ptr": module.queue_ptr.detach().cpu(),
-        }
-        return ckpt.save(engine, step, client, {"rng": rng_state(), "ema": ema.state_dict()})
+        client = {"step": step, "epoch": epoch, "global_batch": cfg.global_batch(world),
+                  "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "loader": loader.state_dict()}
+        # What this rank writes: its RNG and ZeRO-3 partitions; the whole-tensor momentum
+        # master once (rank 0); its pool's queues once (the pool's first rank).
+        files = {ckpt_lib.rank_file(Path(), rank).name: {"rng": rng_state(), "ema_partitions": ema.partition_state()}}
+        if rank == 0:
+            files[ckpt_lib.MOMENTUM_FILE] = ema.full_state()
+        if rank % pool == 0:
+            files[ckpt_lib.queue_file(Path(), pool_index).name] = {
+                n: getattr(module, n).detach().cpu() for n in queue_names}
+        meta = {"global_batch": client["global_batch"], "zero_stage": client["zero_stage"],
+                "pools": world // pool}
+        return ckpt.save(engine, step, client, files, meta)
 
     while step < total_steps and not stopped_by_signal:
         for batch in loader:
@@ -283,7 +299,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
                                                      generator=gen, **special)
             normalizer = None
             if cfg.train.mlm_global_normalization:
-                count = gather.sum((mlm_labels != losses.IGNORE_INDEX).sum().float())
+                count = world_gather.sum((mlm_labels != losses.IGNORE_INDEX).sum().float())
                 normalizer = count.clamp(min=1) / world
             alpha = alpha_at(step, per_epoch, cfg.model.alpha, cfg.train.alpha_ramp_epochs)
             out = engine(images, ids, mask, mlm_ids, mlm_labels, alpha=alpha, image_ids=image_ids,
@@ -300,7 +316,9 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
             if not boundary:
                 continue
             ema.update()
+            clamp_master(module.temp, *TEMP_BOUNDS)
             step += 1
+            steps_since_log += 1
             micro = 0
             if bar is not None:
                 bar.update(1)
@@ -316,6 +334,11 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
                 })
                 if peak:
                     values["mfu"] = pairs_s * flops_per_pair / (peak * world)
+                # Bytes this rank received per step through albef-ds's own collectives.
+                traffic = dist_lib.TRAFFIC.take()
+                values["comm_bytes_per_step"] = sum(traffic.values()) / max(1, steps_since_log)
+                for kind, nbytes in traffic.items():
+                    values[f"comm_bytes/{kind}"] = nbytes / max(1, steps_since_log)
                 mem = memory_gb(device)
                 if mem is not None:
                     values["memory_gb"] = mem
@@ -323,7 +346,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
                 if bar is not None:
                     bar.set_postfix(loss=f"{values['loss']:.3f}", itc=f"{values['loss_itc']:.2f}",
                                     itm=f"{values['loss_itm']:.2f}", mlm=f"{values['loss_mlm']:.2f}")
-                t_log, pairs_since_log = time.time(), 0
+                t_log, pairs_since_log, steps_since_log = time.time(), 0, 0
                 if keys_log is not None:
                     keys_log.flush()
             # Epochs counted in optimizer steps (train.steps_per_epoch or the data size).

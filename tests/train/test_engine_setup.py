@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from albef_ds.config import ConfigError, load_config
-from albef_ds.train.checkpoint import META, CheckpointManager
+from albef_ds.train.checkpoint import META, CheckpointError, CheckpointManager
 from albef_ds.train.engine import load_ds_config, param_groups
 from albef_ds.train.pretrain import _check_data_dirs
 from albef_ds.train.schedule import alpha_at, lr_at
@@ -101,14 +101,65 @@ class FakeEngine:
 
 def test_a_crash_in_the_middle_of_a_save_never_becomes_latest(tmp_path):
     ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
-    ckpt.save(FakeEngine(), 4, {"global_batch": 8}, {"rng": None})
+    ckpt.save(FakeEngine(), 4, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
     with pytest.raises(OSError):
-        ckpt.save(FakeEngine(fail=True), 8, {"global_batch": 8}, {"rng": None})
+        ckpt.save(FakeEngine(fail=True), 8, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
     assert (ckpt.dir / "latest").read_text() == "step_00000004"
     assert ckpt.resolve("auto") == ckpt.dir / "step_00000004"
-    assert not (ckpt.dir / "step_00000008" / META).exists()
+    # The interrupted save is a .partial folder, never a tag.
+    assert not (ckpt.dir / "step_00000008").exists() and (ckpt.dir / "step_00000008.partial").is_dir()
     with pytest.raises(FileNotFoundError, match="not a complete"):
-        ckpt.resolve(str(ckpt.dir / "step_00000008"))
+        ckpt.resolve(str(ckpt.dir / "step_00000008.partial"))
+    # The next successful save removes it; a save at that step never mixes in its files.
+    (ckpt.dir / "step_00000008.partial" / "albef_rank00003.pt").write_text("stale, world 4")
+    ckpt.save(FakeEngine(), 8, {}, {"albef_rank00000.pt": {}})
+    assert sorted(p.name for p in (ckpt.dir / "step_00000008").iterdir()) == [
+        META, "albef_rank00000.pt", "mp_rank_00_model_states.pt"]
+    assert not list(ckpt.dir.glob("*.partial"))
+
+
+class FakeCollectives:
+    """Two ranks in one process: rank 0's broadcast is handed in, every rank's view too."""
+
+    def __init__(self, broadcast_from_rank0, views):
+        self.broadcast_from_rank0, self.views = broadcast_from_rank0, views
+
+    def barrier(self):
+        pass
+
+    def broadcast_object(self, obj, src=0):
+        return self.broadcast_from_rank0
+
+    def all_gather_object(self, obj):
+        return self.views(obj)
+
+
+def test_ranks_that_see_different_latest_tags_cannot_load_different_steps(tmp_path):
+    """Rank 1's view of the file system lacks step 8 (a caching shared file system): rank 0's
+    choice is broadcast, rank 1 cannot see it, and every rank stops with the same error."""
+    rank0_run, rank1_run = tmp_path / "view0", tmp_path / "view1"
+    for run, steps in ((rank0_run, (4, 8)), (rank1_run, (4,))):
+        ckpt = CheckpointManager(run, keep_last=5, rank=0, world_size=1)
+        for step in steps:
+            ckpt.save(FakeEngine(), step, {}, {})
+    chosen = CheckpointManager(rank0_run, 5, 0, 1).resolve("auto")
+    assert chosen.name == "step_00000008"
+    # Rank 1 is handed rank 0's path but looks at it through its own (stale) view.
+    stale_path = str(rank1_run / "checkpoints" / chosen.name)
+    rank1 = CheckpointManager(rank1_run, 5, rank=1, world_size=2,
+                              collectives=FakeCollectives((None, stale_path), lambda mine: [8, mine]))
+    with pytest.raises(CheckpointError, match=r"ranks disagree.*step 8.*\[1\] see \[None\]"):
+        rank1.resolve("auto")
+    # Rank 0 learns the same through the gather and stops too.
+    rank0 = CheckpointManager(rank0_run, 5, rank=0, world_size=2,
+                              collectives=FakeCollectives((None, str(chosen)), lambda mine: [mine, None]))
+    with pytest.raises(CheckpointError, match="ranks disagree"):
+        rank0.resolve("auto")
+    # Agreement: every rank resumes from rank 0's choice, not from its own newest.
+    agree = CheckpointManager(rank1_run, 5, rank=1, world_size=2,
+                              collectives=FakeCollectives((None, str(rank1_run / "checkpoints" / "step_00000004")),
+                                                          lambda mine: [4, mine]))
+    assert agree.resolve("auto").name == "step_00000004"
 
 
 def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
@@ -117,6 +168,32 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
         ckpt.save(FakeEngine(), step, {}, {})
     (tmp_path / "best.json").write_text(json.dumps({"tag": "step_00000001"}))
     for step in (3, 4, 5):
-        ckpt.save(FakeEngine(), step, {}, {})
+        ckpt.save(FakeEngine(), step, {}, {"albef_rank00000.pt": {}})
     assert ckpt.complete_tags() == ["step_00000001", "step_00000004", "step_00000005"]
     assert torch.load(ckpt.dir / "step_00000005" / "albef_rank00000.pt", weights_only=False) == {}
+
+
+@pytest.mark.parametrize("ds_name", ["zero2_bf16.json", "zero3_bf16.json"])
+def test_temperature_clamp_reaches_the_fp32_master(ds_name):
+    """The master is set past the bound (as a large step would); clamp_master brings the
+    master itself back, and the next optimizer step copies it into the module."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param
+
+    from albef_ds.distributed import init_distributed
+    from albef_ds.models import ALBEF
+    from albef_ds.train.engine import clamp_master, initialize
+    init_distributed("gloo")
+    cfg = load_config("tiny", ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1",
+                               "model.queue_size=64", "train.micro_batch_size=2", f"distributed.ds_config=ds_configs/{ds_name}"])
+    engine, _, _ = initialize(ALBEF(cfg.model), cfg, 1, total_steps=4)
+    temp = engine.module.temp
+    if "zero3" in ds_name:
+        from deepspeed.utils import safe_set_local_fp32_param
+        safe_set_local_fp32_param(temp, torch.full_like(safe_get_local_fp32_param(temp), 0.6))
+        read = lambda: safe_get_local_fp32_param(temp)  # noqa: E731
+    else:
+        safe_set_full_fp32_param(temp, torch.tensor([0.6]))
+        read = lambda: safe_get_full_fp32_param(temp)  # noqa: E731
+    assert read().max().item() == pytest.approx(0.6)
+    clamp_master(temp, 0.001, 0.5)
+    assert read().max().item() == pytest.approx(0.5)
