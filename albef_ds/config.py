@@ -114,9 +114,14 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     shuffle_seed: int = 1234
-    #: fixed canonical node count so a run can resume on a different number of nodes.
-    num_canonical_nodes: Optional[int] = 1
+    #: streaming's canonical node count (None: 64, see albef_ds/data/loader.py); keep it
+    #: fixed over a run's life so it resumes on a different number of nodes.
+    num_canonical_nodes: Optional[int] = None
+    #: a node-local cache for shards on shared filesystems (remote URLs are always cached);
+    #: None: POSIX paths are read in place.
     cache_dir: Optional[str] = None
+    #: bound on the node-local shard cache (streaming evicts the least recently used shards).
+    cache_limit: str = "100gb"
     crop_scale_min: float = 0.2
     randaugment: bool = True
     randaugment_n: int = 2

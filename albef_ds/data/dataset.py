@@ -38,10 +38,25 @@ def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
     return random.Random(int(state[0]) << 32 | int(state[1]))
 
 
+#: canonical nodes when data.num_canonical_nodes is unset (and the data has that many shards).
+#: Streaming splits the shards into this many contiguous spans and gives each physical node
+#: whole spans, so with P nodes dividing 64 a node reads only its 1/P of the shards (1 would
+#: make every node read every shard). Not derived from the node count, so a run resumes on
+#: any node count with the same sample order (the "relaxed" partition handles counts that do
+#: not divide it); a resumed run keeps the value in its loader state in any case.
+DEFAULT_CANONICAL_NODES = 64
+
+
 class PairDataset(StreamingDataset):
     def __init__(self, *, transform: TrainTransform, max_words: int, aug_seed: int,
-                 flip_swaps_left_right: bool = False, **kwargs):
-        super().__init__(**kwargs)
+                 flip_swaps_left_right: bool = False, num_canonical_nodes: Optional[int] = None,
+                 shuffle_block_size: Optional[int] = None, **kwargs):
+        super().__init__(num_canonical_nodes=num_canonical_nodes, shuffle_block_size=shuffle_block_size, **kwargs)
+        if num_canonical_nodes is None:
+            # At least a shard per span: fewer shards than spans would repeat samples.
+            self.num_canonical_nodes = max(1, min(DEFAULT_CANONICAL_NODES, len(self.shards)))
+            if shuffle_block_size is None:  # streaming's own rule, for the value chosen here
+                self.shuffle_block_size = max(4_000_000 // self.num_canonical_nodes, 1 << 18)
         self.transform = transform
         self.max_words = max_words
         self.aug_seed = aug_seed

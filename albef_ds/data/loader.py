@@ -36,12 +36,14 @@ def _check_dirs(dirs: list) -> None:
                                     f"with `albef-data merge {d}`)")
 
 
-def _export_world(rank: int, world_size: int) -> None:
+def _export_world(rank: int, world_size: int, local_world_size: Optional[int] = None) -> None:
     """Make streaming's view of the world (env vars, or torch.distributed) match ours.
 
     Streaming reads LOCAL_WORLD_SIZE to know how many ranks share a node (SYSTEMS_FACTS:
-    srun and the deepspeed launcher do not set it). When unset and torch.distributed is up,
-    count the ranks on this host; otherwise assume every rank is on this node.
+    srun and the deepspeed launcher do not set it). The trainer passes the launch
+    environment's count (albef_ds.distributed reads every launcher's variables); without
+    it, when torch.distributed is up, the ranks on this host are counted; otherwise every
+    rank is taken to be on this node.
     """
     for name, value in (("RANK", rank), ("WORLD_SIZE", world_size)):
         env = os.environ.get(name)
@@ -50,7 +52,9 @@ def _export_world(rank: int, world_size: int) -> None:
     if world_size == 1 and "WORLD_SIZE" not in os.environ:
         return  # streaming's defaults (rank 0 of 1, alone on the node) are right; leave env alone
     os.environ["RANK"], os.environ["WORLD_SIZE"] = str(rank), str(world_size)
-    if "LOCAL_WORLD_SIZE" not in os.environ:
+    if local_world_size is not None:
+        os.environ["LOCAL_WORLD_SIZE"] = str(local_world_size)
+    elif "LOCAL_WORLD_SIZE" not in os.environ:
         local = world_size
         import torch.distributed as dist
         if world_size > 1 and dist.is_available() and dist.is_initialized():
@@ -87,6 +91,7 @@ def build_streams(cfg) -> list:
             raise ValueError(f"data.train_weights must be positive, got {weights}")
         total = float(sum(weights))
     streams = []
+    caching = False
     for i, path in enumerate(d.train_dirs):
         kw: dict[str, Any] = {}
         if weights is not None:
@@ -96,13 +101,15 @@ def build_streams(cfg) -> list:
             # streaming copies the shards it needs into the local cache
             cache = d.cache_dir or os.path.join(tempfile.gettempdir(), "albef_ds_cache")
             kw.update(remote=path, local=os.path.join(cache, hashlib.sha1(path.encode()).hexdigest()[:16]))
+            caching = True
         else:
             kw["local"] = path
         streams.append(Stream(**kw))
-    return streams
+    return streams, caching
 
 
-def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: Optional[int] = None):
+def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: Optional[int] = None,
+                       local_world_size: Optional[int] = None):
     """A ``streaming.StreamingDataLoader`` over ``cfg.data.train_dirs``.
 
     Batches are dicts: ``image`` float32 [B, 3, R, R] (CLIP-normalised, R = model.image_res),
@@ -121,10 +128,13 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
 
     d = cfg.data
     _check_dirs(list(d.train_dirs))
-    _export_world(rank, world_size)
+    _export_world(rank, world_size, local_world_size)
     clean_shared_memory_once()
+    streams, caching = build_streams(cfg)
     dataset = PairDataset(
-        streams=build_streams(cfg),
+        streams=streams,
+        # A node-local copy of the shards is bounded: least recently used shards are evicted.
+        cache_limit=d.cache_limit if caching else None,
         transform=make_train_transform(cfg),
         max_words=d.max_words,
         aug_seed=cfg.train.seed if epoch_seed is None else int(epoch_seed),
@@ -132,6 +142,7 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
         shuffle=d.shuffle,
         shuffle_seed=d.shuffle_seed,
         num_canonical_nodes=d.num_canonical_nodes,
+        partition_algo="relaxed",
         batch_size=cfg.train.micro_batch_size,
     )
     kwargs: dict[str, Any] = {}

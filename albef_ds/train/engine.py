@@ -153,10 +153,10 @@ def engine_dtype(ds: dict) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds)]
 
 
-def clean_shared_memory_leftovers() -> None:
+def clean_shared_memory_leftovers(local_rank: int) -> None:
     """DeepSpeed's CPU accelerator leaves ``deepspeed_allreduce_buffer_*`` files in /dev/shm."""
     shm = Path("/dev/shm")
-    if os.environ.get("LOCAL_RANK", "0") == "0" and shm.is_dir():
+    if local_rank == 0 and shm.is_dir():
         for f in shm.glob("deepspeed_allreduce_buffer_*"):
             try:
                 f.unlink()

@@ -192,7 +192,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
             f"this run has {cfg.global_batch(world)}: set train.micro_batch_size / grad_accum_steps "
             f"so that micro x accumulation x world ({world}) matches")
 
-    loader = build_train_loader(cfg, tokenizer, rank, world)
+    loader = build_train_loader(cfg, tokenizer, rank, world, local_world_size=launch.local_world_size)
     loader.worker_init_fn = functools.partial(_worker_ignores_stop_signals, loader.worker_init_fn)
     micro_per_epoch = len(loader)
     per_epoch = cfg.train.steps_per_epoch or max(1, micro_per_epoch // cfg.train.grad_accum_steps)
@@ -376,5 +376,5 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
         log(f"done: {step} steps; checkpoints in {ckpt.dir}, metrics in {run_dir / 'metrics.jsonl'}, "
             f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     dist_lib.barrier()
-    clean_shared_memory_leftovers()
+    clean_shared_memory_leftovers(launch.local_rank)
     return EXIT_PREEMPTED if stopped_by_signal else 0
