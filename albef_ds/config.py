@@ -157,6 +157,11 @@ class TrainConfig:
     optimizer: str = "auto"
     #: normalise the MLM loss by the global number of masked tokens (exact DP equivalence).
     mlm_global_normalization: bool = False
+    #: the global batch the preset's recipe (lr, warm-up, queue) was tuned at; start-up warns
+    #: when a run's differs (None: no recipe to compare with).
+    recipe_global_batch: Optional[int] = None
+    #: "none", or "linear": lr, warmup_lr and min_lr scaled by global batch / recipe_global_batch.
+    lr_scaling: str = "none"
 
 
 @dataclass
@@ -217,6 +222,21 @@ class Config:
     def global_batch(self, world_size: int) -> int:
         return self.train.micro_batch_size * world_size * self.train.grad_accum_steps
 
+    def recipe_note(self, world_size: int) -> Optional[str]:
+        """A start-up warning when the global batch differs from the recipe's, and the lr
+        scaling applied (changes train.lr/warmup_lr/min_lr in place when linear)."""
+        t, recipe = self.train, self.train.recipe_global_batch
+        batch = self.global_batch(world_size)
+        if not recipe or batch == recipe:
+            return None
+        if t.lr_scaling == "linear":
+            factor = batch / recipe
+            t.lr, t.warmup_lr, t.min_lr = t.lr * factor, t.warmup_lr * factor, t.min_lr * factor
+            return (f"note: global batch {batch} differs from the recipe's {recipe}: lr scaled linearly "
+                    f"x{factor:g} to {t.lr:g} (train.lr_scaling=linear)")
+        return (f"WARNING: global batch {batch} differs from the recipe's {recipe} (lr {t.lr:g} was tuned "
+                f"for {recipe}); set train.lr_scaling=linear to scale the lr, or change the batch")
+
     def pool_size(self, world_size: int) -> int:
         """Ranks in one negatives pool at this world size (model.negative_pool)."""
         pool = self.model.negative_pool
@@ -259,6 +279,10 @@ class Config:
         _require(t.micro_batch_size >= 2, "train.micro_batch_size",
                  f"ITM needs at least 2 pairs per batch, got {t.micro_batch_size}")
         _require(t.grad_accum_steps >= 1, "train.grad_accum_steps", "must be >= 1")
+        _require(t.lr_scaling in ("none", "linear"), "train.lr_scaling",
+                 f"must be 'none' or 'linear', got {t.lr_scaling!r}")
+        _require(t.lr_scaling == "none" or t.recipe_global_batch, "train.lr_scaling",
+                 "'linear' needs train.recipe_global_batch (the batch the lr was tuned at)")
         _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
                  f"must be auto, bf16, fp16 or fp32, got {t.precision!r}")
         _require(t.optimizer in ("auto", "deepspeed", "apex", "torch"), "train.optimizer",

@@ -8,13 +8,17 @@ What one optimizer step moves per rank (``world_size`` = N; ``s`` = bytes per el
 the compute dtype, 2 for bf16; ring collectives, so a rank sends and receives
 ``(N - 1) / N`` of the gathered or reduced buffer):
 
-- momentum-feature gathers (no gradient): image and text features ``[b, embed_dim]`` each,
-  all-gathered every step (the queue and the global ITC candidates);
+- momentum-feature gathers (no gradient) over the negatives pool of ``P`` ranks
+  (``model.negative_pool``; P = N by default): image and text features ``[b, embed_dim]``
+  each, all-gathered every step (the queue and the pool's ITC candidates);
 - image ids ``[b]`` int64 (ITC id positives / same-image exclusion);
-- global ITM negatives (``itm_negatives=global``): the image embeddings ``[b, tokens, width]``
-  all-gathered WITH gradient (forward all-gather, backward reduce-scatter of the same size),
-  and the text ids and mask ``[b, L]`` int64 (negative texts are re-encoded, which costs
-  a text-encoder forward + backward over ``b`` more rows);
+- pooled ITM negatives (``itm_negatives=pool``), ``itm_exchange=rows`` (implemented, the
+  default): each rank receives the ``b`` image-embedding rows ``[tokens, width]`` it drew,
+  ``(P - 1) / P`` of them from other ranks under uniform draws, and sends as many gradient
+  rows back: constant in P. ``itm_exchange=gather``: every rank's embeddings all-gathered
+  WITH gradient (forward all-gather, backward reduce-scatter of the same size): O(P).
+  Negative texts move as ids and mask ``[b, L]`` int64 rows, and are re-encoded, which
+  costs a text-encoder forward + backward over ``b`` more rows;
 - ZeRO-1/2: gradients reduce-scattered and updated parameters all-gathered, both in the
   compute dtype (the bytes of an all-reduce); ZeRO-3 instead all-gathers the parameters in
   the forward and again in the backward (plus the momentum parameters in the momentum
@@ -65,24 +69,27 @@ class Network:
 
 def comm_bytes(cfg: Config, world: int, batch: int, text_len: int, params: int,
                momentum_params: int, zero_stage: int = 2, dtype_bytes: int = 2,
-               selected_only: bool = False) -> dict:
+               selected_only: Optional[bool] = None) -> dict:
     """Bytes per rank per optimizer step: the size of each gathered / reduced buffer
     (``*_buffer``) and what one rank sends (= receives) over a ring (``*_sent``).
     ``params``/``momentum_params``: element counts (trainable, momentum copies).
-    ``selected_only``: a proposed exchange (not implemented) where global negatives move
-    as the ``b`` selected image embeddings only (all-to-all by index, forward and backward)
-    instead of every rank's embeddings; the buffer is then what one rank receives."""
+    ``selected_only``: the row exchange (default: ``model.itm_exchange == "rows"``); the
+    embedding buffer is then the ``b`` rows one rank receives."""
     m = cfg.model
+    if selected_only is None:
+        selected_only = m.itm_exchange == "rows"
     n_img = (m.image_res // m.patch_size) ** 2 + 1
+    pool = cfg.pool_size(world)
     ring = (world - 1) / world if world > 1 else 0.0
-    out: dict[str, float] = {}
-    # buffers: the full gathered tensor over all ranks
-    out["feature_gather_buffer"] = 2 * world * batch * m.embed_dim * dtype_bytes
-    out["image_id_gather_buffer"] = world * batch * INT64
-    if m.itm_negatives == "global":
-        rows = batch if selected_only else world * batch
+    pool_ring = (pool - 1) / pool if pool > 1 else 0.0
+    out: dict[str, float] = {"pool": pool}
+    # buffers: the full gathered tensor over the pool's ranks
+    out["feature_gather_buffer"] = 2 * pool * batch * m.embed_dim * dtype_bytes
+    out["image_id_gather_buffer"] = pool * batch * INT64
+    if m.itm_negatives == "pool" and pool > 1:
+        rows = batch if selected_only else pool * batch
         out["image_embed_gather_buffer"] = rows * n_img * m.vision_width * dtype_bytes
-        out["text_id_gather_buffer"] = 2 * world * batch * text_len * INT64  # ids and mask
+        out["text_id_gather_buffer"] = 2 * rows * text_len * INT64  # ids and mask
     else:
         out["image_embed_gather_buffer"] = 0
         out["text_id_gather_buffer"] = 0
@@ -98,11 +105,12 @@ def comm_bytes(cfg: Config, world: int, batch: int, text_len: int, params: int,
         zero3_extra = 0
     out["zero_buffer"] = zero
     out["zero3_extra_buffer"] = zero3_extra
-    # per-rank ring traffic; the embedding gather moves once forward, once backward
-    out["feature_gather_sent"] = ring * out["feature_gather_buffer"]
-    out["image_id_gather_sent"] = ring * out["image_id_gather_buffer"]
-    out["image_embed_gather_sent"] = ring * 2 * out["image_embed_gather_buffer"]
-    out["text_id_gather_sent"] = ring * out["text_id_gather_buffer"]
+    # per-rank traffic within the pool (a ring gather, or the rows other ranks own); the
+    # embeddings move once forward, once backward
+    out["feature_gather_sent"] = pool_ring * out["feature_gather_buffer"]
+    out["image_id_gather_sent"] = pool_ring * out["image_id_gather_buffer"]
+    out["image_embed_gather_sent"] = pool_ring * 2 * out["image_embed_gather_buffer"]
+    out["text_id_gather_sent"] = pool_ring * out["text_id_gather_buffer"]
     out["zero_sent"] = ring * zero
     out["blocking_sent"] = (out["feature_gather_sent"] + out["image_id_gather_sent"]
                             + out["image_embed_gather_sent"] + out["text_id_gather_sent"])
@@ -112,7 +120,7 @@ def comm_bytes(cfg: Config, world: int, batch: int, text_len: int, params: int,
 
 def _collectives(cfg: Config, zero_stage: int) -> tuple[int, int]:
     """(blocking collectives per step, ZeRO collectives per step), for the latency term."""
-    blocking = 3 + (4 if cfg.model.itm_negatives == "global" else 0)
+    blocking = 3 + (4 if cfg.model.itm_negatives == "pool" else 0)
     return blocking, (3 if zero_stage == 3 else 2)
 
 
@@ -121,10 +129,11 @@ def predict(cfg: Config, world: int, batch: int, text_len: int, params: int, mom
     """Step time and weak-scaling efficiency at ``world`` GPUs."""
     from .model_info import analytic_flops, analytic_flops_table
 
-    cands = world * batch if cfg.model.itc_candidates == "global" else batch
+    pool = cfg.pool_size(world)
+    cands = pool * batch if cfg.model.itc_candidates == "pool" else batch
     flops = analytic_flops(cfg, text_len, cands)["total"]
     extra = 0.0
-    if cfg.model.itm_negatives == "global" and world > 1:
+    if cfg.model.itm_negatives == "pool" and pool > 1:
         t = analytic_flops_table(cfg, text_len, cands)["text_encoder"]
         extra = t["fwd"] + t["bwd"]  # negative texts re-encoded with gradient
     rate = net.peak_flops * net.mfu
@@ -136,7 +145,9 @@ def predict(cfg: Config, world: int, batch: int, text_len: int, params: int, mom
     bw = net.bandwidth(world)
     n_block, n_zero = _collectives(cfg, zero_stage)
     lat = 2 * math.log2(world) * net.latency_s if world > 1 else 0.0
-    blocking_s = b["blocking_sent"] / bw + n_block * lat
+    # The pool's gathers and exchange stay inside a node while the pool fits one (its ranks
+    # are consecutive); ZeRO's traffic spans the world.
+    blocking_s = b["blocking_sent"] / net.bandwidth(pool) + n_block * lat
     zero_s = b["zero_sent"] / bw + n_zero * lat if world > 1 else 0.0
     exposed_zero = max(0.0, zero_s - net.overlap * backward)
     step = compute + extra_s + blocking_s + exposed_zero
@@ -157,9 +168,12 @@ def report(cfg: Config, batch: Optional[int] = None, text_len: Optional[int] = N
     text_len = text_len or cfg.data.max_tokens
     counts = count_params(build_meta_model(cfg.model))
     rows = []
-    variants = [("itm_negatives=" + cfg.model.itm_negatives, cfg, False)]
-    if cfg.model.itm_negatives == "global":
-        variants += [("global, selected rows*", cfg, True), ("itm_negatives=local", _local(cfg), False)]
+    variants = [(f"pool {cfg.model.negative_pool}, {cfg.model.itm_negatives}", cfg, None)]
+    if cfg.model.itm_negatives == "pool":
+        world_pool = _with(cfg, negative_pool="world")
+        variants += [("pool world, rows", _with(world_pool, itm_exchange="rows"), True),
+                     ("pool world, full gather", _with(world_pool, itm_exchange="gather"), False),
+                     ("itm_negatives=local", _with(cfg, itm_negatives="local"), False)]
     for variant, c, selected in variants:
         for z in zero_stages:
             for w in worlds:
@@ -172,8 +186,8 @@ def report(cfg: Config, batch: Optional[int] = None, text_len: Optional[int] = N
             "rows": rows}
 
 
-def _local(cfg: Config) -> Config:
-    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, itm_negatives="local"))
+def _with(cfg: Config, **model) -> Config:
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **model))
 
 
 def format_report(out: dict) -> str:
@@ -181,18 +195,19 @@ def format_report(out: dict) -> str:
     lines = [f"Scaling model: {net['name']}; compute at {100 * net['mfu']:.0f}% MFU of "
              f"{net['peak_flops'] / 1e12:.0f} TFLOP/s; {out['batch']} pairs/GPU, {out['text_len']} tokens; "
              f"{out['trainable_params'] / 1e6:.1f}M trainable + {out['momentum_params'] / 1e6:.1f}M momentum params",
-             f"  {'variant':24s}{'ZeRO':>5s}{'GPUs':>6s}{'feat MB':>9s}{'emb MB':>9s}{'ZeRO MB':>9s}"
+             f"  {'variant':26s}{'ZeRO':>5s}{'GPUs':>6s}{'feat MB':>9s}{'emb MB':>9s}{'ZeRO MB':>9s}"
              f"{'compute':>9s}{'block':>8s}{'ZeRO':>8s}{'step ms':>9s}{'pairs/s/GPU':>12s}{'eff.':>7s}"]
     for r in out["rows"]:
         b = r["bytes"]
         lines.append(
-            f"  {r['variant']:24s}{r['zero_stage']:5d}{r['world']:6d}"
+            f"  {r['variant']:26s}{r['zero_stage']:5d}{r['world']:6d}"
             f"{(b['feature_gather_sent'] + b['image_id_gather_sent']) / 1e6:9.2f}"
             f"{(b['image_embed_gather_sent'] + b['text_id_gather_sent']) / 1e6:9.1f}"
             f"{b['zero_sent'] / 1e6:9.1f}{1000 * (r['compute_s'] + r['extra_compute_s']):9.1f}"
             f"{1000 * r['blocking_comm_s']:8.1f}{1000 * r['zero_comm_s']:8.1f}{1000 * r['step_s']:9.1f}"
             f"{r['pairs_per_s_per_gpu']:12.0f}{100 * r['efficiency']:6.0f}%")
-    lines.append("  (* proposed, not implemented: only the selected negative image embeddings exchanged)")
+    lines.append("  (rows: each rank receives only the negative image embeddings it drew; full gather: every "
+                 "rank's, the O(pool) option)")
     lines.append("  (MB sent per rank per step; block = feature/embedding gathers on the critical path; "
                  "ZeRO traffic hidden behind the backward up to "
                  f"{100 * net['overlap']:.0f}% of it)")

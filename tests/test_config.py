@@ -170,3 +170,24 @@ def test_default_config_round_trips(tmp_path):
     cfg = load_config("albef-base")
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(str(tmp_path / "c.yaml")) == cfg
+
+
+def test_recipe_global_batch_warns_and_scales_the_lr_linearly_when_asked():
+    from albef_ds.config import load_config
+    cfg = load_config("albef-base", world_size=16)  # 16 x 64 = 1024 pairs, the recipe is 512
+    assert "WARNING: global batch 1024 differs from the recipe's 512" in cfg.recipe_note(16)
+    assert cfg.train.lr == 1e-4
+    scaled = load_config("albef-base", ["train.lr_scaling=linear"], world_size=16)
+    assert "x2" in scaled.recipe_note(16) and scaled.train.lr == pytest.approx(2e-4)
+    assert scaled.train.min_lr == pytest.approx(2e-5)
+    assert load_config("albef-base", world_size=8).recipe_note(8) is None
+
+
+def test_negative_pool_must_divide_the_world():
+    from albef_ds.config import ConfigError, load_config
+    with pytest.raises(ConfigError, match="model.negative_pool.*3 ranks do not divide the world size 8"):
+        load_config("albef-base", ["model.negative_pool=3"], world_size=8)
+    with pytest.raises(ConfigError, match="model.negative_pool"):
+        load_config("albef-base", ["model.negative_pool=some"], world_size=8)
+    assert load_config("albef-base", world_size=64).pool_size(64) == 8
+    assert load_config("albef-base", world_size=2).pool_size(2) == 2

@@ -14,7 +14,7 @@ def tiny(*overrides):
 
 
 def test_bytes_per_rank_match_a_hand_computation():
-    cfg = tiny("model.itm_negatives=global")
+    cfg = tiny("model.itm_negatives=pool", "model.itm_exchange=gather")
     b = scaling.comm_bytes(cfg, world=8, batch=32, text_len=32, params=1000, momentum_params=900,
                            zero_stage=2, dtype_bytes=2)
     ring = 7 / 8
@@ -45,8 +45,13 @@ def test_zero3_adds_one_parameter_pass_and_the_momentum_gather():
 def test_local_negatives_and_selected_rows_and_one_rank():
     local = scaling.comm_bytes(tiny("model.itm_negatives=local"), 8, 32, 32, 1000, 900)
     assert local["image_embed_gather_buffer"] == 0 and local["text_id_gather_buffer"] == 0
-    sel = scaling.comm_bytes(tiny("model.itm_negatives=global"), 8, 32, 32, 1000, 900, selected_only=True)
+    sel = scaling.comm_bytes(tiny("model.itm_negatives=pool"), 8, 32, 32, 1000, 900)  # rows: the default
     assert sel["image_embed_gather_buffer"] == 32 * 65 * 128 * 2
+    # A pool of 2 ranks: the pool's traffic, whatever the world size.
+    for world in (8, 64, 512):
+        p2 = scaling.comm_bytes(tiny("model.negative_pool=2"), world, 32, 32, 1000, 900)
+        assert p2["feature_gather_sent"] == pytest.approx(0.5 * 2 * 2 * 32 * 64 * 2)
+        assert p2["image_embed_gather_sent"] == pytest.approx(0.5 * 2 * 32 * 65 * 128 * 2)
     one = scaling.comm_bytes(tiny(), 1, 32, 32, 1000, 900)
     assert one["total_sent"] == 0
 
@@ -69,12 +74,15 @@ def test_step_time_is_compute_plus_blocking_plus_exposed_zero():
     assert big["blocking_comm_s"] == pytest.approx(big["bytes"]["blocking_sent"] / 1e8)
 
 
-def test_report_on_albef_base_covers_8_64_512_gpus_and_global_negatives_cost_most():
+def test_report_on_albef_base_covers_8_64_512_gpus_and_the_full_gather_costs_most():
     out = scaling.report(load_config("albef-base"), batch=64)
     worlds = {r["world"] for r in out["rows"]}
     assert {8, 64, 512} <= worlds
     by = {(r["variant"], r["zero_stage"], r["world"]): r for r in out["rows"]}
-    assert by[("itm_negatives=global", 2, 512)]["efficiency"] < by[("itm_negatives=local", 2, 512)]["efficiency"]
+    assert by[("pool world, full gather", 2, 512)]["efficiency"] < by[("pool world, rows", 2, 512)]["efficiency"]
+    # The preset's pool of 8 ranks (the paper's 512 pairs): our own bytes constant from 64 to 512 GPUs.
+    preset = [v for v, _, _ in by if v.startswith("pool 8")][0]
+    assert by[(preset, 2, 64)]["bytes"]["blocking_sent"] == by[(preset, 2, 512)]["bytes"]["blocking_sent"]
     assert all(0 < r["efficiency"] <= 1.0 + 1e-9 for r in out["rows"])
     text = scaling.format_report(out)
     assert "512" in text and "pairs/s/GPU" in text

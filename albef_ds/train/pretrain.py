@@ -152,7 +152,10 @@ def run(args) -> int:
     launch = dist_lib.read_launch_env()
     cfg = load_config(args.config, overrides, world_size=launch.world_size)  # fail before any work
     _check_data_dirs(cfg)
+    note = cfg.recipe_note(launch.world_size)
     launch = dist_lib.init_distributed(cfg.distributed.backend)
+    if note and launch.is_main:
+        print(note)
     return train(cfg, launch, args.resume or cfg.checkpoint.resume)
 
 

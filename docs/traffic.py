@@ -1,0 +1,68 @@
+"""Bytes each rank receives per step through albef-ds's own collectives (docs/benchmarks.md).
+
+    deepspeed --num_gpus N docs/traffic.py          (N = 2, 4, 8; CPU ranks, gloo)
+
+The tiny test model of tests/train (17 image tokens x 32 wide, fp32), 4 pairs per rank at
+every world size, one training forward + backward per setting: sampled hard negatives
+(mean over 5 steps) and the exchange's worst case (every negative on the next rank).
+Rank 0 prints one line per setting: the mean over ranks, and the per-kind split.
+"""
+import json
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "train"))
+from common import VOCAB, tiny_overrides  # noqa: E402
+
+from albef_ds.config import load_config  # noqa: E402
+from albef_ds.distributed import TRAFFIC, init_distributed, make_pool_gather  # noqa: E402
+from albef_ds.models import ALBEF  # noqa: E402
+
+BATCH, STEPS = 4, 5
+
+
+def measure(overrides, rank, world, worst_case):
+    cfg = load_config("tiny", [o for o in tiny_overrides(2) if "micro_batch_size" not in o]
+                      + [f"train.micro_batch_size={BATCH}"] + overrides, world_size=world)
+    torch.manual_seed(0)
+    model = ALBEF(cfg.model)
+    gather = make_pool_gather(cfg.model.negative_pool)
+    g = torch.Generator().manual_seed(100 + rank)
+    totals: dict = {}
+    for _ in range(STEPS):
+        ids = torch.randint(5, VOCAB, (BATCH, 12), generator=g)
+        mask = torch.ones_like(ids)
+        remote = ((gather.rank + 1) % gather.world_size) * BATCH + torch.arange(BATCH)
+        TRAFFIC.take()
+        out = model(torch.randn(BATCH, 3, 32, 32, generator=g), ids, mask, ids, torch.full_like(ids, -100),
+                    alpha=0.4, image_ids=torch.arange(BATCH) + 1000 * rank, gather=gather, generator=g,
+                    itm_negatives=(remote, remote) if worst_case else None)
+        out["loss"].backward()
+        for k, v in TRAFFIC.take().items():
+            totals[k] = totals.get(k, 0.0) + v / STEPS
+    return totals
+
+
+def main():
+    launch = init_distributed("gloo")
+    rank, world = launch.rank, launch.world_size
+    settings = [("pool 2, rows", ["model.negative_pool=2"]), ("pool world, rows", []),
+                ("pool world, full gather", ["model.itm_exchange=gather"])]
+    for worst in (False, True):
+        for name, overrides in settings:
+            mine = measure(overrides, rank, world, worst)
+            every = [None] * world
+            dist.all_gather_object(every, mine)
+            if rank == 0:
+                kinds = sorted({k for t in every for k in t})
+                mean = {k: sum(t.get(k, 0.0) for t in every) / world for k in kinds}
+                print(json.dumps({"world": world, "setting": name, "negatives": "worst case" if worst else "sampled",
+                                  "bytes_per_rank_per_step": round(sum(mean.values())),
+                                  "by_kind": {k: round(v) for k, v in mean.items()}}))
+
+
+if __name__ == "__main__":
+    main()
