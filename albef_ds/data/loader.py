@@ -34,6 +34,37 @@ def _check_dirs(dirs: list) -> None:
             raise FileNotFoundError(f"train dir {d} has no index.json: not an MDS dataset "
                                     f"(convert it with `albef-data convert`, or merge its parts "
                                     f"with `albef-data merge {d}`)")
+        _check_shards(d)
+
+
+def _check_shards(root: str) -> None:
+    """Every shard index.json names is there at the size it states (a stat per shard, no
+    read): a truncated or missing shard is named at start-up, not after a run of
+    unreadable samples somewhere in an epoch."""
+    index_path = os.path.join(root, "index.json")
+    try:
+        with open(index_path, encoding="utf-8") as f:
+            shards = json.load(f)["shards"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"{index_path}: not a readable MDS index ({e})") from e
+    for i, shard in enumerate(shards):
+        present = None
+        for kind in ("raw_data", "zip_data"):
+            info = shard.get(kind)
+            if not info:
+                continue
+            path = os.path.join(root, info["basename"])
+            if os.path.exists(path):
+                present = (path, info.get("bytes"))
+                break
+        if present is None:
+            names = [shard[k]["basename"] for k in ("raw_data", "zip_data") if shard.get(k)]
+            raise FileNotFoundError(f"{index_path}: shard {i} ({' or '.join(names)}) is missing")
+        path, expected = present
+        actual = os.path.getsize(path)
+        if expected is not None and actual != expected:
+            raise ValueError(f"shard {path} has {actual} bytes but {index_path} says {expected}: "
+                             f"truncated, or still being written (re-run the conversion)")
 
 
 def _export_world(rank: int, world_size: int, local_world_size: Optional[int] = None) -> None:

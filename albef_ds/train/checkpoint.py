@@ -79,6 +79,39 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be resumed from, with the reason and the path."""
 
 
+#: model fields that set a parameter's or buffer's shape: a resume must not change them.
+SHAPE_KEYS = ("image_res", "patch_size", "vision_width", "vision_depth", "vision_heads", "vision_mlp_ratio",
+              "vocab_size", "text_width", "text_depth", "text_heads", "text_intermediate",
+              "max_position_embeddings", "type_vocab_size", "fusion_layer", "embed_dim", "queue_size",
+              "itc_id_positives")
+
+
+def run_record(cfg, world_size: int) -> dict:
+    """What a resume must agree with, written into every checkpoint's meta."""
+    return {"global_batch": cfg.global_batch(world_size), "tokenizer": cfg.data.tokenizer,
+            "model": {k: getattr(cfg.model, k) for k in SHAPE_KEYS}}
+
+
+def check_resumable(tag_dir: Path, meta: dict, cfg, world_size: int) -> None:
+    """Raise ConfigError naming every value this run has that the checkpoint cannot take
+    (before anything is written or loaded)."""
+    from ..config import ConfigError
+    problems = []
+    if meta.get("global_batch") not in (None, cfg.global_batch(world_size)):
+        problems.append(f"global batch {meta['global_batch']} in the checkpoint, {cfg.global_batch(world_size)} "
+                        f"here (train.micro_batch_size x grad_accum_steps x world {world_size}: make them match)")
+    saved = meta.get("model", {})
+    for key in SHAPE_KEYS:
+        if key in saved and saved[key] != getattr(cfg.model, key):
+            what = f"model.{key}: {saved[key]} in the checkpoint, {getattr(cfg.model, key)} here"
+            if key == "vocab_size":
+                what += (f" (the tokenizer {cfg.data.tokenizer} has {cfg.model.vocab_size} tokens; the checkpoint "
+                         f"was trained with {meta.get('tokenizer')})")
+            problems.append(what)
+    if problems:
+        raise ConfigError(f"cannot resume from {tag_dir}: " + "; ".join(problems) + "; nothing was changed")
+
+
 class CheckpointManager:
     """Save, find and load checkpoints. ``collectives``: barrier / broadcast_object /
     all_gather_object (albef_ds.distributed by default; tests hand in fakes)."""

@@ -153,12 +153,13 @@ def engine_dtype(ds: dict) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision_of(ds)]
 
 
-def clean_shared_memory_leftovers(local_rank: int) -> None:
-    """DeepSpeed's CPU accelerator leaves ``deepspeed_allreduce_buffer_*`` files in /dev/shm."""
-    shm = Path("/dev/shm")
-    if local_rank == 0 and shm.is_dir():
-        for f in shm.glob("deepspeed_allreduce_buffer_*"):
-            try:
-                f.unlink()
-            except OSError:
-                pass
+def clean_shared_memory_leftovers(launch, shm: Path = Path("/dev/shm")) -> None:
+    """Remove this rank's DeepSpeed CPU all-reduce buffer, which DeepSpeed leaves in
+    /dev/shm. Its name holds the user id, the master address and port, and the rank
+    (``deepspeed_allreduce_buffer_<uid>_<addr>_<port>_<rank>``): only this run's, never
+    another job's on the same host."""
+    name = f"deepspeed_allreduce_buffer_{os.getuid()}_{launch.master_addr}_{launch.master_port}_{launch.rank}"
+    try:
+        (shm / name).unlink()
+    except OSError:
+        pass

@@ -40,10 +40,25 @@ class RunningMeans:
         return out
 
 
-class MetricsLogger:
-    """Rank 0 writes; other ranks hold a no-op logger."""
+def rewind_jsonl(path: Path, last_step: int, step_key: str = "step") -> None:
+    """Drop the lines of ``path`` past ``last_step`` (steps a resumed run will redo),
+    atomically, so the file reads as one run."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get(step_key, 0) <= last_step]
+    tmp = path.with_name(path.name + ".rewind")
+    tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+    os.replace(tmp, path)
 
-    def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool = True):
+
+class MetricsLogger:
+    """Rank 0 writes; other ranks hold a no-op logger. ``resume_step``: the run resumes
+    after that step, so later lines of an earlier launch are dropped from metrics.jsonl
+    and TensorBoard purges its later events (``purge_step``): curves read as one run."""
+
+    def __init__(self, run_dir: str | os.PathLike, enabled: bool, tensorboard: bool = True,
+                 resume_step: Optional[int] = None):
         self.enabled = enabled
         self.writer = None
         self.jsonl = None
@@ -51,10 +66,13 @@ class MetricsLogger:
             return
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            rewind_jsonl(run_dir / "metrics.jsonl", resume_step)
         self.jsonl = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
+            self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"),
+                                        purge_step=None if resume_step is None else resume_step + 1)
 
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
         if not self.enabled:

@@ -77,6 +77,16 @@ def _worker_ignores_stop_signals(previous_init, worker_id: int) -> None:
         previous_init(worker_id)
 
 
+def _end_loader_workers() -> None:
+    """SIGKILL this process's loader workers before an error unwinds the rank. They ignore
+    SIGTERM (see above), and at exit multiprocessing SIGTERMs its daemonic children and then
+    joins them: without this, an error in the loop (a bad shard, a bug, a lost peer) hangs
+    the rank until the job's time limit instead of ending it."""
+    import multiprocessing
+    for child in multiprocessing.active_children():
+        child.kill()
+
+
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
 
@@ -120,9 +130,29 @@ def build_model(cfg: Config, log=print):
     return model
 
 
+def _numel(p: torch.nn.Parameter) -> int:
+    """Elements of the whole parameter, also when ZeRO-3 holds only a partition here."""
+    return getattr(p, "ds_numel", None) or p.numel()
+
+
+def config_changes(path: Path, cfg: Config) -> list[str]:
+    """'section.key: old -> new' for every value that differs from the saved config."""
+    if not path.is_file():
+        return []
+    import yaml
+    old = yaml.safe_load(path.read_text()) or {}
+    out = []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            before = old.get(section, {}).get(key, value)
+            if before != value:
+                out.append(f"{section}.{key}: {before!r} -> {value!r}")
+    return out
+
+
 def summary(cfg: Config, launch, ds: dict, model, opt_name: str, steps: int, per_epoch: int) -> str:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    trainable = sum(_numel(p) for p in model.parameters() if p.requires_grad)
+    frozen = sum(_numel(p) for p in model.parameters() if not p.requires_grad)
     from .engine import precision_of
     lines = [
         "albef-ds pretrain",
@@ -169,7 +199,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     from .checkpoint import CheckpointManager, rng_state, set_rng_state
     from .ema import MomentumEMA, assemble_full
     from .engine import clamp_master, clean_shared_memory_leftovers, engine_dtype, initialize
-    from .metrics import MetricsLogger, RunningMeans, memory_gb
+    from .metrics import MetricsLogger, RunningMeans, memory_gb, rewind_jsonl
     from .schedule import alpha_at
 
     rank, world = launch.rank, launch.world_size
@@ -182,18 +212,18 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     if len(tokenizer) != cfg.model.vocab_size:
         log(f"note: model.vocab_size {cfg.model.vocab_size} -> {len(tokenizer)} (the tokenizer's)")
         cfg.model.vocab_size = len(tokenizer)
-    if is_main:
-        save_config(cfg, run_dir / "config.yaml")
 
     ckpt = CheckpointManager(run_dir, cfg.checkpoint.keep_last, rank, world)
     resume_dir = ckpt.resolve(resume)
     resume_meta = ckpt.meta(resume_dir) if resume_dir else None
     universal = resume_meta is not None and resume_meta["world_size"] != world
-    if resume_meta and resume_meta.get("global_batch") not in (None, cfg.global_batch(world)):
-        raise ConfigError(
-            f"checkpoint {resume_dir} was trained with global batch {resume_meta['global_batch']}, "
-            f"this run has {cfg.global_batch(world)}: set train.micro_batch_size / grad_accum_steps "
-            f"so that micro x accumulation x world ({world}) matches")
+    if resume_meta:  # everything checked before anything is written
+        ckpt_lib.check_resumable(resume_dir, resume_meta, cfg, world)
+    if is_main:
+        changed = config_changes(run_dir / "config.yaml", cfg) if resume_meta else []
+        if changed:
+            log("note: the config differs from the run's config.yaml: " + "; ".join(changed))
+        save_config(cfg, run_dir / "config.yaml")
 
     loader = build_train_loader(cfg, tokenizer, rank, world, local_world_size=launch.local_world_size)
     loader.worker_init_fn = functools.partial(_worker_ignores_stop_signals, loader.worker_init_fn)
@@ -233,7 +263,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
                 getattr(module, name).copy_(value)
         loader.load_state_dict(client["loader"])
 
-    metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard)
+    metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard, resume_step=step if resume_dir else None)
     evaluator = None
     if cfg.data.val_dir and (cfg.eval.every_steps or eval_each_epoch):
         from ..eval.evaluator import RetrievalEvaluator
@@ -253,7 +283,10 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     running = RunningMeans()
     keys_log = None
     if cfg.logging.log_sample_keys:
-        keys_log = open(run_dir / f"sample_keys_rank{rank}.jsonl", "a", encoding="utf-8")
+        keys_path = run_dir / f"sample_keys_rank{rank}.jsonl"
+        if resume_dir:  # lines are written at micro-steps of steps 0..step-1 (done), drop the redone ones
+            rewind_jsonl(keys_path, step - 1)
+        keys_log = open(keys_path, "a", encoding="utf-8")
     flops_per_pair, peak = _flops_and_peak(cfg, device, dtype)
     bar = None
     if is_main and cfg.logging.progress_bar:
@@ -282,93 +315,96 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
         if rank % pool == 0:
             files[ckpt_lib.queue_file(Path(), pool_index).name] = {
                 n: getattr(module, n).detach().cpu() for n in queue_names}
-        meta = {"global_batch": client["global_batch"], "zero_stage": client["zero_stage"],
-                "pools": world // pool}
+        meta = {"zero_stage": client["zero_stage"], "pools": world // pool, **ckpt_lib.run_record(cfg, world)}
         return ckpt.save(engine, step, client, files, meta)
 
-    while step < total_steps and not stopped_by_signal:
-        for batch in loader:
-            images = batch["image"].to(device, dtype=dtype, non_blocking=True)
-            ids = batch["text_ids"].to(device, non_blocking=True)
-            mask = batch["text_mask"].to(device, non_blocking=True)
-            image_ids = batch["image_id"].to(device, non_blocking=True)
-            seed = step_seed(cfg.train.seed, step, micro, rank)
-            # Dropout draws from the global RNG: reseeding it per micro-step makes every draw a
-            # function of (seed, step, micro-step, rank), whatever else consumed the RNG
-            # (the data loader's iterator does, at different times in a resumed run).
-            torch.manual_seed(seed)
-            gen = torch.Generator(device=device).manual_seed(seed + 1)
-            mlm_ids, mlm_labels = losses.mask_tokens(ids, cfg.model.vocab_size, probability=cfg.model.mlm_probability,
-                                                     generator=gen, **special)
-            normalizer = None
-            if cfg.train.mlm_global_normalization:
-                count = world_gather.sum((mlm_labels != losses.IGNORE_INDEX).sum().float())
-                normalizer = count.clamp(min=1) / world
-            alpha = alpha_at(step, per_epoch, cfg.model.alpha, cfg.train.alpha_ramp_epochs)
-            out = engine(images, ids, mask, mlm_ids, mlm_labels, alpha=alpha, image_ids=image_ids,
-                         gather=gather, generator=gen, mlm_normalizer=normalizer)
-            engine.backward(out["loss"])
-            boundary = engine.is_gradient_accumulation_boundary()
-            engine.step()
-            if keys_log is not None:
-                keys_log.write(json.dumps({"step": step, "micro": micro, "keys": list(batch["key"])}) + "\n")
-            running.add({k: out[k] for k in ("loss", "loss_itc", "loss_itm", "loss_mlm",
-                                              "itm_acc", "pos_sim", "neg_sim")})
-            pairs_since_log += images.shape[0] * world
-            micro += 1
-            if not boundary:
-                continue
-            ema.update()
-            clamp_master(module.temp, *TEMP_BOUNDS)
-            step += 1
-            steps_since_log += 1
-            micro = 0
-            if bar is not None:
-                bar.update(1)
-            if step % cfg.logging.log_every == 0 or step == total_steps:
-                values = running.read_and_reset()
-                elapsed = max(time.time() - t_log, 1e-9)
-                pairs_s = pairs_since_log / elapsed
-                values.update({
-                    "lr": engine.get_lr()[0], "alpha": alpha, "temp": float(module.temp.detach().float()),
-                    "grad_norm": float(engine.get_global_grad_norm() or 0.0),
-                    "pairs_per_s": pairs_s, "epoch": epoch,
-                    "achieved_tflops": pairs_s * flops_per_pair / 1e12,
-                })
-                if peak:
-                    values["mfu"] = pairs_s * flops_per_pair / (peak * world)
-                # Bytes this rank received per step through albef-ds's own collectives.
-                traffic = dist_lib.TRAFFIC.take()
-                values["comm_bytes_per_step"] = sum(traffic.values()) / max(1, steps_since_log)
-                for kind, nbytes in traffic.items():
-                    values[f"comm_bytes/{kind}"] = nbytes / max(1, steps_since_log)
-                mem = memory_gb(device)
-                if mem is not None:
-                    values["memory_gb"] = mem
-                metrics.log(step, values)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{values['loss']:.3f}", itc=f"{values['loss_itc']:.2f}",
-                                    itm=f"{values['loss_itm']:.2f}", mlm=f"{values['loss_mlm']:.2f}")
-                t_log, pairs_since_log, steps_since_log = time.time(), 0, 0
+    try:
+        while step < total_steps and not stopped_by_signal:
+            for batch in loader:
+                images = batch["image"].to(device, dtype=dtype, non_blocking=True)
+                ids = batch["text_ids"].to(device, non_blocking=True)
+                mask = batch["text_mask"].to(device, non_blocking=True)
+                image_ids = batch["image_id"].to(device, non_blocking=True)
+                seed = step_seed(cfg.train.seed, step, micro, rank)
+                # Dropout draws from the global RNG: reseeding it per micro-step makes every draw a
+                # function of (seed, step, micro-step, rank), whatever else consumed the RNG
+                # (the data loader's iterator does, at different times in a resumed run).
+                torch.manual_seed(seed)
+                gen = torch.Generator(device=device).manual_seed(seed + 1)
+                mlm_ids, mlm_labels = losses.mask_tokens(ids, cfg.model.vocab_size, probability=cfg.model.mlm_probability,
+                                                         generator=gen, **special)
+                normalizer = None
+                if cfg.train.mlm_global_normalization:
+                    count = world_gather.sum((mlm_labels != losses.IGNORE_INDEX).sum().float())
+                    normalizer = count.clamp(min=1) / world
+                alpha = alpha_at(step, per_epoch, cfg.model.alpha, cfg.train.alpha_ramp_epochs)
+                out = engine(images, ids, mask, mlm_ids, mlm_labels, alpha=alpha, image_ids=image_ids,
+                             gather=gather, generator=gen, mlm_normalizer=normalizer)
+                engine.backward(out["loss"])
+                boundary = engine.is_gradient_accumulation_boundary()
+                engine.step()
                 if keys_log is not None:
-                    keys_log.flush()
-            # Epochs counted in optimizer steps (train.steps_per_epoch or the data size).
-            end_of_epoch = eval_each_epoch and (step % per_epoch == 0 or step == total_steps)
-            if evaluator is not None and (end_of_epoch or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
-                validate()
-            saved = step % cfg.checkpoint.every_steps == 0 or step == total_steps
-            if saved:
-                save()
-            if step < total_steps and stop.agreed(device):
-                stopped_by_signal = True
-                if not saved:
+                    keys_log.write(json.dumps({"step": step, "micro": micro, "keys": list(batch["key"])}) + "\n")
+                running.add({k: out[k] for k in ("loss", "loss_itc", "loss_itm", "loss_mlm",
+                                                  "itm_acc", "pos_sim", "neg_sim")})
+                pairs_since_log += images.shape[0] * world
+                micro += 1
+                if not boundary:
+                    continue
+                ema.update()
+                clamp_master(module.temp, *TEMP_BOUNDS)
+                step += 1
+                steps_since_log += 1
+                micro = 0
+                if bar is not None:
+                    bar.update(1)
+                if step % cfg.logging.log_every == 0 or step == total_steps:
+                    values = running.read_and_reset()
+                    elapsed = max(time.time() - t_log, 1e-9)
+                    pairs_s = pairs_since_log / elapsed
+                    values.update({
+                        "lr": engine.get_lr()[0], "alpha": alpha, "temp": float(module.temp.detach().float()),
+                        "grad_norm": float(engine.get_global_grad_norm() or 0.0),
+                        "pairs_per_s": pairs_s, "epoch": epoch,
+                        "achieved_tflops": pairs_s * flops_per_pair / 1e12,
+                    })
+                    if peak:
+                        values["mfu"] = pairs_s * flops_per_pair / (peak * world)
+                    # Bytes this rank received per step through albef-ds's own collectives.
+                    traffic = dist_lib.TRAFFIC.take()
+                    values["comm_bytes_per_step"] = sum(traffic.values()) / max(1, steps_since_log)
+                    for kind, nbytes in traffic.items():
+                        values[f"comm_bytes/{kind}"] = nbytes / max(1, steps_since_log)
+                    mem = memory_gb(device)
+                    if mem is not None:
+                        values["memory_gb"] = mem
+                    metrics.log(step, values)
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{values['loss']:.3f}", itc=f"{values['loss_itc']:.2f}",
+                                        itm=f"{values['loss_itm']:.2f}", mlm=f"{values['loss_mlm']:.2f}")
+                    t_log, pairs_since_log, steps_since_log = time.time(), 0, 0
+                    if keys_log is not None:
+                        keys_log.flush()
+                # Epochs counted in optimizer steps (train.steps_per_epoch or the data size).
+                end_of_epoch = eval_each_epoch and (step % per_epoch == 0 or step == total_steps)
+                if evaluator is not None and (end_of_epoch or (cfg.eval.every_steps and step % cfg.eval.every_steps == 0)):
+                    validate()
+                saved = step % cfg.checkpoint.every_steps == 0 or step == total_steps
+                if saved:
                     save()
-                log(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step {step} committed")
-                break
-            if step >= total_steps:
-                break
-        else:
-            epoch += 1
+                if step < total_steps and stop.agreed(device):
+                    stopped_by_signal = True
+                    if not saved:
+                        save()
+                    log(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step {step} committed")
+                    break
+                if step >= total_steps:
+                    break
+            else:
+                epoch += 1
+    except BaseException:
+        _end_loader_workers()
+        raise
     if keys_log is not None:
         keys_log.close()
     metrics.close()
@@ -379,5 +415,5 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
         log(f"done: {step} steps; checkpoints in {ckpt.dir}, metrics in {run_dir / 'metrics.jsonl'}, "
             f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     dist_lib.barrier()
-    clean_shared_memory_leftovers(launch.local_rank)
+    clean_shared_memory_leftovers(launch)
     return EXIT_PREEMPTED if stopped_by_signal else 0

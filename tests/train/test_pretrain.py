@@ -9,6 +9,7 @@ Runs (one launch each, shared by the tests below):
 """
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -85,9 +86,11 @@ def runs(synth_data, tmp_path_factory):
     launch(command(2, out["zero2"], data, tok, ["--set", "distributed.ds_config=ds_configs/zero2_fp32.json"]),
            root / "zero2.log")
 
-    # Killed after the step-8 checkpoint is complete, then resumed.
+    # Killed after the step-8 checkpoint is complete, then resumed (TensorBoard on: its
+    # curves must read as one run).
     out["killed"] = root / "killed"
-    cmd = command(2, out["killed"], data, tok, ["--set", "distributed.ds_config=ds_configs/zero2_fp32.json"])
+    cmd = command(2, out["killed"], data, tok, ["--set", "distributed.ds_config=ds_configs/zero2_fp32.json",
+                                                "--set", "logging.tensorboard=true"])
     with open(root / "killed.log", "w") as f:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -151,8 +154,28 @@ def test_kill_9_then_resume_auto_continues_identically(runs):
     assert len(consumed) == len(set(consumed)) == STEPS * 2 * MICRO
 
 
+def test_a_resumed_runs_logs_hold_each_step_once(runs):
+    lines = [json.loads(line) for line in (runs["killed"] / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in lines] == list(range(1, STEPS + 1))
+    for rank in (0, 1):
+        rows = [json.loads(line) for line in (runs["killed"] / f"sample_keys_rank{rank}.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in rows] == list(range(STEPS))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(str(runs["killed"] / "tensorboard"))
+    events.Reload()
+    steps = [e.step for e in events.Scalars("train/loss")]
+    assert steps == list(range(1, STEPS + 1)), steps
+
+
+def test_zero3_start_up_summary_counts_the_whole_parameters(runs):
+    def counts(name):
+        log = (runs["logs"] / f"{name}.log").read_text()
+        found = re.search(r"parameters: ([\d,]+) trainable, ([\d,]+) momentum", log)
+        return tuple(int(g.replace(",", "")) for g in found.groups())
+    assert counts("zero3") == counts("zero2") and min(counts("zero2")) > 0
+
+
 def test_resume_picked_the_last_complete_checkpoint(runs):
-    import re
     log = (runs["logs"] / "resumed.log").read_text()
     found = re.search(r"resumed from .*step_(\d{8}) at step (\d+)", log)
     assert found, log[-2000:]

@@ -1,0 +1,124 @@
+"""Failure paths: an error ends the job at once, a refused resume changes nothing, a resumed
+run's logs read as one run, a run removes only its own shared memory."""
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+from conftest import run_cli  # noqa: E402
+from test_pretrain import REPO, command, env, launch  # noqa: E402
+
+#: from the moment of the failure to the end of the whole launch (a hang would take the
+#: subprocess timeout); generous for 2 shared cores and the deepspeed launcher's kill.
+ENDS_WITHIN_S = 30
+
+
+def _with_wrapper(cmd: list[str], script: Path) -> list[str]:
+    cmd = list(cmd)
+    if "--module" in cmd:
+        i = cmd.index("--module")
+        cmd[i:i + 2] = [str(script)]
+    else:
+        i = cmd.index("albef_ds")
+        cmd[i - 1:i + 1] = [str(script)]
+    return cmd
+
+
+@pytest.mark.parametrize("ranks, where", [(1, "worker"), (2, "worker"), (1, "main")])
+def test_an_error_in_the_loop_with_loader_workers_ends_the_job_within_seconds(synth_data, tmp_path, ranks, where):
+    """An error raised in a loader worker (as an unreadable shard's is) used to hang the rank:
+    its workers ignore SIGTERM and multiprocessing joins them at exit (measured: alive after
+    90 s and a SIGTERM). With 2 ranks the error is on rank 1; the launcher must end rank 0."""
+    data, tok = synth_data
+    cmd = _with_wrapper(command(ranks, tmp_path / "run", data, tok, ["--set", "data.num_workers=2"]),
+                        REPO / "tests/train/inject_error.py")
+    proc = subprocess.run(cmd, cwd=REPO, env=dict(env(), INJECT_AT="40" if where == "worker" else "3",
+                                                  INJECT_IN=where, INJECT_RANK=str(ranks - 1)),
+                          capture_output=True, text=True, timeout=300)
+    ended = time.time()
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0, out[-3000:]
+    injected = min(float(t) for t in re.findall(r"INJECTED (\d+\.\d+)", out))
+    assert "injected failure in the training loop" in out
+    assert ended - injected < ENDS_WITHIN_S, f"ended {ended - injected:.1f} s after the failure"
+
+
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_a_truncated_shard_is_named_at_start_up_and_ends_the_job(synth_data, tmp_path, ranks):
+    data, tok = synth_data
+    bad = tmp_path / "data"
+    shutil.copytree(data / "train", bad / "train")
+    shard = sorted((bad / "train").rglob("*.mds"))[0]
+    with open(shard, "r+b") as f:
+        f.truncate(shard.stat().st_size // 2)
+    start = time.time()
+    proc = subprocess.run(command(ranks, tmp_path / "run", bad, tok), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert f"shard {shard}" in out and "truncated" in out, out[-3000:]
+    assert time.time() - start < 120
+
+
+def _digest(run: Path) -> dict:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def four_steps(synth_data, tmp_path_factory):
+    """A 1-rank run with a step-4 checkpoint, and a second, smaller vocabulary."""
+    data, tok = synth_data
+    root = tmp_path_factory.mktemp("refused")
+    run = root / "run"
+    launch(command(1, run, data, tok, ["--set", "train.max_steps=4"]), root / "run.log")
+    other_tok = root / "tok150"
+    run_cli(["albef-data", "build-vocab", str(data / "captions.txt"), "--out", str(other_tok), "--vocab-size", "150"])
+    return run, other_tok
+
+
+@pytest.mark.parametrize("change", ["tokenizer", "batch"])
+def test_a_refused_resume_names_both_values_and_changes_nothing(synth_data, four_steps, change):
+    data, tok = synth_data
+    run, other_tok = four_steps
+    before = _digest(run)
+    extra = ["--set", "train.max_steps=8"]
+    if change == "tokenizer":
+        extra += ["--set", f"data.tokenizer={other_tok}"]
+    cmd = command(1, run, data, tok, extra)
+    if change == "batch":
+        cmd[cmd.index("train.micro_batch_size=16")] = "train.micro_batch_size=8"
+    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    from albef_ds.tokenizer import load_tokenizer
+    if change == "tokenizer":
+        old, new = len(load_tokenizer(str(tok))), len(load_tokenizer(str(other_tok)))
+        assert f"model.vocab_size: {old} in the checkpoint, {new} here" in out, out[-3000:]
+        assert str(other_tok) in out
+    else:
+        assert "global batch 16 in the checkpoint, 8 here" in out, out[-3000:]
+    assert _digest(run) == before  # config.yaml, latest, checkpoints, metrics: byte-identical
+
+
+def test_shared_memory_clean_up_removes_only_this_runs_buffer(tmp_path):
+    from albef_ds.distributed import LaunchEnv
+    from albef_ds.train.engine import clean_shared_memory_leftovers
+    uid = os.getuid()
+    mine = LaunchEnv(1, 1, 2, 2, "127.0.0.1", 29517, "deepspeed/torchrun")
+    names = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29517_1",   # this rank's: removed
+             f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29517_0",   # the other rank removes its own
+             f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29600_1",   # another job on this host
+             f"deepspeed_allreduce_buffer_{uid + 1}_127.0.0.1_29517_1",  # another user's
+             "000001_barrier"]                                         # streaming's
+    for n in names:
+        (tmp_path / n).write_text("x")
+    clean_shared_memory_leftovers(mine, shm=tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
