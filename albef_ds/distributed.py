@@ -50,10 +50,35 @@ def _first_slurm_host(nodelist: str) -> str:
     return nodelist.split(",")[0].split("[")[0]
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on every interface of this host now (the batch scripts pick
+    MASTER_PORT with it on the first node)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("", 0))
         return s.getsockname()[1]
+
+
+#: without MASTER_PORT (plain ``srun albef-ds ...``, no batch script to pick a free port),
+#: every rank derives the port from the job id: below the Linux ephemeral range (32768+),
+#: the same on every rank; two jobs whose ids differ by a multiple of the span collide.
+DERIVED_PORT_BASE, DERIVED_PORT_SPAN = 12000, 20000
+
+
+def derived_port(job_id: int) -> int:
+    return DERIVED_PORT_BASE + job_id % DERIVED_PORT_SPAN
+
+
+def cuda_device_for(local_rank: int, visible: int) -> int:
+    """The CUDA device of a rank: its local rank among the node's visible GPUs, or device 0
+    when each task sees exactly one (sites that bind one GPU per task set
+    CUDA_VISIBLE_DEVICES per task, so local rank 3 sees a single device 0)."""
+    if visible == 1:
+        return 0
+    if 0 <= local_rank < visible:
+        return local_rank
+    raise RuntimeError(f"local rank {local_rank} but {visible} CUDA device(s) visible to this task "
+                       f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}): "
+                       f"one GPU per rank, either all of the node's or exactly one per task")
 
 
 def _local_world_size(env: Mapping[str, str], world: int) -> int:
@@ -79,11 +104,10 @@ def read_launch_env(environ: Optional[Mapping[str, str]] = None) -> LaunchEnv:
         nodes = int(env.get("SLURM_NNODES", env.get("SLURM_JOB_NUM_NODES", 1)))
         local_world = _local_world_size(env, max(1, world // nodes))
         addr = env.get("MASTER_ADDR") or _first_slurm_host(env.get("SLURM_JOB_NODELIST", "127.0.0.1"))
-        # A port derived from the job id: the same on every rank without talking.
-        port = int(env.get("MASTER_PORT") or 20000 + int(env.get("SLURM_JOB_ID", 0)) % 20000)
+        port = int(env.get("MASTER_PORT") or derived_port(int(env.get("SLURM_JOB_ID", 0))))
         return LaunchEnv(int(env["SLURM_PROCID"]), int(env.get("SLURM_LOCALID", 0)), world,
                          local_world, addr, port, "srun")
-    return LaunchEnv(0, 0, 1, 1, "127.0.0.1", _free_port(), "python")
+    return LaunchEnv(0, 0, 1, 1, "127.0.0.1", free_port(), "python")
 
 
 def export_env(launch: LaunchEnv) -> None:
@@ -106,9 +130,17 @@ def init_distributed(backend: str = "auto") -> LaunchEnv:
     if backend == "auto":
         backend = get_accelerator().communication_backend_name()
     if get_accelerator().device_name() == "cuda":
-        torch.cuda.set_device(launch.local_rank)
+        torch.cuda.set_device(cuda_device_for(launch.local_rank, torch.cuda.device_count()))
     if not dist.is_initialized():
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        try:
+            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+        except (RuntimeError, OSError) as e:
+            if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
+                raise RuntimeError(
+                    f"rank {launch.rank}: MASTER_PORT {launch.master_port} on {launch.master_addr} is taken "
+                    f"(another job on that node?): set MASTER_PORT to a free port, or submit through "
+                    f"slurm/pretrain.sbatch, which picks one") from e
+            raise
     return launch
 
 

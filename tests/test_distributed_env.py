@@ -32,3 +32,51 @@ def test_pool_size():
     assert pool_size("8", 64) == 8
     assert pool_size("8", 2) == 2  # a 2-rank test of an 8-rank preset pools its 2 ranks
     assert pool_size("local", 64) == 1
+
+
+def test_one_visible_gpu_per_task_is_device_0_whatever_the_local_rank():
+    from albef_ds.distributed import cuda_device_for
+    assert cuda_device_for(3, 1) == 0     # --gpus-per-task=1 / a site's GPU binding
+    assert cuda_device_for(3, 8) == 3     # every GPU of the node visible
+    with pytest.raises(RuntimeError, match="local rank 5 but 4 CUDA device"):
+        cuda_device_for(5, 4)
+
+
+def test_master_ports_of_concurrent_jobs_differ():
+    """The batch scripts pick a free port on the first node at each start (the old formula
+    10000 + (id % 1000) * 10 gave jobs 1234 and 2234 the same port)."""
+    import socket
+
+    from albef_ds.distributed import derived_port, free_port
+    held = socket.socket()
+    held.bind(("", free_port()))  # job 1234's rendezvous port, still in use
+    held.listen()
+    try:
+        taken = held.getsockname()[1]
+        assert free_port() != taken   # job 2234, started beside it on the same node
+    finally:
+        held.close()
+    # The fallback without MASTER_PORT (plain srun): below the ephemeral range, from the job id.
+    assert derived_port(1234) != derived_port(2234)
+    assert all(1024 < derived_port(j) < 32768 for j in (0, 1234, 19999, 10**7 + 3))
+
+
+def test_a_taken_master_port_says_so(monkeypatch):
+    """The rendezvous of a port in use fails with a message that names the port."""
+    import socket
+    import subprocess
+    import sys
+    held = socket.socket()
+    held.bind(("127.0.0.1", 0))
+    held.listen()
+    port = held.getsockname()[1]
+    try:
+        code = ("from albef_ds.distributed import init_distributed; init_distributed('gloo')")
+        env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+               "MASTER_PORT": str(port), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1",
+               "TORCHELASTIC_USE_AGENT_STORE": "False"}
+        proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    finally:
+        held.close()
+    assert proc.returncode != 0
+    assert f"MASTER_PORT {port} on 127.0.0.1 is taken" in proc.stderr, proc.stderr[-2000:]

@@ -10,16 +10,22 @@ import socket
 import tempfile
 from typing import Any, Optional
 
+from albef_ds.data import shm
 from albef_ds.data.collate import Collate
 from albef_ds.data.transforms import make_train_transform
 
 log = logging.getLogger(__name__)
 
-_SHM_CLEANED = False
 
 
 def _is_remote(path: str) -> bool:
     return "://" in path
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
 
 
 def _check_dirs(dirs: list) -> None:
@@ -98,18 +104,6 @@ def _export_world(rank: int, world_size: int, local_world_size: Optional[int] = 
         os.environ["LOCAL_RANK"] = str(rank % int(os.environ["LOCAL_WORLD_SIZE"]))
 
 
-def clean_shared_memory_once() -> None:
-    """Remove shared memory left by a crashed run, on every rank (then a barrier, inside
-    streaming's helper). Only once per process: a second call would unlink the live
-    shared memory of a dataset this process already built."""
-    global _SHM_CLEANED
-    if _SHM_CLEANED:
-        return
-    from streaming.base.util import clean_stale_shared_memory
-    clean_stale_shared_memory()
-    _SHM_CLEANED = True
-
-
 def build_streams(cfg) -> list:
     from streaming import Stream
 
@@ -140,7 +134,8 @@ def build_streams(cfg) -> list:
 
 
 def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: Optional[int] = None,
-                       local_world_size: Optional[int] = None):
+                       local_world_size: Optional[int] = None, run_dir: Optional[str] = None,
+                       local_rank: Optional[int] = None):
     """A ``streaming.StreamingDataLoader`` over ``cfg.data.train_dirs``.
 
     Batches are dicts: ``image`` float32 [B, 3, R, R] (CLIP-normalised, R = model.image_res),
@@ -152,6 +147,10 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
     ``epoch_seed`` is the base seed of the per-sample augmentation RNG (default:
     ``cfg.train.seed``); the epoch and sample index complete it. Shuffling uses
     ``data.shuffle_seed`` and ``data.num_canonical_nodes``.
+
+    ``run_dir``: the node's local leader (``local_rank`` 0) first reclaims the shared memory
+    a hard-killed earlier job of this run left on this host, then records this job's
+    (albef_ds/data/shm.py); without it nothing is cleaned.
     """
     from streaming import StreamingDataLoader
 
@@ -160,7 +159,10 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
     d = cfg.data
     _check_dirs(list(d.train_dirs))
     _export_world(rank, world_size, local_world_size)
-    clean_shared_memory_once()
+    leader = run_dir is not None and (local_rank if local_rank is not None else rank) == 0
+    if leader:
+        shm.reclaim(run_dir)
+    _barrier()  # every local rank looks for a free streaming prefix after the reclaim
     streams, caching = build_streams(cfg)
     dataset = PairDataset(
         streams=streams,
@@ -176,6 +178,9 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
         partition_algo="relaxed",
         batch_size=cfg.train.micro_batch_size,
     )
+    if leader:
+        prefix = dataset._shm_prefix_int
+        shm.write_record(run_dir, prefix, shm._locals_of(prefix, shm.SHM_DIR) or [], dataset._filelock_root)
     kwargs: dict[str, Any] = {}
     if d.num_workers > 0:
         kwargs["prefetch_factor"] = d.prefetch_factor

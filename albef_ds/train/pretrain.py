@@ -46,14 +46,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--run-dir", default=None, help="shortcut for --set logging.run_dir=DIR")
 
 
+def _start_resource_tracker_deaf_to_sigusr1() -> None:
+    """Start multiprocessing's resource tracker with SIGUSR1 blocked (it inherits the mask;
+    it ignores SIGINT/SIGTERM itself, not SIGUSR1). SLURM delivers a step's signals to every
+    process of the step: a tracker killed by the USR1 warning is relaunched empty, and every
+    shared-memory segment unlinked afterwards printed a KeyError traceback at the stop."""
+    from multiprocessing import resource_tracker
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        resource_tracker.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class StopFlag:
-    """Set by a signal on any rank; all ranks learn of it at the same step."""
+    """Set by a signal on any rank; all ranks learn of it at the same step. Created first
+    thing, so that a signal during the start-up asks for a stop too (the default action of
+    SIGUSR1 would end the rank without a word)."""
 
     def __init__(self):
         self.requested = False
         self.signal_name = None
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
+        _start_resource_tracker_deaf_to_sigusr1()
 
     def _handler(self, signum, frame):
         self.requested = True
@@ -173,6 +189,7 @@ def summary(cfg: Config, launch, ds: dict, model, opt_name: str, steps: int, per
 
 
 def run(args) -> int:
+    stop = StopFlag()
     import warnings
     # DeepSpeed calls collectives that torch marks deprecated, once per step per rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
@@ -186,10 +203,11 @@ def run(args) -> int:
     launch = dist_lib.init_distributed(cfg.distributed.backend)
     if note and launch.is_main:
         print(note)
-    return train(cfg, launch, args.resume or cfg.checkpoint.resume)
+    return train(cfg, launch, args.resume or cfg.checkpoint.resume, stop=stop)
 
 
-def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_best: bool = False) -> int:
+def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_best: bool = False,
+          stop: "StopFlag | None" = None) -> int:
     """The training loop. ``eval_each_epoch``/``eval.every_steps``: retrieval on
     data.val_dir into metrics (prefix ``val``); ``keep_best``: the checkpoint with the best
     val r_mean is kept (``best.json`` names it) whatever ``keep_last`` says."""
@@ -206,7 +224,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
     run_dir = Path(cfg.logging.run_dir)
-    stop = StopFlag()
+    stop = stop or StopFlag()
 
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     if len(tokenizer) != cfg.model.vocab_size:
@@ -225,7 +243,8 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
             log("note: the config differs from the run's config.yaml: " + "; ".join(changed))
         save_config(cfg, run_dir / "config.yaml")
 
-    loader = build_train_loader(cfg, tokenizer, rank, world, local_world_size=launch.local_world_size)
+    loader = build_train_loader(cfg, tokenizer, rank, world, local_world_size=launch.local_world_size,
+                                run_dir=str(run_dir), local_rank=launch.local_rank)
     loader.worker_init_fn = functools.partial(_worker_ignores_stop_signals, loader.worker_init_fn)
     micro_per_epoch = len(loader)
     per_epoch = cfg.train.steps_per_epoch or max(1, micro_per_epoch // cfg.train.grad_accum_steps)
@@ -416,4 +435,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
             f"TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'}")
     dist_lib.barrier()
     clean_shared_memory_leftovers(launch)
+    if launch.local_rank == 0:
+        from ..data import shm
+        shm.release(run_dir)
     return EXIT_PREEMPTED if stopped_by_signal else 0

@@ -220,6 +220,7 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, synth, uni
     assert CKPT_EVERY + 2 <= stop_step < STEPS
     assert "training step ended: exit 3" in text and f"scontrol requeue {job}" in text, text[-3000:]
     assert re.search(rf"resumed from \S+step_{stop_step:08d} at step {stop_step}\b", text), text[-3000:]
+    assert "Traceback" not in text, text[-5000:]  # e.g. resource_tracker KeyErrors at the stop
     _assert_same_samples(run_dir, uninterrupted[1])
     t_train = time.monotonic() - t0
     eval_info = c.wait_job(eval_job, timeout=120)

@@ -174,7 +174,7 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
 
 
 @pytest.mark.parametrize("ds_name", ["zero2_bf16.json", "zero3_bf16.json"])
-def test_temperature_clamp_reaches_the_fp32_master(ds_name):
+def test_temperature_clamp_reaches_the_fp32_master(ds_name, monkeypatch):
     """The master is set past the bound (as a large step would); clamp_master brings the
     master itself back, and the next optimizer step copies it into the module."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_local_fp32_param, safe_set_full_fp32_param
@@ -182,6 +182,11 @@ def test_temperature_clamp_reaches_the_fp32_master(ds_name):
     from albef_ds.distributed import init_distributed
     from albef_ds.models import ALBEF
     from albef_ds.train.engine import clamp_master, initialize
+    # init_distributed exports RANK, MASTER_PORT, ...: undone after the test, or every later
+    # subprocess of this session would take itself for rank 0 of this process's group.
+    for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.setenv(name, "")
+        monkeypatch.delenv(name)
     init_distributed("gloo")
     cfg = load_config("tiny", ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1",
                                "model.queue_size=64", "train.micro_batch_size=2", f"distributed.ds_config=ds_configs/{ds_name}"])

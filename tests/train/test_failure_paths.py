@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import run_cli  # noqa: E402
 from test_pretrain import REPO, command, env, launch  # noqa: E402
 
 #: from the moment of the failure to the end of the whole launch (a hang would take the
@@ -45,6 +44,7 @@ def test_an_error_in_the_loop_with_loader_workers_ends_the_job_within_seconds(sy
     ended = time.time()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
+    assert "INJECTED" in out, out[-3000:]
     injected = min(float(t) for t in re.findall(r"INJECTED (\d+\.\d+)", out))
     assert "injected failure in the training loop" in out
     assert ended - injected < ENDS_WITHIN_S, f"ended {ended - injected:.1f} s after the failure"
@@ -80,7 +80,8 @@ def four_steps(synth_data, tmp_path_factory):
     run = root / "run"
     launch(command(1, run, data, tok, ["--set", "train.max_steps=4"]), root / "run.log")
     other_tok = root / "tok150"
-    run_cli(["albef-data", "build-vocab", str(data / "captions.txt"), "--out", str(other_tok), "--vocab-size", "150"])
+    subprocess.run([str(Path(sys.executable).parent / "albef-data"), "build-vocab", str(data / "captions.txt"),
+                    "--out", str(other_tok), "--vocab-size", "150"], check=True, capture_output=True, timeout=300)
     return run, other_tok
 
 
@@ -122,3 +123,55 @@ def test_shared_memory_clean_up_removes_only_this_runs_buffer(tmp_path):
         (tmp_path / n).write_text("x")
     clean_shared_memory_leftovers(mine, shm=tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[1:])
+
+
+def _wait_for(path: Path, proc, timeout=240):
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert proc.poll() is None, f"exited {proc.returncode} before {path} appeared"
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.2)
+
+
+def test_a_killed_jobs_shared_memory_is_reclaimed_by_its_own_run_only(synth_data, tmp_path):
+    """Run Y is SIGKILLed and leaves its streaming segments; run X starts beside it on the
+    same host; Y's next start removes Y's leftovers while X's live ones stay."""
+    import json
+    import signal
+
+    from albef_ds.data.shm import SHM_DIR, record_path
+    data, tok = synth_data
+    long_run = ["--set", "train.max_steps=400", "--set", "checkpoint.every_steps=400"]
+    procs = []
+    try:
+        def start(name, extra):
+            p = subprocess.Popen(command(1, tmp_path / name, data, tok, extra), cwd=REPO, env=env(),
+                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+            procs.append(p)
+            return p
+        y = start("y", long_run)
+        _wait_for(record_path(tmp_path / "y"), y)
+        y_prefix = json.loads(record_path(tmp_path / "y").read_text())["prefix"]
+        os.killpg(y.pid, signal.SIGKILL)
+        y.wait()
+        y_left = sorted(p.name for p in SHM_DIR.glob(f"{y_prefix:06}_*"))
+        assert y_left, "the killed run left no shared memory: nothing to test"
+        x = start("x", long_run)
+        _wait_for(record_path(tmp_path / "x"), x)
+        x_prefix = json.loads(record_path(tmp_path / "x").read_text())["prefix"]
+        x_live = sorted(p.name for p in SHM_DIR.glob(f"{x_prefix:06}_*"))
+        assert x_prefix != y_prefix and x_live
+        again = subprocess.run(command(1, tmp_path / "y", data, tok, ["--set", "train.max_steps=2"]), cwd=REPO,
+                               env=env(), capture_output=True, text=True, timeout=300)
+        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        assert not any((SHM_DIR / n).exists() for n in y_left), "run Y's leftovers are still there"
+        assert all((SHM_DIR / n).exists() for n in x_live), "run X's live shared memory was touched"
+        assert x.poll() is None, "run X died"
+    finally:
+        from albef_ds.data.shm import reclaim
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+        for run in ("x", "y"):  # leave the host's /dev/shm as it was
+            reclaim(tmp_path / run)

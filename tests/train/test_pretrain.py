@@ -48,8 +48,13 @@ def command(ranks: int, run_dir: Path, data, tok, extra=()) -> list[str]:
             "--master_port", str(free_port()), "--module", "albef_ds", *args]
 
 
+#: launch variables a launched process must not inherit from this one
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
 def env():
-    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    out = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    return dict(out, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def launch(cmd, log: Path):

@@ -1,0 +1,81 @@
+"""slurm/pretrain.sbatch on a node shared with other jobs of the same user (the local
+cluster, CPU variables; no private /dev/shm here: the jobs share the node's, as on a real
+shared node).
+
+  solo       1 rank on n1, alone: the reference sample log
+  a, b       the same job twice at once on n1: both finish with the solo run's samples;
+             neither job's shared-memory handling touches the other's (the old pre-step ran
+             streaming's host-wide clean-up and unlinked the first job's live segments);
+             distinct master ports (a free port picked on the node, not the job id)
+  cpus       --cpus-per-task=2: the training step gets 2 CPUs per task (srun no longer
+             inherits it from the allocation)
+"""
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+from slurm_local import REPO, wait_until
+from test_pretrain_sbatch import _job_env, _keys, _log, _wait_done, synth  # noqa: F401,F811 (synth: a fixture)
+
+pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
+
+
+def _submit_on_n1(cluster, synth, name: str, cpus: int = 1) -> tuple[str, Path]:
+    root, data, tok = synth
+    run_dir = root / name
+    run_dir.mkdir()
+    env = _job_env(run_dir, data, tok)
+    env["ALBEF_DS"] = f"{Path(sys.executable).parent}/albef-ds"  # the node's own /dev/shm
+    job = cluster.sbatch("--nodes=1", "--ntasks-per-node=1", "--nodelist=n1", "--gpus-per-node=0",
+                         f"--cpus-per-task={cpus}", f"--job-name=albef-{name}", f"--output={run_dir}/slurm-%j.out",
+                         str(REPO / "slurm" / "pretrain.sbatch"), env=env, cwd=root)
+    return job, run_dir
+
+
+def _port(text: str) -> int:
+    return int(re.search(r"master n1:(\d+)", text).group(1))
+
+
+@pytest.fixture(scope="module")
+def solo(slurm_cluster, synth):  # noqa: F811
+    job, run_dir = _submit_on_n1(slurm_cluster, synth, "solo")
+    _wait_done(slurm_cluster, job, run_dir, timeout=400)
+    return run_dir
+
+
+def test_two_jobs_sharing_a_node_both_finish_with_the_solo_samples(slurm_cluster, synth, solo):  # noqa: F811
+    c = slurm_cluster
+    job_a, run_a = _submit_on_n1(c, synth, "a")
+    # b starts once a's loader holds its shared memory (a's record is written then)
+    wait_until(lambda: any((run_a / ".shm").glob("*.json")) or c.job_state(job_a) not in
+               ("PENDING", "CONFIGURING", "RUNNING"), timeout=300, poll=0.2, what="job a's data loader")
+    job_b, run_b = _submit_on_n1(c, synth, "b")
+    for job, run in ((job_a, run_a), (job_b, run_b)):
+        _wait_done(c, job, run, timeout=400)
+        assert _keys(run, 0) == _keys(solo, 0), f"job {job}: other samples than the solo run"
+    text_a, text_b = _log(run_a, job_a), _log(run_b, job_b)
+    assert _port(text_a) != _port(text_b), "two jobs on one node rendezvoused on one port"
+    assert "Traceback" not in text_a + text_b, (text_a + text_b)[-4000:]
+
+
+def test_the_training_step_gets_the_jobs_cpus_per_task(slurm_cluster, synth):  # noqa: F811
+    c = slurm_cluster
+    job, run_dir = _submit_on_n1(c, synth, "cpus", cpus=2)
+    seen = {}
+
+    def step_running():
+        out = c.run("scontrol", "show", "step", f"{job}.0", check=False).stdout
+        found = re.search(r"\bCPUs=(\d+) Tasks=(\d+)", out)
+        if found:
+            seen["cpus"], seen["tasks"] = int(found.group(1)), int(found.group(2))
+        state = c.job_state(job)
+        assert state in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETED"), (state, _log(run_dir, job)[-3000:])
+        return bool(seen) or state == "COMPLETED"
+    wait_until(step_running, timeout=300, poll=0.1, what="the training step")
+    assert seen == {"cpus": 2, "tasks": 1}, seen
+    assert "1 task(s) x 2 CPU(s)" in _log(run_dir, job)
+    _wait_done(c, job, run_dir, timeout=400)
