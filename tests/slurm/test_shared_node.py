@@ -9,10 +9,15 @@ shared node).
              distinct master ports (a free port picked on the node, not the job id)
   cpus       --cpus-per-task=2: the training step gets 2 CPUs per task (srun no longer
              inherits it from the allocation)
+  killed     a job SIGKILLed by SLURM (its streaming segments stay in /dev/shm), then the
+             same run again beside a live job of another run: the rerun reclaims the
+             killed job's segments and leaves the live job's alone
 """
 from __future__ import annotations
 
+import os
 import re
+import signal
 import sys
 from pathlib import Path
 
@@ -24,11 +29,12 @@ from test_pretrain_sbatch import _job_env, _keys, _log, _wait_done, synth  # noq
 pytestmark = [pytest.mark.slurm, pytest.mark.timeout(900)]
 
 
-def _submit_on_n1(cluster, synth, name: str, cpus: int = 1) -> tuple[str, Path]:
+def _submit_on_n1(cluster, synth, name: str, cpus: int = 1, extra: str = "") -> tuple[str, Path]:
     root, data, tok = synth
     run_dir = root / name
-    run_dir.mkdir()
+    run_dir.mkdir(exist_ok=True)
     env = _job_env(run_dir, data, tok)
+    env["EXTRA_ARGS"] += extra
     env["ALBEF_DS"] = f"{Path(sys.executable).parent}/albef-ds"  # the node's own /dev/shm
     job = cluster.sbatch("--nodes=1", "--ntasks-per-node=1", "--nodelist=n1", "--gpus-per-node=0",
                          f"--cpus-per-task={cpus}", f"--job-name=albef-{name}", f"--output={run_dir}/slurm-%j.out",
@@ -79,3 +85,37 @@ def test_the_training_step_gets_the_jobs_cpus_per_task(slurm_cluster, synth):  #
     assert seen == {"cpus": 2, "tasks": 1}, seen
     assert "1 task(s) x 2 CPU(s)" in _log(run_dir, job)
     _wait_done(c, job, run_dir, timeout=400)
+
+
+def _record(cluster, job: str, run_dir: Path) -> dict:
+    import json
+    wait_until(lambda: any((run_dir / ".shm").glob("*.json")), timeout=300, poll=0.2,
+               what=f"job {job}'s data loader")
+    return json.loads(next((run_dir / ".shm").glob("*.json")).read_text())
+
+
+def test_a_killed_jobs_segments_are_reclaimed_by_its_rerun_and_a_live_jobs_are_not(slurm_cluster, synth):  # noqa: F811
+    from albef_ds.data.shm import SHM_DIR
+    c = slurm_cluster
+    long = " --set train.max_steps=2000 --set checkpoint.every_steps=2000"
+    job_k, run_k = _submit_on_n1(c, synth, "killed", extra=long)
+    record = _record(c, job_k, run_k)
+    killed_prefix = record["prefix"]
+    # A hard kill of the whole task (the OOM killer, a node agent): its process group, the
+    # resource tracker included (a surviving tracker would unlink the segments itself).
+    os.killpg(os.getpgid(record["pid"]), signal.SIGKILL)
+    c.run("scancel", job_k)
+    c.wait_job(job_k, timeout=120)
+    left = sorted(p.name for p in SHM_DIR.glob(f"{killed_prefix:06}_*"))
+    assert left, "the killed job left no shared memory: nothing to test"
+    job_l, run_l = _submit_on_n1(c, synth, "live", extra=long)
+    live = sorted(p.name for p in SHM_DIR.glob(f"{_record(c, job_l, run_l)['prefix']:06}_*"))
+    try:
+        job_r, _ = _submit_on_n1(c, synth, "killed")  # the same run again, 16 steps
+        _wait_done(c, job_r, run_k, timeout=400)
+        assert not any((SHM_DIR / n).exists() for n in left), "the killed job's segments are still there"
+        assert c.job_state(job_l) == "RUNNING", _log(run_l, job_l)[-3000:]
+        assert all((SHM_DIR / n).exists() for n in live), "the live job's segments were touched"
+    finally:
+        c.run("scancel", job_l, check=False)
+        c.wait_job(job_l, timeout=180)  # it saves and exits on SIGTERM: nothing left running

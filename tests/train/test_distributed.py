@@ -66,18 +66,23 @@ def ranks(request, launches):
     return launches[request.param]
 
 
-@pytest.fixture(scope="module")
-def single():
-    """1 rank x 2B, same weights and inputs, plain PyTorch (no DeepSpeed, no gather)."""
+def one_rank_backward(loss_key: str):
+    """1 rank x 2B, same weights, inputs and fixed negatives, plain PyTorch (no DeepSpeed, no
+    gather): the model, its outputs and the gradient of ``out[loss_key]``."""
     cfg = tiny_cfg(1)
     torch.manual_seed(0)
     model = ALBEF(cfg.model)
     x = fixed_inputs(cfg)
     out = model(x["images"], x["ids"], x["mask"], x["mlm_ids"], x["mlm_labels"], alpha=0.4,
                 image_ids=x["image_ids"], itm_negatives=(x["neg_text"], x["neg_image"]))
-    out["loss"].backward()
+    out[loss_key].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return model, out, grads
+
+
+@pytest.fixture(scope="module")
+def single():
+    return one_rank_backward("loss")
 
 
 def relative_errors(got: dict, ref: dict) -> dict:
@@ -89,15 +94,8 @@ def relative_errors(got: dict, ref: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def single_itm_grads():
-    """The gradient of loss_itm alone, 1 rank x 2B, the same fixed negatives."""
-    cfg = tiny_cfg(1)
-    torch.manual_seed(0)
-    model = ALBEF(cfg.model)
-    x = fixed_inputs(cfg)
-    out = model(x["images"], x["ids"], x["mask"], x["mlm_ids"], x["mlm_labels"], alpha=0.4,
-                image_ids=x["image_ids"], itm_negatives=(x["neg_text"], x["neg_image"]))
-    out["loss_itm"].backward()
-    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    """The gradient of loss_itm alone (and the loss), 1 rank x 2B."""
+    _, out, grads = one_rank_backward("loss_itm")
     return {"loss_itm": out["loss_itm"].detach(), **grads}
 
 
