@@ -114,7 +114,7 @@ class DataConfig:
     num_workers: int = 2
     shuffle: bool = True
     shuffle_seed: int = 1234
-    #: streaming's canonical node count (None: 64, see albef_ds/data/loader.py); keep it
+    #: streaming's canonical node count (None: 64, or one per shard when there are fewer; see albef_ds/data/dataset.py); keep it
     #: fixed over a run's life so it resumes on a different number of nodes.
     num_canonical_nodes: Optional[int] = None
     #: a node-local cache for shards on shared filesystems (remote URLs are always cached);

@@ -312,25 +312,16 @@ class TorchGather:
         return tensor
 
 
-def pool_size(pool: str, world_size: int) -> int:
-    """Ranks in one negatives pool: "world", "local" (1) or a number of ranks (at most the
-    world: a 1-rank test of the 8-rank preset pools its one rank)."""
-    if pool == "world":
-        return world_size
-    if pool == "local":
-        return 1
-    return min(int(pool), world_size)
-
-
-def make_pool_gather(pool: str = "world"):
-    """The gather of this rank's negatives pool: consecutive ranks (so a pool fills a node
-    before it spans two: every launcher numbers a node's ranks consecutively) of
-    ``pool_size`` ranks. The identity in one process or a 1-rank pool."""
+def make_pool_gather(size: Optional[int] = None):
+    """The gather of this rank's negatives pool of ``size`` consecutive ranks (None: every
+    rank; ``Config.pool_size`` says how many), so a pool fills a node before it spans two:
+    every launcher numbers a node's ranks consecutively. The identity in one process or a
+    1-rank pool."""
     from .gather import SINGLE_PROCESS
-    if not (dist.is_initialized() and dist.get_world_size() > 1):
+    if not _several():
         return SINGLE_PROCESS
     world = dist.get_world_size()
-    size = pool_size(pool, world)
+    size = world if size is None else size
     if size == 1:
         return SINGLE_PROCESS
     if size == world:
@@ -341,4 +332,4 @@ def make_pool_gather(pool: str = "world"):
 
 def make_gather():
     """TorchGather over every rank when a process group of several ranks runs, else the identity."""
-    return make_pool_gather("world")
+    return make_pool_gather()

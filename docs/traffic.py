@@ -29,7 +29,7 @@ def measure(overrides, rank, world, worst_case):
                       + [f"train.micro_batch_size={BATCH}"] + overrides, world_size=world)
     torch.manual_seed(0)
     model = ALBEF(cfg.model)
-    gather = make_pool_gather(cfg.model.negative_pool)
+    gather = make_pool_gather(cfg.pool_size(world))
     g = torch.Generator().manual_seed(100 + rank)
     totals: dict = {}
     for _ in range(STEPS):

@@ -1,7 +1,8 @@
 """albef_ds.distributed.read_launch_env under each launcher's variables (no processes)."""
 import pytest
 
-from albef_ds.distributed import pool_size, read_launch_env
+from albef_ds.config import load_config
+from albef_ds.distributed import read_launch_env
 
 
 def test_deepspeed_launcher_on_two_nodes_counts_the_ranks_of_one_node():
@@ -28,10 +29,12 @@ def test_local_world_size_under_every_launcher(env, local, nodes):
 
 
 def test_pool_size():
-    assert pool_size("world", 64) == 64
-    assert pool_size("8", 64) == 8
-    assert pool_size("8", 2) == 2  # a 2-rank test of an 8-rank preset pools its 2 ranks
-    assert pool_size("local", 64) == 1
+    def pool(world, *overrides):
+        return load_config("tiny", ["train.micro_batch_size=2", *overrides], world_size=world).pool_size(world)
+    assert pool(64) == 64  # "world"
+    assert pool(64, "model.negative_pool=8") == 8
+    assert pool(2, "model.negative_pool=8") == 2  # a 2-rank test of an 8-rank preset pools its 2 ranks
+    assert pool(64, "model.negative_pool=1") == 1
 
 
 def test_one_visible_gpu_per_task_is_device_0_whatever_the_local_rank():

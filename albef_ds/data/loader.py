@@ -11,6 +11,7 @@ import tempfile
 from typing import Any, Optional
 
 from albef_ds.data import shm
+from albef_ds.distributed import barrier
 from albef_ds.data.collate import Collate
 from albef_ds.data.transforms import make_train_transform
 
@@ -20,12 +21,6 @@ log = logging.getLogger(__name__)
 
 def _is_remote(path: str) -> bool:
     return "://" in path
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
 
 
 def _check_dirs(dirs: list) -> None:
@@ -162,7 +157,7 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
     leader = run_dir is not None and (local_rank if local_rank is not None else rank) == 0
     if leader:
         shm.reclaim(run_dir)
-    _barrier()  # every local rank looks for a free streaming prefix after the reclaim
+    barrier()  # every local rank looks for a free streaming prefix after the reclaim
     streams, caching = build_streams(cfg)
     dataset = PairDataset(
         streams=streams,

@@ -46,12 +46,12 @@ def tag_of(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def queue_file(tag_dir: Path, pool: int) -> Path:
-    return tag_dir / f"albef_queue_pool{pool:05d}.pt"
+def queue_file_name(pool: int) -> str:
+    return f"albef_queue_pool{pool:05d}.pt"
 
 
-def rank_file(tag_dir: Path, rank: int) -> Path:
-    return tag_dir / f"albef_rank{rank:05d}.pt"
+def rank_file_name(rank: int) -> str:
+    return f"albef_rank{rank:05d}.pt"
 
 
 def rng_state() -> dict:
@@ -252,4 +252,4 @@ def read_queue(tag_dir: Path, pool: int) -> dict:
     """Pool ``pool``'s queues; after a world-size change with more pools than were saved,
     pool p starts from saved pool p mod (saved pools)."""
     saved = max(1, int(CheckpointManager.meta(tag_dir).get("pools", 1)))
-    return read(queue_file(tag_dir, pool % saved))
+    return read(tag_dir / queue_file_name(pool % saved))

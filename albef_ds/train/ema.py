@@ -112,10 +112,14 @@ class MomentumEMA:
         return {n: (off, m.reshape(-1).clone()) for n, m, k, off in
                 zip(self.names, self.master, self.kinds, self.offsets) if k == "partition"}
 
-    def load(self, full_state: dict, partitions: dict) -> None:
-        """Same world size: the shared whole tensors and this rank's own partitions."""
+    def _zero_master(self) -> None:
+        """An fp32 master shaped like the momentum storages, to be filled from a checkpoint."""
         if self.master is None:
             self.master = [torch.zeros(d.shape, dtype=torch.float32) for d in self._storages()[1]]
+
+    def load(self, full_state: dict, partitions: dict) -> None:
+        """Same world size: the shared whole tensors and this rank's own partitions."""
+        self._zero_master()
         for i, name in enumerate(self.names):
             if self.kinds[i] == "full":
                 source = full_state["full"].get(name)
@@ -132,8 +136,7 @@ class MomentumEMA:
     def load_full(self, full: dict) -> None:
         """Fill the master from full fp32 momentum tensors (name -> tensor), e.g. after a
         resume on another number of ranks."""
-        if self.master is None:
-            self.master = [torch.zeros(d.shape, dtype=torch.float32) for d in self._storages()[1]]
+        self._zero_master()
         for i, name in enumerate(self.names):
             flat = full[name].float().reshape(-1)
             if self.kinds[i] == "partition":

@@ -257,11 +257,11 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     device = dist_lib.device()
     dtype = engine_dtype(ds)
     ema = MomentumEMA(module, cfg.model.momentum, foreach=cfg.model.foreach_ema)
-    gather = dist_lib.make_pool_gather(cfg.model.negative_pool)
+    pool = cfg.pool_size(world)
+    gather = dist_lib.make_pool_gather(pool)
     world_gather = dist_lib.make_gather()
     log(summary(cfg, launch, ds, module, opt_name, total_steps, per_epoch))
 
-    pool = cfg.pool_size(world)
     pool_index = rank // pool  # which negatives pool this rank belongs to (its queue file)
     step, epoch = 0, 0
     if resume_dir:
@@ -272,7 +272,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
             ema.load_full(assemble_full(momentum, (f["ema_partitions"] for f in ckpt_lib.rank_files(resume_dir))))
             log(f"resumed from {resume_dir} (world {resume_meta['world_size']} -> {world}, universal)")
         else:
-            mine = ckpt_lib.read(ckpt_lib.rank_file(resume_dir, rank))
+            mine = ckpt_lib.read(resume_dir / ckpt_lib.rank_file_name(rank))
             ema.load(momentum, mine["ema_partitions"])
             set_rng_state(mine["rng"])
             log(f"resumed from {resume_dir} at step {step}")
@@ -324,17 +324,16 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     queue_names = [n for n in ("image_queue", "text_queue", "queue_ptr", "idx_queue") if hasattr(module, n)]
 
     def save():
-        client = {"step": step, "epoch": epoch, "global_batch": cfg.global_batch(world),
-                  "zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "loader": loader.state_dict()}
+        client = {"step": step, "epoch": epoch, "loader": loader.state_dict()}
         # What this rank writes: its RNG and ZeRO-3 partitions; the whole-tensor momentum
         # master once (rank 0); its pool's queues once (the pool's first rank).
-        files = {ckpt_lib.rank_file(Path(), rank).name: {"rng": rng_state(), "ema_partitions": ema.partition_state()}}
+        files = {ckpt_lib.rank_file_name(rank): {"rng": rng_state(), "ema_partitions": ema.partition_state()}}
         if rank == 0:
             files[ckpt_lib.MOMENTUM_FILE] = ema.full_state()
         if rank % pool == 0:
-            files[ckpt_lib.queue_file(Path(), pool_index).name] = {
-                n: getattr(module, n).detach().cpu() for n in queue_names}
-        meta = {"zero_stage": client["zero_stage"], "pools": world // pool, **ckpt_lib.run_record(cfg, world)}
+            files[ckpt_lib.queue_file_name(pool_index)] = {n: getattr(module, n).detach().cpu() for n in queue_names}
+        meta = {"zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "pools": world // pool,
+                **ckpt_lib.run_record(cfg, world)}
         return ckpt.save(engine, step, client, files, meta)
 
     try:

@@ -81,7 +81,7 @@ def traffic_per_step(cfg_overrides, rank, world, batch=4):
                       + [f"train.micro_batch_size={batch}"] + cfg_overrides, world_size=world)
     torch.manual_seed(0)
     model = ALBEF(cfg.model)
-    gather = make_pool_gather(cfg.model.negative_pool)
+    gather = make_pool_gather(cfg.pool_size(world))
     g = torch.Generator().manual_seed(100 + rank)
     res, n = cfg.model.image_res, 12
     ids = torch.randint(5, VOCAB, (batch, n), generator=g)
