@@ -19,11 +19,13 @@ from typing import Any, Optional
 
 import yaml
 
+from .errors import UsageError
+
 #: Presets shipped with the project (``--config tiny`` resolves to ``configs/tiny.yaml``).
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A configuration problem; the message names the key and, when known, the file."""
 
 
@@ -134,6 +136,8 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
+    #: the training objective (albef_ds.objectives.OBJECTIVES): pretrain, retrieval, itc, ...
+    objective: str = "pretrain"
     seed: int = 42
     micro_batch_size: int = 64
     grad_accum_steps: int = 1
@@ -425,6 +429,12 @@ def load_config(path: str | os.PathLike | None = None, overrides: list[str] | No
     return cfg.validate(world_size)
 
 
+def apply_overrides(cfg: Config, overrides, source: str) -> Config:
+    """``section.key=value`` strings applied to a loaded config (e.g. an objective's needs)."""
+    _apply(cfg, parse_overrides(list(overrides)), source)
+    return cfg
+
+
 def save_config(cfg: Config, path: str | os.PathLike) -> None:
     """Write the resolved config (every field, defaults included) as YAML."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
@@ -432,9 +442,3 @@ def save_config(cfg: Config, path: str | os.PathLike) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg.to_dict(), f, sort_keys=False)
     os.replace(tmp, path)
-
-
-def config_from_dict(values: dict, source: str = "<dict>") -> Config:
-    cfg = Config()
-    _apply(cfg, values, source)
-    return cfg

@@ -41,6 +41,7 @@ from typing import Union
 import torch
 from torch import nn
 
+from .errors import UsageError
 from .models import vit as vit_lib
 
 StateDict = dict[str, torch.Tensor]
@@ -56,7 +57,7 @@ _OPTIONAL = ("idx_queue",)
 _MAX_NAMES = 40
 
 
-class WeightLoadError(ValueError):
+class WeightLoadError(UsageError, ValueError):
     """Weights that do not fit the model; the message names the offending keys."""
 
 

@@ -109,7 +109,7 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=600, help="optimizer steps per run")
     p.add_argument("--parallel", type=int, default=2, help="processes at a time (one thread each)")
     args = p.parse_args()
-    from albef_ds.demo import DEFAULT_TEST_IMAGES, DEFAULT_TRAIN_PAIRS, prepare_data
+    from albef_ds.cli.demo import DEFAULT_TEST_IMAGES, DEFAULT_TRAIN_PAIRS, prepare_data
 
     out = Path(args.out)
     data = {s: prepare_data(out / f"data_seed{s}", s, DEFAULT_TRAIN_PAIRS, DEFAULT_TEST_IMAGES)

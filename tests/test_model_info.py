@@ -8,6 +8,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
 from albef_ds import cli
+from albef_ds.objectives.pretrain import albef_forward
 from albef_ds.config import load_config
 from albef_ds.model_info import analytic_flops, count_params, device_peak_flops
 from albef_ds.models import ALBEF
@@ -65,7 +66,7 @@ def counted_flops_per_pair(cfg, text_len: int, batch: int) -> float:
     labels[:, 2:5] = ids[:, 2:5]
     counter = FlopCounterMode(display=False)
     with sdpa_kernel(SDPBackend.MATH), counter:
-        out = model(images, ids, mask, ids, labels, alpha=0.4)  # alpha > 0: momentum MLM runs
+        out = model(albef_forward, images, ids, mask, ids, labels, alpha=0.4)  # alpha > 0: momentum MLM runs
         out["loss"].backward()
     return counter.get_total_flops() / batch
 

@@ -13,12 +13,6 @@ from timm.layers import resample_abs_pos_embed
 from timm.models.vision_transformer import VisionTransformer
 from torch import nn
 
-#: Named sizes. Pretraining runs ViT-B/16 at 256 px (257 tokens), fine-tuning at 384 px.
-VIT_PRESETS = {
-    "vit_base_patch16": dict(patch_size=16, embed_dim=768, depth=12, num_heads=12, mlp_ratio=4.0),
-    "vit_tiny_test": dict(patch_size=8, embed_dim=64, depth=2, num_heads=2, mlp_ratio=4.0),
-}
-
 
 class ImageEncoder(VisionTransformer):
     """timm's ViT whose ``forward`` returns every token after the final norm.

@@ -26,8 +26,6 @@ import os
 import re
 import random
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -35,6 +33,10 @@ import numpy as np
 import torch
 
 from .. import distributed as dist_lib
+from ..errors import UsageError
+
+#: model buffers that are run state, saved once per negatives pool (they differ between pools)
+QUEUE_BUFFERS = ("image_queue", "text_queue", "queue_ptr", "idx_queue")
 
 META = "albef_meta.json"
 MOMENTUM_FILE = "albef_momentum.pt"
@@ -75,7 +77,7 @@ def _atomic_write(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError, RuntimeError):
     """A checkpoint that cannot be resumed from, with the reason and the path."""
 
 
@@ -125,7 +127,7 @@ class CheckpointManager:
         self.comm = collectives
 
     # ------------------------------------------------------------------ save
-    def save(self, engine, step: int, client_state: dict, files: dict, meta: Optional[dict] = None) -> Path:
+    def save(self, backend, step: int, client_state: dict, files: dict, meta: Optional[dict] = None) -> Path:
         """DeepSpeed's state plus ``files`` (file name -> object, what THIS rank writes) into
         ``<tag>.partial``, renamed to ``<tag>`` by rank 0 when every rank is done."""
         tag = tag_of(step)
@@ -133,10 +135,7 @@ class CheckpointManager:
         if self.rank == 0:
             shutil.rmtree(partial, ignore_errors=True)  # left by a save killed at this step
         self.comm.barrier()
-        client_state = dict(client_state)
-        # Needed by DeepSpeed's universal-checkpoint converter (resume on another world size).
-        client_state["universal_checkpoint_info"] = {"universal_checkpoint_version": 0.2}
-        engine.save_checkpoint(str(self.dir), tag=partial.name, client_state=client_state, save_latest=False)
+        backend.save_checkpoint(self.dir, partial.name, client_state)
         for name, obj in files.items():
             torch.save(obj, partial / name)
         self.comm.barrier()  # every rank's files are on disk
@@ -221,21 +220,18 @@ class CheckpointManager:
         out = tag_dir.parent / f"{tag_dir.name}_universal"
         if self.rank == 0 and not (out / "zero").is_dir():
             shutil.rmtree(out, ignore_errors=True)
-            subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                            "--input_folder", str(tag_dir), "--output_folder", str(out),
-                            "--inject_missing_state"], check=True)
+            from .backend import to_universal
+            to_universal(tag_dir, out)
         self.comm.barrier()
         return out
 
-    def load(self, engine, tag_dir: Path, ds_dir: Optional[Path] = None) -> dict:
-        """Load DeepSpeed's state (from ``ds_dir``, default ``tag_dir``); return the client state."""
+    def load(self, backend, tag_dir: Path, ds_dir: Optional[Path] = None) -> dict:
+        """Load the engine's state (from ``ds_dir``, default ``tag_dir``); return the client state."""
         ds_dir = ds_dir or tag_dir
-        path, client_state = engine.load_checkpoint(str(ds_dir.parent), tag=ds_dir.name,
-                                                    load_optimizer_states=True,
-                                                    load_lr_scheduler_states=True)
-        if path is None:
+        client_state = backend.load_checkpoint(ds_dir)
+        if client_state is None:
             raise CheckpointError(f"DeepSpeed could not load the checkpoint {ds_dir}")
-        return client_state or {}
+        return client_state
 
 
 def read(path: Path):

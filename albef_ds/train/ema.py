@@ -16,33 +16,24 @@ import math
 
 import torch
 
-
-def _is_partitioned(p: torch.nn.Parameter) -> bool:
-    return getattr(p, "ds_tensor", None) is not None and not getattr(p, "ds_persist", False)
-
-
-def _partition_slice(p: torch.nn.Parameter, flat_full: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """The part of a flattened full tensor that this rank's ``ds_tensor`` holds (ZeRO-3
-    partitions the flattened, padded parameter evenly by rank)."""
-    import torch.distributed as dist
-    n = p.ds_tensor.numel()
-    start = dist.get_rank() * n
-    piece = flat_full[start:start + n]
-    return piece, start
+from .backend import full_shape, is_partitioned, local_partition, partition_slice
 
 
 class MomentumEMA:
-    def __init__(self, model, momentum: float, foreach: bool = True):
+    """``dp_rank``: this rank's data-parallel rank (which ZeRO-3 partition it holds)."""
+
+    def __init__(self, model, momentum: float, dp_rank: int = 0, foreach: bool = True):
         self.momentum = momentum
+        self.dp_rank = dp_rank
         self.foreach = foreach
         self.names, self.pairs, self.kinds, self.shapes, self.offsets = [], [], [], [], []
         for name, p, p_m in model.momentum_named_params():
-            partitioned = _is_partitioned(p_m)
+            partitioned = is_partitioned(p_m)
             self.names.append(name)
             self.pairs.append((p, p_m))
             self.kinds.append("partition" if partitioned else "full")
-            self.shapes.append(tuple(p_m.ds_shape) if hasattr(p_m, "ds_shape") else tuple(p_m.shape))
-            self.offsets.append(_partition_slice(p_m, torch.empty(0))[1] if partitioned else 0)
+            self.shapes.append(full_shape(p_m))
+            self.offsets.append(partition_slice(p_m, torch.empty(0), dp_rank)[1] if partitioned else 0)
         # Under ZeRO-3, persistent parameters are only materialised whole by the first
         # forward, so the master is taken at the first update (or from a checkpoint).
         self.master: list | None = None
@@ -53,15 +44,17 @@ class MomentumEMA:
             if s.numel() != d.numel() or d.numel() == 0:
                 raise RuntimeError(f"EMA of {name}: online storage has {s.numel()} elements, "
                                    f"momentum storage {d.numel()}")
-        self.master = [d.detach().float().clone() for d in dst]
+        # fp32 at least (a bf16 EMA rounds m = 0.995 updates away); a float64 model keeps float64
+        self.master = [d.detach().to(torch.promote_types(d.dtype, torch.float32)).clone() for d in dst]
 
     def _storages(self) -> tuple[list, list]:
         """Where each pair's values live now (DeepSpeed may move ``.data`` between steps)."""
         src, dst = [], []
         for (p, p_m), kind in zip(self.pairs, self.kinds):
             if kind == "partition":
-                dst.append(p_m.ds_tensor)
-                src.append(p.ds_tensor if _is_partitioned(p) else _partition_slice(p, p.data.view(-1))[0])
+                dst.append(local_partition(p_m))
+                src.append(local_partition(p) if is_partitioned(p) else
+                           partition_slice(p, p.data.view(-1), self.dp_rank)[0])
             else:
                 dst.append(p_m.data)
                 src.append(p.data)
@@ -74,7 +67,7 @@ class MomentumEMA:
         src, dst = self._storages()
         if self.master is None:
             self._init_master(dst)
-        src = [s.reshape(d.shape).float() for s, d in zip(src, dst)]
+        src = [s.reshape(d.shape).to(m_.dtype) for s, d, m_ in zip(src, dst, self.master)]
         if self.foreach:
             torch._foreach_mul_(self.master, m)
             torch._foreach_add_(self.master, src, alpha=1 - m)
@@ -90,9 +83,9 @@ class MomentumEMA:
             d.copy_(master.view_as(d))
         # Persistent ZeRO-3 parameters are read whole, but keep their partition in step too.
         for (_, p_m), kind, master in zip(self.pairs, self.kinds, self.master):
-            if kind == "full" and getattr(p_m, "ds_tensor", None) is not None:
-                piece, _ = _partition_slice(p_m, master.view(-1))
-                p_m.ds_tensor[: piece.numel()].copy_(piece)
+            if kind == "full" and local_partition(p_m) is not None:
+                piece, _ = partition_slice(p_m, master.view(-1), self.dp_rank)
+                local_partition(p_m)[: piece.numel()].copy_(piece)
 
     def _ensure_master(self) -> None:
         if self.master is None:
@@ -115,7 +108,8 @@ class MomentumEMA:
     def _zero_master(self) -> None:
         """An fp32 master shaped like the momentum storages, to be filled from a checkpoint."""
         if self.master is None:
-            self.master = [torch.zeros(d.shape, dtype=torch.float32) for d in self._storages()[1]]
+            self.master = [torch.zeros(d.shape, dtype=torch.promote_types(d.dtype, torch.float32))
+                           for d in self._storages()[1]]
 
     def load(self, full_state: dict, partitions: dict) -> None:
         """Same world size: the shared whole tensors and this rank's own partitions."""
@@ -138,7 +132,7 @@ class MomentumEMA:
         resume on another number of ranks."""
         self._zero_master()
         for i, name in enumerate(self.names):
-            flat = full[name].float().reshape(-1)
+            flat = full[name].to(self.master[i].dtype).reshape(-1)
             if self.kinds[i] == "partition":
                 piece = flat[self.offsets[i]: self.offsets[i] + self.master[i].numel()]
                 self.master[i].zero_()

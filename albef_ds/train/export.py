@@ -1,4 +1,4 @@
-"""``albef-ds export CKPT``: one fp32 model from a (ZeRO-sharded) training checkpoint.
+"""One fp32 model from a (ZeRO-sharded) training checkpoint.
 
 Online weights come from DeepSpeed's fp32 optimizer partitions (``zero_to_fp32``), the
 momentum weights from our fp32 EMA master (the shared file, ZeRO-3 partitions joined from
@@ -7,20 +7,12 @@ the rank files one at a time), the queues from pool 0's queue file. Writes ``mod
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import torch
 
 from ..config import Config, load_config
 from .checkpoint import CheckpointManager
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint", help="a checkpoint directory (RUN/checkpoints/step_N) or a run directory "
-                                      "(its latest complete checkpoint)")
-    p.add_argument("--out", default=None, help="output directory (default: CHECKPOINT/export)")
-    p.add_argument("--config", default=None, help="the run's config (default: RUN/config.yaml)")
 
 
 def resolve_checkpoint(path: str) -> Path:
@@ -36,14 +28,13 @@ def resolve_checkpoint(path: str) -> Path:
 
 def consolidate(tag_dir: Path, cfg: Config) -> torch.nn.Module:
     """An ALBEF (fp32, CPU) holding the checkpoint's weights, momentum masters and queues."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
     from ..models import ALBEF
+    from .backend import consolidated_fp32_state
     from . import checkpoint as ckpt_lib
     from .ema import assemble_full
 
     model = ALBEF(cfg.model)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    state = consolidated_fp32_state(tag_dir)
     momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
     state.update(assemble_full(momentum, (f["ema_partitions"] for f in ckpt_lib.rank_files(tag_dir))))
     state.update(ckpt_lib.read_queue(tag_dir, 0))  # pool 0's queues
@@ -74,14 +65,15 @@ def load_exported(directory: str | Path):
     return model, cfg
 
 
-def run(args) -> int:
-    tag_dir = resolve_checkpoint(args.checkpoint)
-    config_path = Path(args.config) if args.config else tag_dir.parent.parent / "config.yaml"
-    cfg = load_config(config_path)
-    model = consolidate(tag_dir, cfg)
-    out = Path(args.out) if args.out else tag_dir / "export"
-    save_exported(model, cfg, out)
-    from ..weights import save_albef_pth
-    save_albef_pth(model, out / "albef.pth")
-    print(f"exported {tag_dir} -> {out / 'model.pt'} (our layout) and {out / 'albef.pth'} (ALBEF layout)")
-    return 0
+def resolve_init(path: str) -> str:
+    """Weights to start a fine-tuning from: a file or an export as they are; a checkpoint or
+    run directory is consolidated into ``<checkpoint>/export`` first (call on rank 0)."""
+    p = Path(path)
+    if p.is_file() or (p / "model.pt").is_file():
+        return str(p / "model.pt") if p.is_dir() else str(p)
+    tag_dir = resolve_checkpoint(path)
+    out = tag_dir / "export"
+    if not (out / "model.pt").is_file():
+        cfg = load_config(tag_dir.parent.parent / "config.yaml")
+        save_exported(consolidate(tag_dir, cfg), cfg, out)
+    return str(out / "model.pt")

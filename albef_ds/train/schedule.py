@@ -1,4 +1,4 @@
-"""Learning-rate and distillation-weight schedules, by optimizer step."""
+"""The learning-rate schedule, by optimizer step (the distillation ramp is the objectives': albef_ds.objectives.base.alpha_at)."""
 from __future__ import annotations
 
 import math
@@ -13,14 +13,6 @@ def lr_at(step: int, total_steps: int, lr: float, warmup_lr: float, min_lr: floa
     span = max(1, total_steps - warmup_steps)
     progress = min(1.0, (step - warmup_steps) / span)
     return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-def alpha_at(step: int, steps_per_epoch: int, alpha: float, ramp_epochs: float) -> float:
-    """Distillation weight: linear from 0 to ``alpha`` over the first ``ramp_epochs``."""
-    ramp = ramp_epochs * steps_per_epoch
-    if ramp <= 0:
-        return alpha
-    return alpha * min(1.0, step / ramp)
 
 
 def lr_lambda(total_steps: int, lr: float, warmup_lr: float, min_lr: float, warmup_steps: int):

@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from albef_ds import losses
 from albef_ds.config import load_config
 from albef_ds.models import ALBEF, MOMENTUM_PAIRS
+from albef_ds.objectives.pretrain import albef_forward
+from albef_ds.train.ema import MomentumEMA
 
 PAD, CLS, SEP, MASK = 0, 2, 3, 4
 VOCAB = 100
@@ -101,7 +103,7 @@ def make_batch(res=32, seed=0, mlm_probability=0.3, repeat_images=True):
 def run(model, batch, alpha=0.4, negatives=(NEG_TEXT, NEG_IMAGE), backward=True):
     """One forward (+ backward) from a zero gradient; returns (outputs, {name: grad})."""
     model.zero_grad(set_to_none=True)
-    out = model(**batch, alpha=alpha, itm_negatives=negatives)
+    out = model(albef_forward, **batch, alpha=alpha, itm_negatives=negatives)
     grads = {}
     if backward:
         out["loss"].backward()
@@ -194,9 +196,9 @@ def test_momentum_update_matches_the_closed_form(foreach):
     online = {name: p.detach().clone() for name, p, _ in triples}
     temp = model.temp.detach().clone()
     k, m = 5, 0.8
-    for _ in range(k - 1):
-        model.momentum_update()  # m from the config
-    model.momentum_update(m)
+    ema = MomentumEMA(model, cfg.model.momentum, foreach=foreach)
+    for _ in range(k):
+        ema.update()
     decay = m ** k
     for name, p, p_m in model.momentum_named_params():
         expected = decay * start[name] + (1 - decay) * online[name]
@@ -216,8 +218,9 @@ def test_foreach_and_loop_momentum_updates_agree():
             g = torch.Generator().manual_seed(1)
             for _, _, p_m in mdl.momentum_named_params():
                 p_m.mul_(0.5).add_(torch.randn(p_m.shape, generator=g))
+        ema = MomentumEMA(mdl, 0.9, foreach=mdl.cfg.foreach_ema)
         for _ in range(3):
-            mdl.momentum_update(0.9)
+            ema.update()
     for (name, _, a), (_, _, b) in zip(model.momentum_named_params(), loop.momentum_named_params()):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7, msg=name)
 
@@ -382,7 +385,7 @@ def test_sampled_negatives_are_never_the_positive_nor_the_same_image(vectorized)
     seen = set()
     with torch.no_grad():
         for _ in range(10):
-            out = model(**batch, alpha=0.0, generator=gen)
+            out = model(albef_forward, **batch, alpha=0.0, generator=gen)
             for key in ("neg_text_idx", "neg_image_idx"):
                 idx = out[key]
                 assert not (idx == torch.arange(BATCH)).any()
@@ -457,12 +460,13 @@ def test_tiny_model_overfits_one_batch():
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-4, weight_decay=0.02)
     gen = torch.Generator().manual_seed(1)
     history = []
+    ema = MomentumEMA(model, cfg.model.momentum)
     for _ in range(300):
-        out = model(**batch, alpha=0.0, generator=gen)
+        out = model(albef_forward, **batch, alpha=0.0, generator=gen)
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
-        model.momentum_update()
+        ema.update()
         history.append({k: out[k].item() for k in ("loss", "loss_itc", "loss_itm", "loss_mlm")})
     start = history[0]["loss"]
     last = {k: sum(h[k] for h in history[-10:]) / 10 for k in history[0]}

@@ -16,7 +16,8 @@ from common import GLOBAL_BATCH, VOCAB, fixed_inputs, tiny_cfg, tiny_overrides  
 from albef_ds.config import load_config  # noqa: E402
 from albef_ds.distributed import TRAFFIC, TorchGather, init_distributed, make_pool_gather  # noqa: E402
 from albef_ds.models import ALBEF  # noqa: E402
-from albef_ds.train.engine import initialize  # noqa: E402
+from albef_ds.objectives.pretrain import albef_forward  # noqa: E402
+from albef_ds.train.backend import DeepSpeedBackend  # noqa: E402
 
 
 def local_slice(t, rank, world):
@@ -61,7 +62,7 @@ def itm_only_grads(cfg, local, neg_text, neg_image, gather, world):
     hand as data parallelism does; and the loss."""
     torch.manual_seed(0)
     plain = ALBEF(cfg.model)
-    out = plain(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
+    out = plain(albef_forward, local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
                 alpha=0.4, image_ids=local["image_ids"], gather=gather, itm_negatives=(neg_text, neg_image))
     out["loss_itm"].backward()
     grads = {"loss_itm": out["loss_itm"].detach()}
@@ -89,7 +90,7 @@ def traffic_per_step(cfg_overrides, rank, world, batch=4):
     image_ids = torch.arange(batch) + 1000 * rank
     remote = ((gather.rank + 1) % gather.world_size) * batch + torch.arange(batch)
     TRAFFIC.take()
-    out = model(torch.randn(batch, 3, res, res, generator=g), ids, mask, ids, torch.full_like(ids, -100),
+    out = model(albef_forward, torch.randn(batch, 3, res, res, generator=g), ids, mask, ids, torch.full_like(ids, -100),
                 alpha=0.4, image_ids=image_ids, gather=gather, itm_negatives=(remote, remote))
     out["loss"].backward()
     return TRAFFIC.take()
@@ -109,11 +110,11 @@ def main():
     # 1. Gradients after DeepSpeed's averaging (ZeRO-2, fp32) for fixed negatives and masks.
     torch.manual_seed(0)
     model = ALBEF(cfg.model)
-    engine, _, _ = initialize(model, cfg, world, total_steps=10)
+    engine = DeepSpeedBackend(model, cfg, world, total_steps=10).engine
     inputs = fixed_inputs(cfg)
     local = {k: local_slice(v, rank, world) for k, v in inputs.items() if k not in ("neg_text", "neg_image")}
     count = gather.sum((local["mlm_labels"] != -100).sum().float())
-    out = engine(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
+    out = engine(albef_forward, local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
                  alpha=0.4, image_ids=local["image_ids"], gather=gather,
                  itm_negatives=(local_slice(inputs["neg_text"], rank, world),
                                 local_slice(inputs["neg_image"], rank, world)),
@@ -151,7 +152,7 @@ def main():
     per = GLOBAL_BATCH // world
     neg_image = torch.arange(per) + per  # rank 0's texts -> rank 1's images
     neg_text = (torch.arange(per) + 1) % per + rank * per
-    out = plain(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
+    out = plain(albef_forward, local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
                 alpha=0.0, image_ids=local["image_ids"], gather=gather, itm_negatives=(neg_text, neg_image))
     (out["loss_itm"] * (1.0 if rank == 0 else 0.0)).backward()
     grad = torch.cat([p.grad.reshape(-1) for p in plain.visual_encoder.parameters() if p.grad is not None])
@@ -162,7 +163,7 @@ def main():
     gen = torch.Generator().manual_seed(rank)
     with torch.no_grad():
         for _ in range(25):
-            out = plain(local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
+            out = plain(albef_forward, local["images"], local["ids"], local["mask"], local["mlm_ids"], local["mlm_labels"],
                         alpha=0.0, image_ids=local["image_ids"], gather=gather, generator=gen)
             texts.append(out["neg_text_idx"])
             images.append(out["neg_image_idx"])

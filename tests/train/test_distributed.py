@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import GLOBAL_BATCH, fixed_inputs, tiny_cfg  # noqa: E402
 
 from albef_ds.models import ALBEF  # noqa: E402
+from albef_ds.objectives.pretrain import albef_forward  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 #: fp32 sums in another order (gathers, all-reduce of gradients): relative tolerance.
@@ -73,7 +74,7 @@ def one_rank_backward(loss_key: str):
     torch.manual_seed(0)
     model = ALBEF(cfg.model)
     x = fixed_inputs(cfg)
-    out = model(x["images"], x["ids"], x["mask"], x["mlm_ids"], x["mlm_labels"], alpha=0.4,
+    out = model(albef_forward, x["images"], x["ids"], x["mask"], x["mlm_ids"], x["mlm_labels"], alpha=0.4,
                 image_ids=x["image_ids"], itm_negatives=(x["neg_text"], x["neg_image"]))
     out[loss_key].backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}

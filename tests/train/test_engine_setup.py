@@ -8,9 +8,10 @@ import torch
 
 from albef_ds.config import ConfigError, load_config
 from albef_ds.train.checkpoint import META, CheckpointError, CheckpointManager
-from albef_ds.train.engine import load_ds_config, param_groups
-from albef_ds.train.pretrain import _check_data_dirs
-from albef_ds.train.schedule import alpha_at, lr_at
+from albef_ds.train.backend import load_ds_config, param_groups
+from albef_ds.train.trainer import check_data_dirs
+from albef_ds.objectives.base import alpha_at
+from albef_ds.train.schedule import lr_at
 
 
 def test_ds_config_filled_from_our_config():
@@ -59,7 +60,7 @@ def test_queue_not_divisible_by_micro_batch_times_world():
 def test_missing_data_directory_names_the_key_and_path(tmp_path):
     cfg = load_config("tiny", [f"data.train_dirs=[{tmp_path / 'absent'}]", f"data.tokenizer={tmp_path}"])
     with pytest.raises(ConfigError, match=r"data\.train_dirs.*absent"):
-        _check_data_dirs(cfg)
+        check_data_dirs(cfg)
 
 
 def test_no_weight_decay_on_biases_norms_and_scalars():
@@ -99,11 +100,19 @@ class FakeEngine:
             raise OSError("disk full (simulated crash in the middle of a save)")
 
 
+def fake_backend(fail=False):
+    """The real backend's save path (save_latest=False, the universal info) over a fake engine."""
+    from albef_ds.train.backend import DeepSpeedBackend
+    backend = object.__new__(DeepSpeedBackend)
+    backend.engine = FakeEngine(fail)
+    return backend
+
+
 def test_a_crash_in_the_middle_of_a_save_never_becomes_latest(tmp_path):
     ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
-    ckpt.save(FakeEngine(), 4, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
+    ckpt.save(fake_backend(), 4, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
     with pytest.raises(OSError):
-        ckpt.save(FakeEngine(fail=True), 8, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
+        ckpt.save(fake_backend(fail=True), 8, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
     assert (ckpt.dir / "latest").read_text() == "step_00000004"
     assert ckpt.resolve("auto") == ckpt.dir / "step_00000004"
     # The interrupted save is a .partial folder, never a tag.
@@ -112,7 +121,7 @@ def test_a_crash_in_the_middle_of_a_save_never_becomes_latest(tmp_path):
         ckpt.resolve(str(ckpt.dir / "step_00000008.partial"))
     # The next successful save removes it; a save at that step never mixes in its files.
     (ckpt.dir / "step_00000008.partial" / "albef_rank00003.pt").write_text("stale, world 4")
-    ckpt.save(FakeEngine(), 8, {}, {"albef_rank00000.pt": {}})
+    ckpt.save(fake_backend(), 8, {}, {"albef_rank00000.pt": {}})
     assert sorted(p.name for p in (ckpt.dir / "step_00000008").iterdir()) == [
         META, "albef_rank00000.pt", "mp_rank_00_model_states.pt"]
     assert not list(ckpt.dir.glob("*.partial"))
@@ -141,7 +150,7 @@ def test_ranks_that_see_different_latest_tags_cannot_load_different_steps(tmp_pa
     for run, steps in ((rank0_run, (4, 8)), (rank1_run, (4,))):
         ckpt = CheckpointManager(run, keep_last=5, rank=0, world_size=1)
         for step in steps:
-            ckpt.save(FakeEngine(), step, {}, {})
+            ckpt.save(fake_backend(), step, {}, {})
     chosen = CheckpointManager(rank0_run, 5, 0, 1).resolve("auto")
     assert chosen.name == "step_00000008"
     # Rank 1 is handed rank 0's path but looks at it through its own (stale) view.
@@ -165,10 +174,10 @@ def test_ranks_that_see_different_latest_tags_cannot_load_different_steps(tmp_pa
 def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
     ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
     for step in (1, 2):
-        ckpt.save(FakeEngine(), step, {}, {})
+        ckpt.save(fake_backend(), step, {}, {})
     (tmp_path / "best.json").write_text(json.dumps({"tag": "step_00000001"}))
     for step in (3, 4, 5):
-        ckpt.save(FakeEngine(), step, {}, {"albef_rank00000.pt": {}})
+        ckpt.save(fake_backend(), step, {}, {"albef_rank00000.pt": {}})
     assert ckpt.complete_tags() == ["step_00000001", "step_00000004", "step_00000005"]
     assert torch.load(ckpt.dir / "step_00000005" / "albef_rank00000.pt", weights_only=False) == {}
 
@@ -181,7 +190,7 @@ def test_temperature_clamp_reaches_the_fp32_master(ds_name, monkeypatch):
 
     from albef_ds.distributed import init_distributed
     from albef_ds.models import ALBEF
-    from albef_ds.train.engine import clamp_master, initialize
+    from albef_ds.train.backend import DeepSpeedBackend, clamp_master
     # init_distributed exports RANK, MASTER_PORT, ...: undone after the test, or every later
     # subprocess of this session would take itself for rank 0 of this process's group.
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -190,7 +199,7 @@ def test_temperature_clamp_reaches_the_fp32_master(ds_name, monkeypatch):
     init_distributed("gloo")
     cfg = load_config("tiny", ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1",
                                "model.queue_size=64", "train.micro_batch_size=2", f"distributed.ds_config=ds_configs/{ds_name}"])
-    engine, _, _ = initialize(ALBEF(cfg.model), cfg, 1, total_steps=4)
+    engine = DeepSpeedBackend(ALBEF(cfg.model), cfg, 1, total_steps=4).engine
     temp = engine.module.temp
     if "zero3" in ds_name:
         from deepspeed.utils import safe_set_local_fp32_param

@@ -1,10 +1,17 @@
-"""``albef-ds bench``: time the real training step on synthetic inputs.
+"""``albef-ds bench``: time the training step.
 
-    albef-ds bench --config tiny                         # the fast path, phases, pairs/s
-    albef-ds bench --config tiny --options reference     # what the reference computes, its way
-    albef-ds bench --config tiny --compare reference fast --steps 20
-    albef-ds bench --config mid --switches               # each fast path alone, both ways
+    albef-ds bench --config tiny                         # Trainer.train_step: engine, ZeRO, EMA, ...
+    albef-ds bench --config tiny --data                  # ... on the first batch of data.train_dirs
+    albef-ds bench --config tiny --engine-free --options reference   # the reference's way, no engine
+    albef-ds bench --config tiny --engine-free --compare reference fast --steps 20
+    albef-ds bench --config mid --engine-free --switches # each fast path alone, both ways
     albef-ds bench --config albef-base --scaling         # bytes per step, 8/64/512 GPUs
+
+The default times :meth:`albef_ds.train.trainer.Trainer.train_step` itself, on one rank:
+the DeepSpeed engine with the configured ZeRO stage and precision (fp32 master), the fp32
+momentum EMA, negatives as configured. ``--engine-free`` times the same objective
+(albef_ds.objectives.pretrain) and EMA on a plain torch optimizer, without DeepSpeed, so
+that option sets can be interleaved in one process:
 
 An option set is a preset name (``fast``, ``fast-bf16``, ``reference``) or comma-separated
 switches ``key=value``, presets included (``fast,compile=true``): config keys
@@ -16,7 +23,9 @@ of the per-step ratios of adjacent steps. ``--switches`` does that for every swi
 :data:`SWITCHES`, after a fast-vs-fast pair that shows the noise floor.
 
 FLOPs per pair are the analytic count of the reference algorithm (albef_ds.model_info):
-the project's single MFU definition. On a CPU the report gives achieved GFLOP/s instead.
+the project's single MFU definition. Next to it the report gives the FLOPs the configured
+fast paths execute (``executed_flops``), so work they skip is never counted as throughput.
+On a CPU the report gives achieved GFLOP/s instead of MFU.
 """
 from __future__ import annotations
 
@@ -29,8 +38,35 @@ from pathlib import Path
 
 import torch
 
-from . import losses
-from .config import Config, load_config
+from ..config import Config, load_config
+from ..errors import UsageError
+from ..objectives.mlm import mask_inputs
+from ..objectives.pretrain import albef_forward
+
+
+class SyntheticTokens:
+    """The special ids of the synthetic captions (the tokenizer-free bench's vocabulary):
+    0 padding, 2 [CLS], 3 [SEP], 4 [MASK]; ordinary tokens from 5 up."""
+    pad_token_id, cls_token_id, sep_token_id, mask_token_id, first_word_id = 0, 2, 3, 4, 5
+
+
+def synthetic_batch(cfg: Config, batch: int, text_len: int, device=torch.device("cpu")) -> dict:
+    """A loader-shaped batch: random images, captions of different lengths (padding to the
+    longest, as real batches have), distinct image ids."""
+    g = torch.Generator().manual_seed(0)
+    res, vocab = cfg.model.image_res, cfg.model.vocab_size
+    t = SyntheticTokens
+    ids = torch.randint(t.first_word_id, vocab, (batch, text_len), generator=g)
+    ids[:, 0] = t.cls_token_id
+    mask = torch.ones_like(ids)
+    for i in range(batch):
+        n = text_len - (i * 7) % max(1, text_len // 2)
+        ids[i, n - 1] = t.sep_token_id
+        ids[i, n:] = t.pad_token_id
+        mask[i, n:] = 0
+    return {"image": torch.randn(batch, 3, res, res, generator=g).to(device), "text_ids": ids.to(device),
+            "text_mask": mask.to(device), "image_id": torch.arange(batch, device=device),
+            "key": [f"synthetic/{i}" for i in range(batch)]}
 
 #: Switches of the reference ALBEF implementation (fp32, eager attention, a Python loop of
 #: multinomial draws, full-vocabulary MLM head, per-parameter EMA, fusion K/V recomputed
@@ -76,8 +112,14 @@ SWITCHES = [
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", required=True, help="YAML config or preset name")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--options", default="fast", help="option set: fast, fast-bf16, reference, or key=value,...")
-    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two option sets, interleaved")
+    p.add_argument("--data", action="store_true",
+                   help="time the Trainer on the first batch of data.train_dirs (default: a synthetic batch)")
+    p.add_argument("--engine-free", action="store_true",
+                   help="time the objective on a plain torch optimizer, without DeepSpeed (option sets, "
+                        "--compare, --switches)")
+    p.add_argument("--options", default="fast", help="engine-free option set: fast, fast-bf16, reference, "
+                                                     "or key=value,...")
+    p.add_argument("--compare", nargs=2, metavar=("A", "B"), help="two engine-free option sets, interleaved")
     p.add_argument("--switches", action="store_true",
                    help="time each fast-path switch alone: reference vs reference+switch and "
                         "fast-minus-switch vs fast, each pair interleaved")
@@ -110,7 +152,7 @@ def parse_options(spec: str) -> tuple[list[str], dict]:
         elif "." in key:
             overrides.append(item)
         else:
-            raise SystemExit(f"--options: unknown switch '{key}' (config keys look like model.sdpa; "
+            raise UsageError(f"--options: unknown switch '{key}' (config keys look like model.sdpa; "
                              f"bench keys: {', '.join(BENCH_KEYS)})")
     return overrides, bench
 
@@ -154,7 +196,7 @@ class Runner:
     """One option set: a model, its optimizer, and a fixed synthetic batch."""
 
     def __init__(self, cfg: Config, bench: dict, batch: int, text_len: int, device: torch.device):
-        from .models import ALBEF
+        from ..models import ALBEF
         self.cfg, self.bench, self.device = cfg, bench, device
         torch.manual_seed(cfg.train.seed)
         self.model = ALBEF(cfg.model).to(device)
@@ -164,18 +206,10 @@ class Runner:
         self.autocast = bench["autocast"]
         if bench["compile"] == "true":
             compile_encoders(self.model)
-        g = torch.Generator().manual_seed(0)
-        res, vocab = cfg.model.image_res, cfg.model.vocab_size
-        self.images = torch.randn(batch, 3, res, res, generator=g).to(device)
-        self.ids = torch.randint(5, vocab, (batch, text_len), generator=g).to(device)
-        self.ids[:, 0] = 2
-        self.mask = torch.ones_like(self.ids)
-        # captions of different lengths, as real batches have (padding to the longest)
-        for i in range(batch):
-            n = text_len - (i * 7) % max(1, text_len // 2)
-            self.ids[i, n - 1] = 3
-            self.ids[i, n:] = 0
-            self.mask[i, n:] = 0
+        synth = synthetic_batch(cfg, batch, text_len, device)
+        self.images, self.ids, self.mask = synth["image"], synth["text_ids"], synth["text_mask"]
+        from ..train.ema import MomentumEMA
+        self.ema = MomentumEMA(self.model, cfg.model.momentum, foreach=cfg.model.foreach_ema)
         self.step_index = 0
         self.logged: list = []  # host floats (host_sync) or device sums
         self.first_step_s: float | None = None
@@ -205,12 +239,11 @@ class Runner:
         torch.manual_seed(self.cfg.train.seed + self.step_index)
         gen = torch.Generator(device=self.device).manual_seed(self.step_index)
         self.step_index += 1
-        mlm_ids, mlm_labels = losses.mask_tokens(self.ids, self.cfg.model.vocab_size, 4, 0, 2,
-                                                 self.cfg.model.mlm_probability, generator=gen)
+        mlm_ids, mlm_labels = mask_inputs(self.ids, SyntheticTokens, self.cfg, gen)
         ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast == "bf16"
                else contextlib.nullcontext())
         with ctx:
-            out = self.model(self.images, self.ids, self.mask, mlm_ids, mlm_labels,
+            out = self.model(albef_forward, self.images, self.ids, self.mask, mlm_ids, mlm_labels,
                              alpha=self.cfg.model.alpha, generator=gen)
         with phase("backward"):
             out["loss"].backward()
@@ -218,7 +251,7 @@ class Runner:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         with phase("ema"):
-            self.model.momentum_update()
+            self.ema.update()
         if self.bench["queue_broadcast"] == "true":
             with phase("queue_broadcast"):
                 broadcast_buffers(self.model)
@@ -245,15 +278,13 @@ def broadcast_buffers(model) -> None:
 
 
 def make_optimizer(model, cfg: Config, device: torch.device, fused: bool):
-    from .train.engine import param_groups
+    """fused: the Trainer's choice on this device (DeepSpeed/apex fused Adam on CUDA, torch
+    foreach on CPU); otherwise the reference's plain torch AdamW."""
+    from ..train.backend import build_optimizer, param_groups
     groups = param_groups(model, cfg.train.weight_decay)
-    if fused and device.type == "cuda":
-        try:
-            from deepspeed.ops.adam import FusedAdam
-            return FusedAdam(groups, lr=cfg.train.lr, adam_w_mode=True)
-        except Exception:
-            return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=True)
-    return torch.optim.AdamW(groups, lr=cfg.train.lr, foreach=fused)
+    if fused:
+        return build_optimizer(groups, cfg, {})[0]
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, foreach=False)
 
 
 def timed_steps(runners: list[Runner], steps: int, warmup: int) -> list[list[float]]:
@@ -344,7 +375,7 @@ def build_runner(args, spec: str, device: torch.device) -> tuple[Runner, Config]
 
 def compare(args, specs: list[str], device: torch.device, phases: bool = True) -> dict:
     """Build the option sets' runners, time them interleaved, report each (and B / A)."""
-    from .model_info import analytic_flops, device_peak_flops
+    from ..model_info import analytic_flops, device_peak_flops
 
     runners, cfgs = zip(*(build_runner(args, spec, device) for spec in specs))
     batch = runners[0].images.shape[0]
@@ -401,14 +432,78 @@ def run_switches(args, device: torch.device) -> dict:
     return {"switches": rows}
 
 
+def trainer_bench(args) -> dict:
+    """Time Trainer.train_step on one rank (the engine, ZeRO, the EMA: what pretraining runs)."""
+    from .. import distributed as dist_lib
+    from ..model_info import analytic_flops, device_peak_flops, executed_flops
+    from ..train.trainer import Trainer, check_data_dirs, make_objective
+
+    cfg = load_config(args.config, list(args.overrides))
+    launch = dist_lib.init_distributed(cfg.distributed.backend)
+    if launch.world_size != 1:
+        raise UsageError("albef-ds bench times one rank: run it without a multi-rank launcher")
+    if args.data:
+        from ..data import build_train_loader
+        from ..tokenizer import load_tokenizer
+        check_data_dirs(cfg)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        cfg.model.vocab_size = len(tokenizer)
+        loader = build_train_loader(cfg, tokenizer, 0, 1, local_world_size=1)
+        batch = next(iter(loader))
+    else:
+        tokenizer = SyntheticTokens
+        batch = synthetic_batch(cfg, args.batch or cfg.train.micro_batch_size, args.text_len or cfg.data.max_tokens)
+    objective = make_objective(cfg, tokenizer)
+    steps = args.warmup + args.steps
+    trainer = Trainer(cfg, launch, objective, total_steps=steps, steps_per_epoch=max(1, steps), log=lambda *a: None)
+    timer = PhaseTimer(trainer.device)
+    losses, times = [], []
+    for i in range(steps):
+        timer.sync()
+        t = time.perf_counter()
+        out, _ = trainer.train_step(batch)
+        timer.sync()
+        times.append(time.perf_counter() - t)
+        losses.append({k: float(out[k].detach()) for k in objective.log_keys})
+    pairs = batch["image"].shape[0]
+    text_len = batch["text_ids"].shape[1]
+    step_s = statistics.median(times[args.warmup:] or times)
+    ref_flops = analytic_flops(cfg, text_len, pairs)["total"]
+    run_flops = executed_flops(cfg, text_len, pairs)
+    dev_name = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
+    peak = device_peak_flops(dev_name, trainer.backend.precision)
+    result = {"mode": "trainer", "objective": objective.name, "zero_stage": trainer.backend.zero_stage,
+              "precision": trainer.backend.precision, "optimizer": trainer.backend.optimizer_name,
+              "batch": pairs, "text_len": text_len, "step_s": step_s, "pairs_per_s": pairs / step_s,
+              "first_step_s": times[0], "reference_flops_per_pair": ref_flops, "executed_flops_per_pair": run_flops,
+              "reference_tflops": pairs / step_s * ref_flops / 1e12,
+              "executed_tflops": pairs / step_s * run_flops / 1e12, "losses": losses, "device": dev_name}
+    if peak:
+        result["mfu"] = pairs / step_s * ref_flops / peak
+    print(f"[Trainer.train_step, objective {objective.name}, ZeRO {result['zero_stage']}, {result['precision']}, "
+          f"{result['optimizer']}] {result['pairs_per_s']:.2f} pairs/s ({1000 * step_s:.1f} ms/step, batch {pairs}); "
+          f"reference algorithm {result['reference_tflops'] * 1000:.1f} GFLOP/s, executed "
+          f"{result['executed_tflops'] * 1000:.1f} GFLOP/s"
+          + (f", MFU {100 * result['mfu']:.1f}%" if peak else ""))
+    return result
+
+
 def run(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.scaling:
-        from . import scaling
+        from .. import scaling
         cfg = load_config(args.config, list(args.overrides))
         out = scaling.report(cfg, batch=args.scaling_batch, text_len=args.text_len)
         print(scaling.format_report(out))
+        _write_json(args.json, out)
+        return 0
+    if not args.engine_free:
+        if args.compare or args.switches or args.options != "fast":
+            raise UsageError("--options, --compare and --switches time engine-free steps: add --engine-free")
+        out = trainer_bench(args)
+        out["torch"] = torch.__version__
+        out["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
         _write_json(args.json, out)
         return 0
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

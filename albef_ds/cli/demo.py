@@ -52,7 +52,7 @@ def _say(msg: str) -> None:
 def prepare_data(out: Path, seed: int, train_pairs: int, test_images: int) -> tuple[Path, Path]:
     from data_tools.synth import SynthOptions, synth
 
-    from .tokenizer import build_vocab
+    from ..tokenizer import build_vocab
     data, tok = out / "data", out / "tokenizer"
     marker = data / "synth.json"
     wanted = {"seed": seed, "num_train": train_pairs, "num_test": test_images}
@@ -71,14 +71,14 @@ def prepare_data(out: Path, seed: int, train_pairs: int, test_images: int) -> tu
 
 
 def run(args) -> int:
-    from . import distributed as dist_lib
-    from .config import load_config
-    from .eval.retrieval import evaluate, format_table
-    from .eval.retrieval_cmd import make_io, read_split
-    from .models import ALBEF
-    from .tokenizer import load_tokenizer
-    from .train.export import consolidate
-    from .train.pretrain import train
+    from .. import distributed as dist_lib
+    from ..config import load_config
+    from ..eval.retrieval import evaluate, format_table
+    from ..eval.io import make_io, read_split
+    from ..models import ALBEF
+    from ..tokenizer import load_tokenizer
+    from ..train.export import consolidate
+    from ..train.trainer import train
 
     start = time.time()
     out = Path(args.out)

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..errors import UsageError
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None, help="export dir, run dir, checkpoint dir, or ALBEF .pth (with --config)")
@@ -44,7 +46,7 @@ def load_model(args):
         return load_exported(path)
     if path.suffix in (".pth", ".pt") and path.is_file():
         if not args.config:
-            raise SystemExit(f"--model {path}: a weights file needs --config to build the model")
+            raise UsageError(f"--model {path}: a weights file needs --config to build the model")
         cfg = load_config(args.config, args.overrides)
         from ..weights import load_albef_checkpoint
         model = ALBEF(cfg.model)
@@ -56,42 +58,14 @@ def load_model(args):
     return consolidate(tag_dir, cfg), cfg
 
 
-def make_io(cfg, split, image_root: Path, tokenizer):
-    """(load_images(indices) -> tensor, tokenize(texts) -> (ids, mask)) for evaluate()."""
-    from PIL import Image
-
-    from ..data import make_eval_transform
-    transform = make_eval_transform(cfg.model.image_res)
-
-    def load_images(indices):
-        return torch.stack([transform(Image.open(image_root / split.images[i]).convert("RGB")) for i in indices])
-
-    def tokenize(texts):
-        enc = tokenizer(list(texts), padding="max_length", truncation=True,
-                        max_length=cfg.data.max_tokens, return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
-
-    return load_images, tokenize
-
-
-def read_split(path: Path, max_words: int, max_images=None):
-    from ..data import clean_caption
-    from .retrieval import split_from_entries
-    if not path.is_file():
-        raise SystemExit(f"--split {path}: file not found")
-    entries = json.loads(path.read_text())
-    if max_images:
-        entries = entries[:max_images]
-    return split_from_entries(entries, lambda c: clean_caption(c, max_words))
-
-
 def run(args) -> int:
     from .. import distributed as dist_lib
     from ..tokenizer import load_tokenizer
-    from .retrieval import evaluate, format_table
+    from ..eval.io import make_io, read_split
+    from ..eval.retrieval import evaluate, format_table
 
     if args.model is None and not args.untrained:
-        raise SystemExit("give --model PATH or --untrained --config FILE")
+        raise UsageError("give --model PATH or --untrained --config FILE")
     launch = dist_lib.read_launch_env()
     if launch.world_size > 1:
         dist_lib.init_distributed("gloo" if not torch.cuda.is_available() else "auto")
@@ -101,6 +75,8 @@ def run(args) -> int:
     model.to(device)
     tokenizer = load_tokenizer(args.tokenizer or cfg.data.tokenizer)
     split_path = Path(args.split)
+    if not split_path.is_file():
+        raise UsageError(f"--split {split_path}: file not found")
     split = read_split(split_path, cfg.data.max_words, args.max_images or cfg.eval.max_images)
     image_root = Path(args.image_root) if args.image_root else split_path.parent
     load_images, tokenize = make_io(cfg, split, image_root, tokenizer)

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from albef_ds import bench
+from albef_ds.cli import bench
 from albef_ds.config import load_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 #: the tiny preset shrunk further; dropout 0 so that both option sets compute the same
 #: numbers (with dropout they would draw different masks: SDPA and the explicit softmax
@@ -103,7 +103,7 @@ def test_speedup_is_the_ratio_of_median_step_times():
 def test_bench_cli_compare_short_mode_writes_parsable_json(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "albef_ds", "bench", "--config", "tiny", "--device", "cpu",
-           "--compare", "reference", "fast", "--steps", "1", "--warmup", "0", "--json", str(out)]
+           "--engine-free", "--compare", "reference", "fast", "--steps", "1", "--warmup", "0", "--json", str(out)]
     for o in SMALL:
         cmd += ["--set", o]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
@@ -126,7 +126,7 @@ def test_bench_switches_mode_runs_each_pair(tmp_path, monkeypatch):
     p = argparse.ArgumentParser()
     bench.add_arguments(p)
     out = tmp_path / "switches.json"
-    args = p.parse_args(["--config", "tiny", "--device", "cpu", "--switches", "--only",
+    args = p.parse_args(["--config", "tiny", "--device", "cpu", "--engine-free", "--switches", "--only",
                          "sdpa,host_sync", "--steps", "1", "--warmup", "0", "--json", str(out)]
                         + [x for o in SMALL for x in ("--set", o)])
     assert bench.run(args) == 0
@@ -189,3 +189,50 @@ def test_explicit_bert_attention_under_bf16_autocast_stays_close_to_fp32():
             low = attn(x)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.slow
+def test_bench_times_the_trainer_step_pretraining_takes(synth_data, tmp_path):
+    """``albef-ds bench --data`` runs Trainer.train_step on the first batch of the training
+    data: its first step's losses are those pretraining logs for step 1 (same batch, same
+    seed), exactly; its report gives executed FLOPs next to the reference algorithm's."""
+    data, tok = synth_data
+    common = ["--config", "tiny", "--set", f"data.train_dirs=[{data / 'train'}]", "--set", f"data.tokenizer={tok}",
+              "--set", "model.vision_depth=2", "--set", "model.text_depth=2", "--set", "model.fusion_layer=1",
+              "--set", "train.micro_batch_size=16", "--set", "data.num_workers=0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "albef_ds", "bench", *common, "--data", "--steps", "1",
+                           "--warmup", "0", "--json", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Trainer.train_step" in proc.stdout
+    bench_run = json.loads(out.read_text())
+    run = tmp_path / "run"
+    proc = subprocess.run([sys.executable, "-m", "albef_ds", "pretrain", *common, "--run-dir", str(run),
+                           "--set", "train.max_steps=1", "--set", "logging.log_every=1",
+                           "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    logged = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc"):
+        assert bench_run["losses"][0][key] == logged[key], key
+    assert bench_run["mode"] == "trainer" and bench_run["zero_stage"] == 2
+    assert bench_run["executed_flops_per_pair"] > 0 and bench_run["reference_flops_per_pair"] > 0
+    assert bench_run["executed_flops_per_pair"] != bench_run["reference_flops_per_pair"]
+
+
+def test_executed_flops_drop_what_the_fast_paths_skip():
+    from albef_ds.model_info import analytic_flops, executed_flops
+    ref = load_config("tiny", ["model.share_cross_kv=false", "model.mlm_masked_only=false",
+                               "model.itm_negatives=local"])
+    assert executed_flops(ref, 30) == pytest.approx(analytic_flops(ref, 30)["total"])
+    masked = load_config("tiny", ["model.share_cross_kv=false", "model.mlm_masked_only=true",
+                                  "model.itm_negatives=local"])
+    shared = load_config("tiny", ["model.share_cross_kv=true", "model.mlm_masked_only=false",
+                                  "model.itm_negatives=local"])
+    pooled = load_config("tiny", ["model.share_cross_kv=false", "model.mlm_masked_only=false",
+                                  "model.itm_negatives=pool"])
+    assert executed_flops(masked, 30) < executed_flops(ref, 30)
+    assert executed_flops(shared, 30) < executed_flops(ref, 30)
+    assert executed_flops(pooled, 30) > executed_flops(ref, 30)  # negative captions re-encoded

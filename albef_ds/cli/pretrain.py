@@ -1,0 +1,58 @@
+"""``albef-ds pretrain``: ALBEF pretraining on a DeepSpeed engine, under any launcher.
+
+    deepspeed --num_gpus 8 -m albef_ds.cli pretrain --config albef-base
+    torchrun --nproc_per_node 8 -m albef_ds.cli pretrain --config ...
+    srun albef-ds pretrain --config ...          (SLURM variables mapped in albef_ds/distributed.py)
+    albef-ds pretrain --config tiny              (one rank)
+
+The loop is the Trainer's (albef_ds/train/trainer.py); the objective is train.objective
+(pretrain: ITC + ITM + MLM). SIGUSR1/SIGTERM/SIGINT ask for a stop: the ranks agree on one
+step, save, and exit with status 3 (the batch script requeues on it).
+"""
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", required=True, help="YAML config or preset name (tiny, mid, albef-base)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (repeatable), e.g. --set train.max_steps=100")
+    p.add_argument("--resume", default=None,
+                   help="'auto' (latest complete checkpoint in the run dir), 'none', or a checkpoint "
+                        "directory; default: checkpoint.resume from the config")
+    p.add_argument("--run-dir", default=None, help="shortcut for --set logging.run_dir=DIR")
+
+
+def start(args, extra_overrides=(), need_val: bool = False):
+    """(cfg, launch, stop flag): the stop handlers first (a signal during start-up asks for
+    a stop too), then the config checked before any work, then the process group."""
+    import warnings
+
+    from .. import distributed as dist_lib
+    from ..config import ConfigError, load_config
+    from ..train.stop import StopFlag
+    from ..train.trainer import check_data_dirs
+    stop = StopFlag()
+    # DeepSpeed calls collectives that torch marks deprecated, once per step per rank.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
+    overrides = list(extra_overrides) + list(args.overrides)
+    if args.run_dir:
+        overrides.append(f"logging.run_dir={args.run_dir}")
+    launch = dist_lib.read_launch_env()
+    cfg = load_config(args.config, overrides, world_size=launch.world_size)
+    check_data_dirs(cfg)
+    if need_val and not cfg.data.val_dir:
+        raise ConfigError("config key 'data.val_dir': fine-tuning needs a validation split (a retrieval "
+                          "JSON) to pick the best epoch")
+    note = cfg.recipe_note(launch.world_size)
+    launch = dist_lib.init_distributed(cfg.distributed.backend)
+    if note and launch.is_main:
+        print(note)
+    return cfg, launch, stop
+
+
+def run(args) -> int:
+    from ..train.trainer import train
+    cfg, launch, stop = start(args)
+    return train(cfg, launch, args.resume or cfg.checkpoint.resume, stop=stop)

@@ -1,0 +1,378 @@
+"""The Trainer: one loop for every objective (albef_ds.objectives).
+
+It owns resume, the micro-step (prepare -> engine forward -> backward -> step),
+gradient accumulation, the fp32 momentum EMA, logging, evaluation, checkpoints and the
+stop on a signal. :meth:`Trainer.train_step` is the unit ``albef-ds bench`` times.
+
+Launch-agnostic: the launch environment (albef_ds.distributed.LaunchEnv) is passed in.
+Per micro-step the global RNG and the objective's generator are seeded by (seed, step,
+micro-step, rank), so a resumed run draws exactly what the uninterrupted one drew.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from .. import distributed as dist_lib
+from ..config import Config, ConfigError, save_config
+from ..objectives import Objective, StepContext
+from ..objectives.pretrain import TEMP_BOUNDS
+from . import checkpoint as ckpt_lib
+from .backend import DeepSpeedBackend, clamp_master, clean_shared_memory_leftovers, full_numel
+from .ema import MomentumEMA, assemble_full
+from .metrics import MetricsLogger, RunningMeans, memory_gb, rewind_jsonl
+from .stop import EXIT_PREEMPTED, StopFlag, end_loader_workers, worker_ignores_stop_signals
+
+#: marker written in the run directory when the planned final step is reached.
+DONE_MARKER = "DONE"
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
+
+
+def build_model(cfg: Config, log=print):
+    """ALBEF with the configured initial weights (each loader reports what it did)."""
+    from ..models import ALBEF
+    torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+    model = ALBEF(cfg.model)
+    c = cfg.checkpoint
+    if c.bert_init or c.vit_init or c.init_from:
+        from .. import weights
+        if c.init_from:
+            log(str(weights.load_albef_checkpoint(model, c.init_from)))
+        if c.bert_init:
+            log(str(weights.load_hf_bert(model, c.bert_init)))
+        if c.vit_init:
+            log(str(weights.load_vit_state_dict(model, c.vit_init)))
+    return model
+
+
+class Trainer:
+    """The model on its engine, the EMA, the negatives' gathers and the step counters.
+    ``objective``: an :class:`~albef_ds.objectives.Objective` instance."""
+
+    def __init__(self, cfg: Config, launch, objective: Objective, total_steps: int, steps_per_epoch: int,
+                 load_universal: bool = False, log=print):
+        self.cfg, self.launch, self.objective, self.log = cfg, launch, objective, log
+        self.rank, self.world = launch.rank, launch.world_size
+        self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
+        self.backend = DeepSpeedBackend(build_model(cfg, log), cfg, self.world, total_steps, load_universal)
+        self.module = self.backend.module
+        self.device = dist_lib.device()
+        # Pure data parallelism: the data-parallel rank is the global rank.
+        self.ema = MomentumEMA(self.module, cfg.model.momentum, dp_rank=self.rank, foreach=cfg.model.foreach_ema)
+        self.pool = cfg.pool_size(self.world)
+        self.pool_index = self.rank // self.pool  # which negatives pool (and queue file) this rank has
+        self.gather = dist_lib.make_pool_gather(self.pool)
+        self.world_gather = dist_lib.make_gather()
+        self.step = self.micro = self.epoch = 0
+        self.running = RunningMeans()
+        self.backend.train()
+
+    def context(self) -> StepContext:
+        seed = step_seed(self.cfg.train.seed, self.step, self.micro, self.rank)
+        return StepContext(self.step, self.micro, self.epoch, self.steps_per_epoch, self.rank, self.world,
+                           self.device, self.backend.dtype, seed,
+                           torch.Generator(device=self.device).manual_seed(seed + 1),
+                           self.gather, self.world_gather)
+
+    def train_step(self, batch: dict) -> tuple[dict, bool]:
+        """One micro-step; returns the objective's outputs and whether an optimizer step
+        (and the EMA's move) happened."""
+        ctx = self.context()
+        # Dropout draws from the global RNG: reseeding it per micro-step makes every draw a
+        # function of (seed, step, micro-step, rank), whatever else consumed the RNG.
+        torch.manual_seed(ctx.seed)
+        inputs = self.objective.prepare(batch, ctx)
+        out = self.backend.forward(self.objective.compute, **inputs)
+        self.backend.backward(out["loss"])
+        boundary = self.backend.step()
+        self.running.add({k: out[k] for k in self.objective.log_keys})
+        self.micro += 1
+        if boundary:
+            self.ema.update()
+            clamp_master(self.module.temp, *TEMP_BOUNDS)
+            self.step += 1
+            self.micro = 0
+        return out, boundary
+
+    def step_values(self, elapsed: float, pairs: int, steps: int) -> dict:
+        """What a log line holds: the objective's means since the last line, the schedule,
+        throughput, and the bytes this rank received per step through our collectives."""
+        values = self.running.read_and_reset()
+        values.update({"lr": self.backend.lr(), "temp": float(self.module.temp.detach()),
+                       "grad_norm": self.backend.grad_norm(), "pairs_per_s": pairs / max(elapsed, 1e-9),
+                       "epoch": self.epoch})
+        traffic = dist_lib.TRAFFIC.take()
+        values["comm_bytes_per_step"] = sum(traffic.values()) / max(1, steps)
+        for kind, nbytes in traffic.items():
+            values[f"comm_bytes/{kind}"] = nbytes / max(1, steps)
+        mem = memory_gb(self.device)
+        if mem is not None:
+            values["memory_gb"] = mem
+        return values
+
+    # ------------------------------------------------------------------ checkpoints
+    def queue_state(self) -> dict:
+        return {n: getattr(self.module, n).detach().cpu() for n in ckpt_lib.QUEUE_BUFFERS if hasattr(self.module, n)}
+
+    def save(self, ckpt: "ckpt_lib.CheckpointManager", loader) -> Path:
+        client = {"step": self.step, "epoch": self.epoch, "loader": loader.state_dict()}
+        # What this rank writes: its RNG and ZeRO-3 partitions; the whole-tensor momentum
+        # master once (rank 0); its pool's queues once (the pool's first rank).
+        files = {ckpt_lib.rank_file_name(self.rank): {"rng": ckpt_lib.rng_state(),
+                                                      "ema_partitions": self.ema.partition_state()}}
+        if self.rank == 0:
+            files[ckpt_lib.MOMENTUM_FILE] = self.ema.full_state()
+        if self.rank % self.pool == 0:
+            files[ckpt_lib.queue_file_name(self.pool_index)] = self.queue_state()
+        meta = {"zero_stage": self.backend.zero_stage, "pools": self.world // self.pool,
+                **ckpt_lib.run_record(self.cfg, self.world)}
+        return ckpt.save(self.backend, self.step, client, files, meta)
+
+    def resume(self, ckpt, tag_dir: Path, ds_dir: Path, saved_world: int, loader) -> None:
+        client = ckpt.load(self.backend, tag_dir, ds_dir)
+        self.step, self.epoch = int(client["step"]), int(client["epoch"])
+        momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
+        if saved_world != self.world:
+            self.ema.load_full(assemble_full(momentum, (f["ema_partitions"] for f in ckpt_lib.rank_files(tag_dir))))
+            self.log(f"resumed from {tag_dir} (world {saved_world} -> {self.world}, universal)")
+        else:
+            mine = ckpt_lib.read(tag_dir / ckpt_lib.rank_file_name(self.rank))
+            self.ema.load(momentum, mine["ema_partitions"])
+            ckpt_lib.set_rng_state(mine["rng"])
+            self.log(f"resumed from {tag_dir} at step {self.step}")
+        with torch.no_grad():
+            for name, value in ckpt_lib.read_queue(tag_dir, self.pool_index).items():
+                getattr(self.module, name).copy_(value)
+        loader.load_state_dict(client["loader"])
+
+
+def check_data_dirs(cfg: Config) -> None:
+    if not cfg.data.train_dirs:
+        raise ConfigError("config key 'data.train_dirs': no training data given "
+                          "(e.g. --set data.train_dirs=[/data/synth/train])")
+    for d in cfg.data.train_dirs:
+        if "://" not in d and not Path(d).is_dir():
+            raise ConfigError(f"config key 'data.train_dirs': data directory not found: {d}")
+    if not cfg.data.tokenizer:
+        raise ConfigError("config key 'data.tokenizer': a tokenizer folder is required "
+                          "(albef-data build-vocab, or a local bert-base-uncased folder)")
+    if not Path(cfg.data.tokenizer).exists():
+        raise ConfigError(f"config key 'data.tokenizer': tokenizer folder not found: {cfg.data.tokenizer}")
+
+
+def config_changes(path: Path, cfg: Config) -> list[str]:
+    """'section.key: old -> new' for every value that differs from the saved config."""
+    if not path.is_file():
+        return []
+    import yaml
+    old = yaml.safe_load(path.read_text()) or {}
+    out = []
+    for section, values in cfg.to_dict().items():
+        for key, value in values.items():
+            before = old.get(section, {}).get(key, value)
+            if before != value:
+                out.append(f"{section}.{key}: {before!r} -> {value!r}")
+    return out
+
+
+def summary(cfg: Config, launch, trainer: Trainer) -> str:
+    module, backend = trainer.module, trainer.backend
+    trainable = sum(full_numel(p) for p in module.parameters() if p.requires_grad)
+    frozen = sum(full_numel(p) for p in module.parameters() if not p.requires_grad)
+    pool = trainer.pool
+    return "\n".join([
+        f"albef-ds train (objective {trainer.objective.name})",
+        f"  world size {launch.world_size} on {launch.num_nodes} node(s) ({launch.launcher}); "
+        f"ZeRO stage {backend.zero_stage}; precision {backend.precision}; optimizer {backend.optimizer_name}",
+        f"  parameters: {trainable:,} trainable, {frozen:,} momentum (frozen)",
+        f"  batch: micro {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum_steps} x "
+        f"world {launch.world_size} = global {cfg.global_batch(launch.world_size)}",
+        f"  steps: {trainer.total_steps} ({trainer.steps_per_epoch} per epoch); queue {cfg.model.queue_size}; "
+        f"ITC candidates {cfg.model.itc_candidates}; ITM negatives {cfg.model.itm_negatives} "
+        f"({cfg.model.itm_exchange}); negatives pool {pool} rank(s) = "
+        f"{pool * cfg.train.micro_batch_size} pairs per micro-step",
+        f"  data: {', '.join(cfg.data.train_dirs)} (tokenizer {cfg.data.tokenizer})",
+        f"  run dir: {cfg.logging.run_dir}",
+    ])
+
+
+def _flops_and_peak(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[float, float | None]:
+    """Analytic FLOPs per pair (the project's MFU definition) and the device's dense peak."""
+    from ..model_info import analytic_flops, device_peak_flops
+    flops = analytic_flops(cfg, cfg.data.max_tokens)["total"]
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    return flops, device_peak_flops(name, str(dtype).replace("torch.", ""))
+
+
+def make_objective(cfg: Config, tokenizer) -> Objective:
+    """The configured objective, its config needs applied (before any model is built)."""
+    from ..config import apply_overrides
+    from ..objectives import objective_class
+    cls = objective_class(cfg.train.objective)
+    apply_overrides(cfg, cls.config_overrides, f"objective {cls.name}")
+    return cls(cfg, tokenizer)
+
+
+def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_best: bool = False,
+          stop: StopFlag | None = None) -> int:
+    """Train ``cfg.train.objective``; returns 0 at the final step, EXIT_PREEMPTED after a
+    stop on a signal. ``eval_each_epoch``/``eval.every_steps``: the objective's evaluation
+    on data.val_dir (metrics prefix ``val``); ``keep_best``: the checkpoint with the best
+    val r_mean is kept (``best.json``) whatever ``keep_last`` says."""
+    stop = stop or StopFlag()
+    run = _Run(cfg, launch, resume, eval_each_epoch, keep_best)
+    trainer, loader = run.trainer, run.loader
+    try:
+        while trainer.step < trainer.total_steps and not run.stopped:
+            for batch in loader:
+                out, boundary = trainer.train_step(batch)
+                run.after_micro_step(batch, out)
+                if boundary and (run.after_step(stop) or trainer.step >= trainer.total_steps):
+                    break
+            else:
+                trainer.epoch += 1
+    except BaseException:
+        end_loader_workers()
+        raise
+    return run.finish()
+
+
+class _Run:
+    """Everything around the Trainer that one training run writes: the run directory,
+    checkpoints, metrics, sample keys, the progress bar, evaluations."""
+
+    def __init__(self, cfg: Config, launch, resume: str, eval_each_epoch: bool, keep_best: bool):
+        from ..data import build_train_loader
+        from ..tokenizer import load_tokenizer
+        self.cfg, self.launch, self.keep_best, self.eval_each_epoch = cfg, launch, keep_best, eval_each_epoch
+        is_main = launch.rank == 0
+        self.log = log = print if is_main else (lambda *a, **k: None)
+        self.run_dir = run_dir = Path(cfg.logging.run_dir)
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        if len(tokenizer) != cfg.model.vocab_size:
+            log(f"note: model.vocab_size {cfg.model.vocab_size} -> {len(tokenizer)} (the tokenizer's)")
+            cfg.model.vocab_size = len(tokenizer)
+        objective = make_objective(cfg, tokenizer)
+
+        self.ckpt = ckpt_lib.CheckpointManager(run_dir, cfg.checkpoint.keep_last, launch.rank, launch.world_size)
+        resume_dir = self.ckpt.resolve(resume)
+        meta = self.ckpt.meta(resume_dir) if resume_dir else None
+        universal = meta is not None and meta["world_size"] != launch.world_size
+        if meta:  # everything checked before anything is written
+            ckpt_lib.check_resumable(resume_dir, meta, cfg, launch.world_size)
+        if is_main:
+            changed = config_changes(run_dir / "config.yaml", cfg) if meta else []
+            if changed:
+                log("note: the config differs from the run's config.yaml: " + "; ".join(changed))
+            save_config(cfg, run_dir / "config.yaml")
+
+        self.loader = build_train_loader(cfg, tokenizer, launch.rank, launch.world_size,
+                                         local_world_size=launch.local_world_size, run_dir=str(run_dir),
+                                         local_rank=launch.local_rank)
+        self.loader.worker_init_fn = functools.partial(worker_ignores_stop_signals, self.loader.worker_init_fn)
+        per_epoch = cfg.train.steps_per_epoch or max(1, len(self.loader) // cfg.train.grad_accum_steps)
+        total = cfg.train.max_steps or cfg.train.epochs * per_epoch
+        ds_dir = self.ckpt.prepare_universal(resume_dir) if universal else resume_dir
+        self.trainer = t = Trainer(cfg, launch, objective, total, per_epoch, load_universal=universal, log=log)
+        log(summary(cfg, launch, t))
+        if resume_dir:
+            t.resume(self.ckpt, resume_dir, ds_dir, meta["world_size"], self.loader)
+
+        self.metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard,
+                                     resume_step=t.step if resume_dir else None)
+        self.evaluator = (objective.make_evaluator(cfg, tokenizer)
+                          if cfg.eval.every_steps or eval_each_epoch else None)
+        self.best = -1.0
+        self.keys_log = None
+        if cfg.logging.log_sample_keys:
+            keys_path = run_dir / f"sample_keys_rank{launch.rank}.jsonl"
+            if resume_dir:  # lines are written at micro-steps of steps 0..step-1 (done): drop the redone ones
+                rewind_jsonl(keys_path, t.step - 1)
+            self.keys_log = open(keys_path, "a", encoding="utf-8")
+        self.flops_per_pair, self.peak = _flops_and_peak(cfg, t.device, t.backend.dtype)
+        self.bar = None
+        if is_main and cfg.logging.progress_bar:
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=t.step, desc=objective.name, unit="step", dynamic_ncols=True)
+        self.stopped = False
+        self.t_log, self.pairs_since_log, self.steps_since_log = time.time(), 0, 0
+        dist_lib.TRAFFIC.take()  # start-up collectives are not a step's
+
+    def after_micro_step(self, batch: dict, out: dict) -> None:
+        t = self.trainer
+        if self.keys_log is not None:  # the micro-step just taken (its counters have moved on)
+            step, micro = (t.step - 1, self.cfg.train.grad_accum_steps - 1) if t.micro == 0 else (t.step, t.micro - 1)
+            self.keys_log.write(json.dumps({"step": step, "micro": micro, "keys": list(batch["key"])}) + "\n")
+        self.pairs_since_log += batch["image"].shape[0] * t.world
+
+    def after_step(self, stop: StopFlag) -> bool:
+        """Log, evaluate, save, and agree on a stop; True when the run stops here."""
+        t, cfg = self.trainer, self.cfg
+        self.steps_since_log += 1
+        if self.bar is not None:
+            self.bar.update(1)
+        if t.step % cfg.logging.log_every == 0 or t.step == t.total_steps:
+            self._log_line()
+        end_of_epoch = self.eval_each_epoch and (t.step % t.steps_per_epoch == 0 or t.step == t.total_steps)
+        if self.evaluator is not None and (end_of_epoch or (cfg.eval.every_steps and t.step % cfg.eval.every_steps == 0)):
+            self._validate()
+        saved = t.step % cfg.checkpoint.every_steps == 0 or t.step == t.total_steps
+        if saved:
+            t.save(self.ckpt, self.loader)
+        if t.step < t.total_steps and stop.agreed(t.device):
+            self.stopped = True
+            if not saved:
+                t.save(self.ckpt, self.loader)
+            self.log(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step {t.step} committed")
+        return self.stopped
+
+    def _log_line(self) -> None:
+        t = self.trainer
+        values = t.step_values(time.time() - self.t_log, self.pairs_since_log, self.steps_since_log)
+        values["achieved_tflops"] = values["pairs_per_s"] * self.flops_per_pair / 1e12
+        if self.peak:
+            values["mfu"] = values["pairs_per_s"] * self.flops_per_pair / (self.peak * t.world)
+        self.metrics.log(t.step, values)
+        if self.bar is not None:
+            self.bar.set_postfix({k.replace("loss_", ""): f"{values[k]:.3f}" for k in t.objective.progress_keys})
+        self.t_log, self.pairs_since_log, self.steps_since_log = time.time(), 0, 0
+        if self.keys_log is not None:
+            self.keys_log.flush()
+
+    def _validate(self) -> None:
+        t = self.trainer
+        with t.backend.gathered_parameters():
+            values = self.evaluator(t.module, t.device)
+        self.metrics.log(t.step, values, prefix="val")
+        self.log(f"val step {t.step}: TR@1 {values['txt_r1']:.2f} IR@1 {values['img_r1']:.2f} "
+                 f"r_mean {values['r_mean']:.2f} (chance TR@1 {values['chance_txt_r1']:.2f})")
+        if self.keep_best and values["r_mean"] > self.best:
+            self.best = values["r_mean"]
+            tag_dir = t.save(self.ckpt, self.loader)
+            if t.rank == 0:
+                (self.run_dir / "best.json").write_text(json.dumps({"tag": tag_dir.name, "step": t.step, **values}))
+
+    def finish(self) -> int:
+        t = self.trainer
+        if self.keys_log is not None:
+            self.keys_log.close()
+        self.metrics.close()
+        if self.bar is not None:
+            self.bar.close()
+        if t.step >= t.total_steps and t.rank == 0:
+            (self.run_dir / DONE_MARKER).write_text(str(t.step))
+            self.log(f"done: {t.step} steps; checkpoints in {self.ckpt.dir}, metrics in "
+                     f"{self.run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
+        dist_lib.barrier()
+        clean_shared_memory_leftovers(self.launch)
+        if self.launch.local_rank == 0:
+            from ..data import shm
+            shm.release(self.run_dir)
+        return EXIT_PREEMPTED if self.stopped else 0

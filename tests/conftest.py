@@ -1,0 +1,51 @@
+"""Fixtures shared by every test package: synth data and the CLI run as a user runs it."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """Synth shards (640 train pairs: a multiple of ranks x batch) and a vocabulary."""
+    root = tmp_path_factory.mktemp("synth")
+    data, tok = root / "data", root / "tok"
+    run_cli(["albef-data", "synth", "--out", str(data), "--seed", "0", "--num-train", "640",
+             "--num-val", "40", "--num-test", "40", "--no-progress"])
+    run_cli(["albef-data", "build-vocab", str(data / "captions.txt"), "--out", str(tok), "--vocab-size", "300"])
+    return data, tok
+
+
+def run_cli(argv, **kw):
+    exe = Path(sys.executable).parent / argv[0]
+    proc = subprocess.run([str(exe)] + argv[1:], capture_output=True, text=True, cwd=REPO,
+                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, **kw)
+    if proc.returncode != 0:
+        raise AssertionError(f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc
+
+
+#: whole files of multi-rank, SLURM and end-to-end runs (minutes each): outside the fast lane
+SLOW_FILES = {
+    "slurm/test_convert_array.py", "slurm/test_local_cluster.py", "slurm/test_pretrain_sbatch.py",
+    "slurm/test_shared_node.py", "train/test_pretrain.py", "train/test_distributed.py",
+    "train/test_scale_out.py", "train/test_failure_paths.py", "cli/test_demo.py", "data/test_data_ranks.py",
+    "data/test_data_partition.py", "data/test_data_shm.py", "data_tools/test_dt_memory.py",
+}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-rank, SLURM or end-to-end; skipped by the fast lane "
+                                       "(pytest -m 'not slow')")
+
+
+def pytest_collection_modifyitems(config, items):
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        rel = Path(str(item.fspath)).resolve().relative_to(tests_dir).as_posix()
+        if rel in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
