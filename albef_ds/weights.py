@@ -242,23 +242,23 @@ def _read_weights_file(path: Path) -> StateDict:
 
 
 #: HF config.json fields that no tensor shape reveals but must agree with ours.
-def _check_hf_config(hf: dict, spec, folder: Path) -> None:
+def _check_hf_config(hf: dict, cfg, folder: Path) -> None:
     problems = []
     depth = hf.get("num_hidden_layers")
-    if depth is not None and depth != spec.num_layers:
-        problems.append(f"num_hidden_layers {depth} vs model.text_depth {spec.num_layers} "
-                        f"(layers 0-{spec.fusion_layer - 1} text, {spec.fusion_layer}-{spec.num_layers - 1} fusion)")
+    if depth is not None and depth != cfg.text_depth:
+        problems.append(f"num_hidden_layers {depth} vs model.text_depth {cfg.text_depth} "
+                        f"(layers 0-{cfg.fusion_layer - 1} text, {cfg.fusion_layer}-{cfg.text_depth - 1} fusion)")
     heads = hf.get("num_attention_heads")
-    if heads is not None and heads != spec.num_heads:
-        problems.append(f"num_attention_heads {heads} vs model.text_heads {spec.num_heads}")
+    if heads is not None and heads != cfg.text_heads:
+        problems.append(f"num_attention_heads {heads} vs model.text_heads {cfg.text_heads}")
     act = hf.get("hidden_act", "gelu")
     if act != "gelu":
         problems.append(f"hidden_act {act!r}: our BERT implements exact (erf) 'gelu' only")
     if hf.get("position_embedding_type", "absolute") != "absolute":
         problems.append(f"position_embedding_type {hf['position_embedding_type']!r}: only 'absolute' is implemented")
     eps = hf.get("layer_norm_eps")
-    if eps is not None and abs(eps - spec.layer_norm_eps) > 1e-15:
-        warnings.warn(f"{folder}: layer_norm_eps {eps} differs from model.layer_norm_eps {spec.layer_norm_eps}")
+    if eps is not None and abs(eps - cfg.layer_norm_eps) > 1e-15:
+        warnings.warn(f"{folder}: layer_norm_eps {eps} differs from model.layer_norm_eps {cfg.layer_norm_eps}")
     if problems:
         raise WeightLoadError(f"{folder}/config.json does not match the model: " + "; ".join(problems))
 
@@ -292,7 +292,7 @@ def load_hf_bert(model: nn.Module, folder: str | os.PathLike, momentum_too: bool
     if not cfg_path.is_file():
         raise WeightLoadError(f"{folder}: not a Hugging Face model folder (no config.json)")
     encoder = model.text_encoder
-    _check_hf_config(json.loads(cfg_path.read_text()), encoder.bert.spec, folder)
+    _check_hf_config(json.loads(cfg_path.read_text()), encoder.bert.cfg, folder)
     raw = _hf_state_dict(folder)
 
     report = LoadReport(source=str(folder))

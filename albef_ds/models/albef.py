@@ -20,22 +20,11 @@ from torch import nn
 
 from ..config import ModelConfig
 from . import vit as vit_lib
-from .bert import BertForMaskedLM, BertSpec
+from .bert import BertForMaskedLM
 
 #: (online attribute, momentum attribute) pairs moved by the EMA; ``temp`` is not one.
 MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
                   ("text_encoder", "text_encoder_m"), ("text_proj", "text_proj_m"))
-
-
-def bert_spec(cfg: ModelConfig) -> BertSpec:
-    return BertSpec(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.text_width, num_layers=cfg.text_depth,
-        num_heads=cfg.text_heads, intermediate_size=cfg.text_intermediate,
-        max_position_embeddings=cfg.max_position_embeddings, type_vocab_size=cfg.type_vocab_size,
-        fusion_layer=cfg.fusion_layer, encoder_width=cfg.vision_width,
-        hidden_dropout=cfg.hidden_dropout, attention_dropout=cfg.attention_dropout,
-        layer_norm_eps=cfg.layer_norm_eps, sdpa=cfg.sdpa,
-        activation_checkpointing=cfg.activation_checkpointing)
 
 
 class ALBEF(nn.Module):
@@ -56,7 +45,7 @@ class ALBEF(nn.Module):
         self.visual_encoder = vit_lib.build_vit(
             cfg.image_res, cfg.patch_size, cfg.vision_width, cfg.vision_depth, cfg.vision_heads,
             cfg.vision_mlp_ratio, cfg.activation_checkpointing)
-        self.text_encoder = BertForMaskedLM(bert_spec(cfg))
+        self.text_encoder = BertForMaskedLM(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text_width, 2)

@@ -14,7 +14,6 @@ once per fusion layer and reused by every fusion pass that sees that image
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
@@ -22,24 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-
-@dataclass
-class BertSpec:
-    vocab_size: int = 30522
-    hidden_size: int = 768
-    num_layers: int = 12
-    num_heads: int = 12
-    intermediate_size: int = 3072
-    max_position_embeddings: int = 512
-    type_vocab_size: int = 2
-    fusion_layer: int = 6
-    #: width of the image tokens that cross-attention reads (ViT width).
-    encoder_width: int = 768
-    hidden_dropout: float = 0.1
-    attention_dropout: float = 0.1
-    layer_norm_eps: float = 1e-12
-    sdpa: bool = True
-    activation_checkpointing: bool = False
+from ..config import ModelConfig
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -57,15 +39,15 @@ def sdpa_pays_off(q: torch.Tensor, dropout_p: float) -> bool:
 
 
 class BertEmbeddings(nn.Module):
-    def __init__(self, spec: BertSpec):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.word_embeddings = nn.Embedding(spec.vocab_size, spec.hidden_size, padding_idx=0)
-        self.position_embeddings = nn.Embedding(spec.max_position_embeddings, spec.hidden_size)
-        self.token_type_embeddings = nn.Embedding(spec.type_vocab_size, spec.hidden_size)
-        self.LayerNorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
-        self.dropout = nn.Dropout(spec.hidden_dropout)
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.text_width, padding_idx=0)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.text_width)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.text_width)
+        self.LayerNorm = nn.LayerNorm(cfg.text_width, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
         # A buffer in the reference state dict, so it is kept (persistent) here too.
-        self.register_buffer("position_ids", torch.arange(spec.max_position_embeddings)[None, :])
+        self.register_buffer("position_ids", torch.arange(cfg.max_position_embeddings)[None, :])
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         length = input_ids.shape[1]
@@ -78,15 +60,15 @@ class BertEmbeddings(nn.Module):
 
 
 class BertSelfAttention(nn.Module):
-    def __init__(self, spec: BertSpec, kv_width: int):
+    def __init__(self, cfg: ModelConfig, kv_width: int):
         super().__init__()
-        self.num_heads = spec.num_heads
-        self.head_dim = spec.hidden_size // spec.num_heads
-        self.query = nn.Linear(spec.hidden_size, spec.hidden_size)
-        self.key = nn.Linear(kv_width, spec.hidden_size)
-        self.value = nn.Linear(kv_width, spec.hidden_size)
-        self.dropout_p = spec.attention_dropout
-        self.sdpa = spec.sdpa
+        self.num_heads = cfg.text_heads
+        self.head_dim = cfg.text_width // cfg.text_heads
+        self.query = nn.Linear(cfg.text_width, cfg.text_width)
+        self.key = nn.Linear(kv_width, cfg.text_width)
+        self.value = nn.Linear(kv_width, cfg.text_width)
+        self.dropout_p = cfg.attention_dropout
+        self.sdpa = cfg.sdpa
 
     def split_heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -123,44 +105,44 @@ class BertSelfAttention(nn.Module):
 class BertSelfOutput(nn.Module):
     """Projection + dropout + residual LayerNorm (also the MLP's output block)."""
 
-    def __init__(self, in_width: int, spec: BertSpec):
+    def __init__(self, in_width: int, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(in_width, spec.hidden_size)
-        self.LayerNorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
-        self.dropout = nn.Dropout(spec.hidden_dropout)
+        self.dense = nn.Linear(in_width, cfg.text_width)
+        self.LayerNorm = nn.LayerNorm(cfg.text_width, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         return self.LayerNorm(self.dropout(self.dense(x)) + residual)
 
 
 class BertAttention(nn.Module):
-    def __init__(self, spec: BertSpec, kv_width: int):
+    def __init__(self, cfg: ModelConfig, kv_width: int):
         super().__init__()
-        self.self = BertSelfAttention(spec, kv_width)
-        self.output = BertSelfOutput(spec.hidden_size, spec)
+        self.self = BertSelfAttention(cfg, kv_width)
+        self.output = BertSelfOutput(cfg.text_width, cfg)
 
     def forward(self, hidden, mask=None, source=None, kv=None):
         return self.output(self.self(hidden, mask, source, kv), hidden)
 
 
 class BertIntermediate(nn.Module):
-    def __init__(self, spec: BertSpec):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(spec.hidden_size, spec.intermediate_size)
+        self.dense = nn.Linear(cfg.text_width, cfg.text_intermediate)
 
     def forward(self, x):
         return F.gelu(self.dense(x))
 
 
 class BertLayer(nn.Module):
-    def __init__(self, spec: BertSpec, cross: bool):
+    def __init__(self, cfg: ModelConfig, cross: bool):
         super().__init__()
-        self.attention = BertAttention(spec, spec.hidden_size)
+        self.attention = BertAttention(cfg, cfg.text_width)
         self.has_cross_attention = cross
         if cross:
-            self.crossattention = BertAttention(spec, spec.encoder_width)
-        self.intermediate = BertIntermediate(spec)
-        self.output = BertSelfOutput(spec.intermediate_size, spec)
+            self.crossattention = BertAttention(cfg, cfg.vision_width)
+        self.intermediate = BertIntermediate(cfg)
+        self.output = BertSelfOutput(cfg.text_intermediate, cfg)
 
     def forward(self, hidden, mask, image_embeds=None, image_kv=None):
         hidden = self.attention(hidden, mask)
@@ -171,21 +153,21 @@ class BertLayer(nn.Module):
 
 
 class BertEncoder(nn.Module):
-    def __init__(self, spec: BertSpec):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.layer = nn.ModuleList(
-            [BertLayer(spec, cross=i >= spec.fusion_layer) for i in range(spec.num_layers)])
+            [BertLayer(cfg, cross=i >= cfg.fusion_layer) for i in range(cfg.text_depth)])
 
 
 class BertModel(nn.Module):
     """Embeddings + layers; ``encode_text`` and ``fuse`` run the two halves."""
 
-    def __init__(self, spec: BertSpec):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.spec = spec
-        self.embeddings = BertEmbeddings(spec)
-        self.encoder = BertEncoder(spec)
-        self.gradient_checkpointing = spec.activation_checkpointing
+        self.cfg = cfg
+        self.embeddings = BertEmbeddings(cfg)
+        self.encoder = BertEncoder(cfg)
+        self.gradient_checkpointing = cfg.activation_checkpointing
 
     def _run(self, layers: Sequence[BertLayer], hidden, mask, image_embeds=None, image_kvs=None):
         ext = additive_mask(mask, hidden.dtype)
@@ -199,11 +181,11 @@ class BertModel(nn.Module):
 
     @property
     def text_layers(self) -> Sequence[BertLayer]:
-        return self.encoder.layer[: self.spec.fusion_layer]
+        return self.encoder.layer[: self.cfg.fusion_layer]
 
     @property
     def fusion_layers(self) -> Sequence[BertLayer]:
-        return self.encoder.layer[self.spec.fusion_layer:]
+        return self.encoder.layer[self.cfg.fusion_layer:]
 
     def encode_text(self, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self._run(self.text_layers, self.embeddings(input_ids), mask)
@@ -223,20 +205,20 @@ class BertModel(nn.Module):
 
 
 class BertPredictionTransform(nn.Module):
-    def __init__(self, spec: BertSpec):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.dense = nn.Linear(spec.hidden_size, spec.hidden_size)
-        self.LayerNorm = nn.LayerNorm(spec.hidden_size, eps=spec.layer_norm_eps)
+        self.dense = nn.Linear(cfg.text_width, cfg.text_width)
+        self.LayerNorm = nn.LayerNorm(cfg.text_width, eps=cfg.layer_norm_eps)
 
     def forward(self, x):
         return self.LayerNorm(F.gelu(self.dense(x)))
 
 
 class BertLMPredictionHead(nn.Module):
-    def __init__(self, spec: BertSpec, word_embeddings: nn.Embedding):
+    def __init__(self, cfg: ModelConfig, word_embeddings: nn.Embedding):
         super().__init__()
-        self.transform = BertPredictionTransform(spec)
-        self.decoder = nn.Linear(spec.hidden_size, spec.vocab_size)
+        self.transform = BertPredictionTransform(cfg)
+        self.decoder = nn.Linear(cfg.text_width, cfg.vocab_size)
         self.decoder.weight = word_embeddings.weight  # tied, as in BERT
         self.bias = self.decoder.bias  # HF names it twice: predictions.bias == decoder.bias
 
@@ -245,18 +227,18 @@ class BertLMPredictionHead(nn.Module):
 
 
 class BertOnlyMLMHead(nn.Module):
-    def __init__(self, spec: BertSpec, word_embeddings: nn.Embedding):
+    def __init__(self, cfg: ModelConfig, word_embeddings: nn.Embedding):
         super().__init__()
-        self.predictions = BertLMPredictionHead(spec, word_embeddings)
+        self.predictions = BertLMPredictionHead(cfg, word_embeddings)
 
 
 class BertForMaskedLM(nn.Module):
     """``bert`` (embeddings + encoder, no pooler) and ``cls`` (the tied MLM head)."""
 
-    def __init__(self, spec: BertSpec):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.bert = BertModel(spec)
-        self.cls = BertOnlyMLMHead(spec, self.bert.embeddings.word_embeddings)
+        self.bert = BertModel(cfg)
+        self.cls = BertOnlyMLMHead(cfg, self.bert.embeddings.word_embeddings)
         self.apply(self._init_weights)
 
     @staticmethod

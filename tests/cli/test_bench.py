@@ -179,9 +179,10 @@ def test_vit_uses_explicit_attention_under_cpu_bf16_autocast_with_the_same_resul
 
 
 def test_explicit_bert_attention_under_bf16_autocast_stays_close_to_fp32():
-    from albef_ds.models.bert import BertSelfAttention, BertSpec
+    from albef_ds.config import ModelConfig
+    from albef_ds.models.bert import BertSelfAttention
     torch.manual_seed(0)
-    attn = BertSelfAttention(BertSpec(hidden_size=32, num_heads=2, sdpa=False, attention_dropout=0.0), 32).eval()
+    attn = BertSelfAttention(ModelConfig(text_width=32, text_heads=2, sdpa=False, attention_dropout=0.0), 32).eval()
     x = torch.randn(3, 24, 32)
     with torch.no_grad():
         ref = attn(x)
