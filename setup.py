@@ -1,5 +1,25 @@
 """albef-ds: ALBEF pretraining at CC12M scale on DeepSpeed, streaming shards and SLURM."""
+import shutil
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_py import build_py
+
+#: top-level folders (the only copies in git) that a wheel carries inside the package, so
+#: presets and DeepSpeed configs are found by name outside the checkout (albef_ds/presets.py)
+SHIPPED = {"configs": "*.yaml", "ds_configs": "*.json"}
+
+
+class BuildPyWithPresets(build_py):
+    def run(self):
+        super().run()
+        here = Path(__file__).resolve().parent
+        for folder, pattern in SHIPPED.items():
+            out = Path(self.build_lib) / "albef_ds" / "_shipped" / folder
+            out.mkdir(parents=True, exist_ok=True)
+            for f in sorted((here / folder).glob(pattern)):
+                shutil.copy2(f, out / f.name)
+
 
 setup(
     name="albef-ds",
@@ -9,7 +29,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["albef_ds", "albef_ds.*", "data_tools", "data_tools.*"]),
-    package_data={"albef_ds": ["configs/*.yaml"]},
+    cmdclass={"build_py": BuildPyWithPresets},
     install_requires=[
         "torch>=2.4",
         "torchvision",  # timm and mosaicml-streaming import it

@@ -21,10 +21,6 @@ import yaml
 
 from .errors import UsageError
 
-#: Presets shipped with the project (``--config tiny`` resolves to ``configs/tiny.yaml``).
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
-
-
 class ConfigError(UsageError, ValueError):
     """A configuration problem; the message names the key and, when known, the file."""
 
@@ -170,8 +166,9 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
-    #: a DeepSpeed JSON file (ds_configs/…); values this config owns are filled in.
-    ds_config: str = "ds_configs/zero2_bf16.json"
+    #: a DeepSpeed JSON file, or the name of a shipped one (ds_configs/: zero2_bf16, zero3_bf16,
+    #: zero2_fp32, ...); values this config owns are filled in.
+    ds_config: str = "zero2_bf16"
     #: None: take the stage written in ds_config.
     zero_stage: Optional[int] = None
     #: "auto": nccl on CUDA, gloo on CPU.
@@ -386,15 +383,9 @@ def _unknown(key: str, valid: list, source: str) -> str:
 
 
 def resolve_path(name_or_path: str) -> Path:
-    """A YAML path, or the name of a preset in configs/ ('tiny', 'albef-base')."""
-    path = Path(name_or_path)
-    if path.is_file():
-        return path
-    preset = PRESET_DIR / f"{name_or_path}.yaml"
-    if preset.is_file():
-        return preset
-    raise ConfigError(f"config file not found: {name_or_path} (presets: "
-                      f"{', '.join(sorted(p.stem for p in PRESET_DIR.glob('*.yaml')))})")
+    """A YAML path, or the name of a shipped preset ('tiny', 'albef-base'): albef_ds.presets."""
+    from .presets import config_path
+    return config_path(name_or_path)
 
 
 def parse_overrides(overrides: list[str] | None) -> dict:

@@ -37,24 +37,9 @@ def precision_of(ds: dict) -> str:
     return "fp32"
 
 
-def ds_config_file(name_or_path: str) -> Path:
-    """A DeepSpeed JSON path, or the name of a shipped one (albef_ds.presets)."""
-    try:
-        from ..presets import ds_config_path
-    except ImportError:  # before the presets module: the checkout's ds_configs/
-        path = Path(name_or_path)
-        root = Path(__file__).resolve().parents[2]
-        for shipped in (root / path, root / "ds_configs" / path, root / "ds_configs" / f"{name_or_path}.json"):
-            if not path.is_file() and shipped.is_file():
-                path = shipped
-        if not path.is_file():
-            raise ConfigError(f"config key 'distributed.ds_config': DeepSpeed config file not found: {path}")
-        return path
-    return ds_config_path(name_or_path)
-
-
 def load_ds_config(cfg: Config, world_size: int) -> dict:
-    path = ds_config_file(cfg.distributed.ds_config)
+    from ..presets import ds_config_path
+    path = ds_config_path(cfg.distributed.ds_config)
     try:
         ds = json.loads(path.read_text())
     except json.JSONDecodeError as e:
