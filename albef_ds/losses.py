@@ -15,7 +15,9 @@ IGNORE_INDEX = -100
 
 
 def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
-    """``t`` in float32 when it is a narrower float (bf16, fp16); float64 stays float64."""
+    """``t`` in float32 when it is a narrower float (bf16, fp16); float64 stays float64. Every
+    upcast in the losses and attention goes through here, so a float64 model is float64 end
+    to end (its checks mean something) while bf16 softmaxes still run in fp32."""
     return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
 
@@ -98,10 +100,10 @@ def itm_weights(sim: torch.Tensor, pos_idx: torch.Tensor,
     sim: [B, C] similarities (already divided by temp); pos_idx: [B] column of each row's
     positive. Excludes the positive and, with image ids, every candidate of the same image
     (-inf before the softmax). Computed in fp32 (bf16 softmax can underflow to an all-zero
-    row, which torch.multinomial rejects). Rows with no valid candidate fall back to uniform
+    row, which torch.multinomial rejects) or wider. Rows with no valid candidate fall back to uniform
     over all non-positive columns; the second return value flags them.
     """
-    logits = sim.detach().float().clone()
+    logits = at_least_fp32(sim.detach()).clone()
     excluded = torch.zeros_like(logits, dtype=torch.bool)
     excluded[torch.arange(len(pos_idx), device=sim.device), pos_idx] = True
     if row_ids is not None and cand_ids is not None:
@@ -132,7 +134,7 @@ def sample_negatives(weights: torch.Tensor, generator: Optional[torch.Generator]
 
 
 def itm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(logits.float(), labels)
+    return F.cross_entropy(at_least_fp32(logits), labels)
 
 
 # ----------------------------------------------------------------------------- MLM
@@ -165,7 +167,7 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor,
     masked tokens (e.g. the global count divided by the world size, for exact data-parallel
     equivalence)."""
     vocab = logits.shape[-1]
-    logits = logits.reshape(-1, vocab).float()
+    logits = at_least_fp32(logits.reshape(-1, vocab))
     labels = labels.reshape(-1)
     keep = labels != IGNORE_INDEX
     logits, labels = logits[keep], labels[keep]
@@ -174,7 +176,7 @@ def mlm_loss(logits: torch.Tensor, labels: torch.Tensor,
     ce = -log_probs.gather(1, labels[:, None]).squeeze(1)
     loss = ce.sum() / count
     if logits_m is not None and alpha > 0:
-        soft = F.softmax(logits_m.reshape(-1, vocab)[keep].float(), dim=-1)
+        soft = F.softmax(at_least_fp32(logits_m.reshape(-1, vocab)[keep]), dim=-1)
         distill = -(log_probs * soft).sum(dim=-1)
         loss = (1 - alpha) * loss + alpha * distill.sum() / count
     return loss

@@ -63,11 +63,12 @@ class ALBEF(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # The queues are fp32 buffers whatever the module is cast to (DeepSpeed's bf16 mode
-        # casts every floating tensor): bf16 features would make the queue lossy.
+        # casts every floating tensor): bf16 features would make the queue lossy. A float64
+        # model keeps a float64 queue.
         super()._apply(fn, recurse)
         for name in ("image_queue", "text_queue"):
             buf = self._buffers[name]
-            if buf.is_floating_point() and buf.dtype != torch.float32:
+            if buf.is_floating_point() and buf.element_size() < 4:
                 self._buffers[name] = buf.float()
         return self
 

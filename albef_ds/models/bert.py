@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from ..config import ModelConfig
+from ..losses import at_least_fp32
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -95,7 +96,7 @@ class BertSelfAttention(nn.Module):
                 scores = scores + mask.to(scores.dtype)
             # softmax in fp32 (a no-op in fp32): under bf16 autocast on CPU a bf16 softmax
             # over rows shorter than 32 keys is 3-4x slower, forward + backward, and less exact.
-            probs = scores.float().softmax(dim=-1).to(v.dtype)
+            probs = at_least_fp32(scores).softmax(dim=-1).to(v.dtype)  # bf16/fp16 softmax in fp32, fp64 stays fp64
             probs = F.dropout(probs, p=dropout_p, training=self.training)
             out = probs @ v
         b, _, n, _ = out.shape
