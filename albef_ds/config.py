@@ -19,11 +19,7 @@ from typing import Any, Optional
 
 import yaml
 
-from .errors import UsageError
-
-class ConfigError(UsageError, ValueError):
-    """A configuration problem; the message names the key and, when known, the file."""
-
+from .errors import ConfigError  # noqa: F401  (raised here; the CLI and tests import it from here)
 
 @dataclass
 class ModelConfig:

@@ -5,3 +5,7 @@ from __future__ import annotations
 
 class UsageError(Exception):
     """Bad input from the user: a config value, a path, a file's content."""
+
+
+class ConfigError(UsageError, ValueError):
+    """A configuration problem; the message names the key and, when known, the file."""

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import ConfigError
+
 _PACKAGE = Path(__file__).resolve().parent
 
 
@@ -35,7 +37,6 @@ def _find(name_or_path: str, kind: str, suffix: str, key: str) -> Path:
         found = shipped(kind, suffix).get(stem)
         if found is not None:
             return found
-    from .config import ConfigError
     raise ConfigError(f"{key}: {name_or_path} is neither a file nor a shipped name "
                       f"(shipped: {', '.join(sorted(shipped(kind, suffix)))})")
 
