@@ -21,6 +21,11 @@ def at_least_fp32(t: torch.Tensor) -> torch.Tensor:
     return t.float() if t.is_floating_point() and t.element_size() < 4 else t
 
 
+def at_least_fp32_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype :func:`at_least_fp32` gives a float tensor of ``dtype``."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 # --------------------------------------------------------------------------- ITC + MoD
 
 def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,16 +66,21 @@ def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
     return loss, sim_i2t, sim_t2i
 
 
-def diagonal_targets(batch: int, num_cands: int, offset: int, device=None) -> torch.Tensor:
-    """[B, K] one-hot at column ``offset + i`` for row i (positives in the candidate list)."""
-    targets = torch.zeros(batch, num_cands, device=device)
+def diagonal_targets(batch: int, num_cands: int, offset: int, device=None,
+                     dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, K] one-hot at column ``offset + i`` for row i (positives in the candidate list).
+    ``dtype``: that of the similarities they are used with."""
+    targets = torch.zeros(batch, num_cands, device=device, dtype=dtype)
     targets[torch.arange(batch, device=device), offset + torch.arange(batch, device=device)] = 1.0
     return targets
 
 
-def id_targets(row_ids: torch.Tensor, cand_ids: torch.Tensor) -> torch.Tensor:
-    """[B, K] uniform over every candidate sharing the row's image id (retrieval fine-tuning)."""
-    same = (row_ids[:, None] == cand_ids[None, :]).float()
+def id_targets(row_ids: torch.Tensor, cand_ids: torch.Tensor,
+               dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, K] uniform over every candidate sharing the row's image id (retrieval fine-tuning).
+    ``dtype``: that of the similarities they are used with (1/n made in fp32 and widened
+    afterwards would not be 1/n in float64)."""
+    same = (row_ids[:, None] == cand_ids[None, :]).to(dtype)
     return same / same.sum(dim=1, keepdim=True)
 
 

@@ -64,11 +64,12 @@ def contrastive(model, enc: Encoded, image_ids, alpha: float, gather) -> dict:
             batch_image_m, batch_text_m, offset = enc.image_feat_m, enc.text_feat_m, 0
         image_cands = torch.cat([batch_image_m, model.image_queue.t().to(batch_image_m.dtype)])
         text_cands = torch.cat([batch_text_m, model.text_queue.t().to(batch_text_m.dtype)])
+        sim_dtype = losses.at_least_fp32_dtype(image_cands.dtype)
         if cfg.itc_id_positives and image_ids is not None:
             batch_ids = enc.ids_all if pooled else image_ids
-            pos_targets = losses.id_targets(image_ids, torch.cat([batch_ids, model.idx_queue[0]]))
+            pos_targets = losses.id_targets(image_ids, torch.cat([batch_ids, model.idx_queue[0]]), sim_dtype)
         else:
-            pos_targets = losses.diagonal_targets(bs, image_cands.shape[0], offset, enc.image_feat.device)
+            pos_targets = losses.diagonal_targets(bs, image_cands.shape[0], offset, enc.image_feat.device, sim_dtype)
     with model.phase("itc"):
         loss, sim_i2t, _ = losses.itc_loss(enc.image_feat, enc.text_feat, enc.image_feat_m, enc.text_feat_m,
                                            image_cands, text_cands, pos_targets, temp, alpha)

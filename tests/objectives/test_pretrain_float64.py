@@ -1,5 +1,6 @@
-"""Float64 end to end, checked against a brute-force float64 computation written plainly
-here (no albef_ds.losses), and the ITM draws in the reference's order.
+"""Float64 end to end: the pretraining forward against a brute-force float64 computation
+written plainly here (no albef_ds.losses). (The draw order and the components' dtypes:
+tests/models/test_numerics.py.)
 
 The features come from the model's components (the encoders are checked against
 transformers elsewhere); the losses are recomputed row by row: log-softmax as x -
@@ -104,42 +105,6 @@ def test_the_brute_force_check_has_teeth():
     assert worst > 1e-8, worst
     wrong = brute_force_losses(copy.deepcopy(model), batch, ALPHA + 0.01)
     assert abs(wrong["loss_itc"].item() - expected["loss_itc"].item()) > 1e-6
-
-
-def reference_order_draws(model, batch, seed, images_first=True):
-    """The reference's loop: for each row a negative image from its text's weights, then for
-    each row a negative text from its image's weights (positives excluded), one generator."""
-    with torch.no_grad():
-        temp = model.temp.detach()[0]
-        img = model.image_feat(model.encode_image(batch["images"]))
-        txt = model.text_feat(model.encode_text(batch["text_ids"], batch["text_mask"]), batch["text_mask"])
-        img_m = model.image_feat(model.encode_image(batch["images"], momentum=True), momentum=True)
-        txt_m = model.text_feat(model.encode_text(batch["text_ids"], batch["text_mask"], momentum=True),
-                                batch["text_mask"], momentum=True)
-        b = img.shape[0]
-        w_t2i = torch.softmax(txt @ img_m.t() / temp, dim=1).fill_diagonal_(0)
-        w_i2t = torch.softmax(img @ txt_m.t() / temp, dim=1).fill_diagonal_(0)
-    g = torch.Generator().manual_seed(seed)
-    order = [(w_t2i, "image"), (w_i2t, "text")] if images_first else [(w_i2t, "text"), (w_t2i, "image")]
-    out = {}
-    for weights, kind in order:
-        out[kind] = torch.stack([torch.multinomial(weights[r], 1, generator=g)[0] for r in range(b)])
-    return out["image"], out["text"]
-
-
-def test_itm_negatives_are_drawn_images_first_as_the_reference_draws_them():
-    model, batch = float64_model_and_batch()
-    seed = 7
-    neg_image, neg_text = reference_order_draws(copy.deepcopy(model), batch, seed)
-    for vectorized in (True, False):  # one multinomial over the batch, or the per-row loop
-        m = copy.deepcopy(model)
-        m.cfg.itm_vectorized_sampling = vectorized
-        out = m(albef_forward, **batch, alpha=0.0, generator=torch.Generator().manual_seed(seed))
-        assert torch.equal(out["neg_image_idx"], neg_image), vectorized
-        assert torch.equal(out["neg_text_idx"], neg_text), vectorized
-    # Mutation: texts first draws something else with this seed, so the check has teeth.
-    texts_first_image, texts_first_text = reference_order_draws(copy.deepcopy(model), batch, seed, images_first=False)
-    assert not (torch.equal(texts_first_image, neg_image) and torch.equal(texts_first_text, neg_text))
 
 
 def test_bf16_losses_still_compute_in_fp32():
