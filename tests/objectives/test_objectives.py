@@ -1,6 +1,7 @@
 """The objective seam: the registry, and an objective added as one file (itc_only.py plus
 its line in OBJECTIVES) trained by the unchanged Trainer."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from albef_ds.config import ConfigError, load_config
+from albef_ds.gather import SINGLE_PROCESS
 from albef_ds.objectives import OBJECTIVES, Objective, objective_class
 
 REPO = Path(__file__).resolve().parents[2]
@@ -43,8 +45,7 @@ def test_the_itc_only_objective_computes_the_itc_loss_of_the_pretraining_forward
     a = ALBEF(cfg.model)
     torch.manual_seed(0)
     b = ALBEF(cfg.model)
-    itc = a(ITCOnlyObjective(cfg, None).compute, **batch, alpha=0.3,
-            gather=__import__("albef_ds.gather", fromlist=["x"]).SINGLE_PROCESS)
+    itc = a(ITCOnlyObjective(cfg, None).compute, **batch, alpha=0.3, gather=SINGLE_PROCESS)
     full = b(albef_forward, **batch, alpha=0.3, generator=torch.Generator().manual_seed(1))
     assert torch.equal(itc["loss"], full["loss_itc"])
     assert set(itc) == {"loss", "pos_sim", "neg_sim", "alpha"}
@@ -62,7 +63,7 @@ def test_the_itc_only_objective_trains_through_the_trainer(synth_data, tmp_path)
            "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false",
            "--set", "distributed.ds_config=zero2_fp32"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "objective itc" in proc.stdout
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
