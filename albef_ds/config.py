@@ -207,6 +207,29 @@ class EvalConfig:
 
 
 @dataclass
+class TaskConfig:
+    """Downstream tasks (``albef-ds finetune --task vqa|nlvr2|ve|grounding``): annotation
+    JSON files in the reference ALBEF layouts (docs/tasks.md). Retrieval reads MDS shards
+    (data.train_dirs) and data.val_dir instead."""
+    train_files: list = field(default_factory=list)
+    val_file: Optional[str] = None
+    test_file: Optional[str] = None
+    #: folder that the JSON's image paths are relative to (None: each JSON file's folder)
+    image_root: Optional[str] = None
+    #: VQA: the candidate answers ranked at test time (the reference's answer_list.json)
+    answer_list: Optional[str] = None
+    #: VQA: candidates kept by the first token's probability before full ranking (reference: 128)
+    k_test: int = 128
+    #: momentum distillation (the reference's ``distill``): soft targets of the EMA model
+    distill: bool = True
+    #: fine-tuning crops (RandomResizedCrop scale lower bound; the reference: 0.5)
+    crop_scale_min: float = 0.5
+    #: grounding: the fusion layer whose cross-attention Grad-CAM reads (index among the
+    #: fusion layers; the reference reads text layer 8 of 12 = fusion layer 2)
+    gradcam_layer: int = 2
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -215,6 +238,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
 
     def global_batch(self, world_size: int) -> int:
         return self.train.micro_batch_size * world_size * self.train.grad_accum_steps

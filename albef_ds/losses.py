@@ -33,6 +33,18 @@ def soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Ten
     return -(F.log_softmax(logits, dim=1) * targets).sum(dim=1).mean()
 
 
+def distilled_cross_entropy(logits: torch.Tensor, labels: torch.Tensor,
+                            logits_m: Optional[torch.Tensor] = None, alpha: float = 0.0) -> torch.Tensor:
+    """Classification with momentum distillation (the reference's VE and NLVR2 heads):
+    ``(1 - alpha) CE(logits, labels) + alpha soft_CE(logits, softmax(logits_m))``; plain
+    CE without momentum logits. Computed in at least fp32."""
+    logits = at_least_fp32(logits)
+    hard = F.cross_entropy(logits, labels)
+    if logits_m is None:
+        return hard
+    return (1 - alpha) * hard + alpha * soft_cross_entropy(logits, F.softmax(at_least_fp32(logits_m), dim=1))
+
+
 def itc_loss(image_feat: torch.Tensor, text_feat: torch.Tensor,
              image_feat_m: torch.Tensor, text_feat_m: torch.Tensor,
              image_cands_m: torch.Tensor, text_cands_m: torch.Tensor,

@@ -387,7 +387,7 @@ def _fit_queue(theirs: torch.Tensor, their_ptr: int, ours: torch.Tensor) -> torc
 
 
 def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
-                          strict: bool = True) -> LoadReport:
+                          strict: bool = True, optional: tuple = ()) -> LoadReport:
     """Load a checkpoint of the reference ALBEF release (its 'model' entry, or a bare state
     dict), its fine-tuned retrieval layout, or an export of ours.
 
@@ -398,6 +398,9 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
     - Retrieval layout (``text_encoder.encoder.…``, no MLM head, ``idx_queue``): mapped
       onto ours; the MLM head keeps its current weights (reported as fresh). ``idx_queue``
       loads when the model has one (``model.itc_id_positives``), else it is ignored.
+    - ``optional``: key prefixes the checkpoint may lack (a task's heads when starting
+      from a pretraining checkpoint; the parts a task does not use when loading a reference
+      task checkpoint such as VE's): they keep their current weights, reported as fresh.
     - ``strict``: any other missing or unexpected key is an error naming it; with
       ``strict=False`` they are reported. Shape mismatches are always errors.
     """
@@ -455,7 +458,7 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
     _check_shapes(mapped, expected, source)
     provided = _covered(mapped, aliases)
     for key in _missing(expected, provided, aliases):
-        if key in _OPTIONAL:
+        if key in _OPTIONAL or _under(key, optional):
             report.freshly_initialised.append(key)
         elif retrieval and re.match(r"^text_encoder(_m)?\.cls\.", key):
             report.freshly_initialised.append(key)  # retrieval checkpoints carry no MLM head
@@ -467,37 +470,48 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
     return report
 
 
-def export_albef_state_dict(model: nn.Module, layout: str = "pretrain") -> StateDict:
+def _under(key: str, prefixes: tuple) -> bool:
+    """``key`` is the module ``p`` or lies inside it, for one of the prefixes."""
+    return any(key == p.rstrip(".") or key.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
+def export_albef_state_dict(model: nn.Module, layout: str = "pretrain", keep: tuple = (),
+                            text_is_bert_model: bool = False) -> StateDict:
     """Our weights in the reference release's layout.
 
     ``layout="pretrain"``: exactly the keys and shapes of the reference pretraining model
     (tests/fixtures/albef_pretrain_keys.txt): ``temp`` as a 0-d scalar, tied tensors under
     each of their names, no ``idx_queue``. ``layout="retrieval"``: the fine-tuned retrieval
     model's (text encoder without ``.bert``, no MLM head, ``idx_queue`` when the model has one).
+    ``layout="task"``: a downstream task's (an objective's ``reference_layout``): only the
+    keys under the ``keep`` prefixes (after renaming), the text encoder without ``.bert``
+    and without the MLM head when ``text_is_bert_model``.
     """
-    if layout not in ("pretrain", "retrieval"):
-        raise ValueError(f"layout must be 'pretrain' or 'retrieval', got {layout!r}")
+    if layout not in ("pretrain", "retrieval", "task"):
+        raise ValueError(f"layout must be 'pretrain', 'retrieval' or 'task', got {layout!r}")
+    strip_bert = layout == "retrieval" or (layout == "task" and text_is_bert_model)
     out = {}
     for key, value in model.state_dict().items():
         value = value.detach()
         if key == "temp":
             value = value.reshape(())
-        if layout == "pretrain":
-            if key in _OPTIONAL:
-                continue
-        else:
+        if layout == "pretrain" and key in _OPTIONAL:
+            continue
+        if strip_bert:
             if re.match(r"^text_encoder(_m)?\.cls\.", key):
                 continue
             key = re.sub(r"^(text_encoder(?:_m)?)\.bert\.", r"\1.", key)
+        if layout == "task" and not _under(key, keep):
+            continue
         out[key] = value
     return out
 
 
-def save_albef_pth(model: nn.Module, path: str | os.PathLike, layout: str = "pretrain") -> None:
-    """Write ``{'model': export_albef_state_dict(model)}`` as the reference release does
-    (atomically: a temporary file renamed into place)."""
+def save_albef_pth(model: nn.Module, path: str | os.PathLike, layout: str = "pretrain", **task_layout) -> None:
+    """Write ``{'model': export_albef_state_dict(model, layout, **task_layout)}`` as the
+    reference release does (atomically: a temporary file renamed into place)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": export_albef_state_dict(model, layout)}, tmp)
+    torch.save({"model": export_albef_state_dict(model, layout, **task_layout)}, tmp)
     os.replace(tmp, path)

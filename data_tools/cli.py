@@ -4,6 +4,7 @@
                JSON, Parquet/Arrow with image bytes) -> MDS shards + manifest + stats
   merge        join the parts written by array tasks (or a resumed run) into one dataset
   synth        a procedural shapes dataset (train shards, val/test retrieval splits)
+  synth-tasks  synthetic VQA, NLVR2, SNLI-VE and grounding sets from the same scenes
   inspect      counts, histograms and a contact-sheet PNG of a converted dataset
   bench        loader throughput (pairs/s) by number of workers, with and without RandAugment
   build-vocab  train a WordPiece vocabulary offline from caption files
@@ -177,6 +178,29 @@ def _add_vocab(sub):
     p.add_argument("--out", required=True, help="tokenizer folder to write")
     p.add_argument("--vocab-size", type=int, default=1024)
 
+def _add_synth_tasks(sub):
+    p = sub.add_parser("synth-tasks", help="write synthetic VQA / NLVR2 / SNLI-VE / grounding sets",
+                       description="Downstream-task versions of the synth scenes, in the reference "
+                                   "ALBEF JSON layouts: ve_*.json, vqa_*.json + answer_list.json, "
+                                   "nlvr_*.json, grounding_*.json (with boxes and proposals for "
+                                   "val/test) and images/. Labels, answers and boxes come from what "
+                                   "the generator drew. Deterministic by seed.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--num-train", type=int, default=2000, help="train images")
+    p.add_argument("--num-val", type=int, default=200, help="val (dev) images")
+    p.add_argument("--num-test", type=int, default=200, help="test images")
+    p.add_argument("--image-size", type=int, default=64)
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _run_synth_tasks(args) -> int:
+    from data_tools.synth_tasks import SynthTaskOptions, synth_tasks
+    synth_tasks(SynthTaskOptions(out=args.out, seed=args.seed, num_train=args.num_train, num_val=args.num_val,
+                                 num_test=args.num_test, image_size=args.image_size, progress=not args.no_progress))
+    return 0
+
 
 def _run_vocab(args) -> int:
     from data_tools.vocab import build_vocab_cmd
@@ -188,6 +212,7 @@ COMMANDS = {
     "convert": (_add_convert, _run_convert),
     "merge": (_add_merge, _run_merge),
     "synth": (_add_synth, _run_synth),
+    "synth-tasks": (_add_synth_tasks, _run_synth_tasks),
     "inspect": (_add_inspect, _run_inspect),
     "bench": (_add_bench, _run_bench),
     "build-vocab": (_add_vocab, _run_vocab),

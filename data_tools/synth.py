@@ -105,6 +105,13 @@ def _thing(colour: str, shape: str, size: str | None = None) -> str:
     return " ".join(w for w in (size, colour, shape) if w)
 
 
+def _object(colour: str, shape: str, cx: float, cy: float, r: float, size: str | None = None) -> dict:
+    """One drawn shape as the task generator sees it; the box bounds every shape's drawing."""
+    extent = r * 1.1  # the diamond's height and the triangle's width reach 1.05-1.1 r
+    return {"colour": colour, "shape": shape, "size": size,
+            "box": [round(cx - extent, 2), round(cy - extent, 2), round(2 * extent, 2), round(2 * extent, 2)]}
+
+
 def _article(phrase: str) -> str:
     return ("an " if phrase[0] in "aeiou" else "a ") + phrase
 
@@ -114,9 +121,10 @@ def _scene_single(rng, draw, S):
     r = SIZES[size] * S / 2
     cx, cy = rng.uniform(r + 2, S - r - 2), rng.uniform(r + 2, S - r - 2)
     _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
+    facts = {"scene": "single", "objects": [_object(colour, shape, cx, cy, r, size)]}
     big = {"small": "little", "large": "big"}[size]
     t = _thing(colour, shape, size)
-    return [_article(t), f"there is one {t}", f"{_article(_thing(colour, shape, big))} in the picture",
+    return facts, [_article(t), f"there is one {t}", f"{_article(_thing(colour, shape, big))} in the picture",
             f"a single {colour} {shape}, {size}", f"an image of one {t}",
             f"one {size} {shape} colored {colour}", f"the picture shows {_article(t)}"]
 
@@ -137,13 +145,16 @@ def _scene_relation(rng, draw, S):
         ((across_a, along_a), (across_b, along_b))
     _draw_shape(draw, a[1], *pa, r, COLOURS[a[0]])
     _draw_shape(draw, b[1], *pb, r, COLOURS[b[0]])
+    # objects[0] is left of (horizontal) or above objects[1]
+    facts = {"scene": "relation", "relation": "left" if horizontal else "above",
+             "objects": [_object(*a, *pa, r), _object(*b, *pb, r)]}
     ta, tb = _thing(*a), _thing(*b)
     if horizontal:
-        return [f"{_article(ta)} to the left of {_article(tb)}", f"{_article(tb)} to the right of {_article(ta)}",
+        return facts, [f"{_article(ta)} to the left of {_article(tb)}", f"{_article(tb)} to the right of {_article(ta)}",
                 f"on the left {_article(ta)}, on the right {_article(tb)}",
                 f"{_article(tb)} is right of {_article(ta)}", f"{_article(ta)} is left of {_article(tb)}",
                 f"{_article(ta)} and {_article(tb)}, the {a[1] if a[1] != b[1] else a[0] + ' one'} on the left"]
-    return [f"{_article(ta)} above {_article(tb)}", f"{_article(tb)} below {_article(ta)}",
+    return facts, [f"{_article(ta)} above {_article(tb)}", f"{_article(tb)} below {_article(ta)}",
             f"{_article(ta)} on top, {_article(tb)} at the bottom", f"{_article(tb)} is under {_article(ta)}",
             f"{_article(ta)} is over {_article(tb)}",
             f"{_article(ta)} and {_article(tb)}, the {a[1] if a[1] != b[1] else a[0] + ' one'} above"]
@@ -153,29 +164,42 @@ def _scene_count(rng, draw, S):
     colour, shape, n = rng.choice(list(COLOURS)), rng.choice(SHAPES), rng.choice(list(NUMBERS))
     cells = rng.sample([(0, 0), (0, 1), (1, 0), (1, 1)], n)  # a 2x2 grid: never overlapping
     r = 0.2 * S / 2
+    facts = {"scene": "count", "objects": []}
     for gx, gy in cells:
         cx = rng.uniform(gx * S / 2 + r + 2, (gx + 1) * S / 2 - r - 2)
         cy = rng.uniform(gy * S / 2 + r + 2, (gy + 1) * S / 2 - r - 2)
         _draw_shape(draw, shape, cx, cy, r, COLOURS[colour])
+        facts["objects"].append(_object(colour, shape, cx, cy, r))
     word, many = NUMBERS[n], PLURAL[shape]
-    return [f"{word} {colour} {many}", f"there are {word} {colour} {many}", f"{n} {colour} {many}",
+    return facts, [f"{word} {colour} {many}", f"there are {word} {colour} {many}", f"{n} {colour} {many}",
             f"a group of {word} {colour} {many}", f"{word} {many}, all {colour}",
             f"exactly {word} {many} colored {colour}"]
 
 
 def draw_example(seed: int, split: str, index: int, size: int) -> tuple[bytes, list[str]]:
     """The PNG bytes and paraphrased captions of image ``index`` of ``split``."""
+    png, captions, _ = draw_scene(seed, split, index, size)
+    return png, captions
+
+
+def draw_scene(seed: int, split: str, index: int, size: int) -> tuple[bytes, list[str], dict]:
+    """:func:`draw_example` plus what the picture holds: ``{"scene": single|relation|count,
+    "background": name, "objects": [{"colour", "shape", "size", "box": [x, y, w, h]}, ...],
+    "relation": left|above}`` (relation scenes: objects[0] is left of / above objects[1]).
+    Boxes are in pixels of the ``size`` x ``size`` image. The downstream-task generator
+    (data_tools/synth_tasks.py) derives questions, labels and referring expressions from it."""
     rng = random.Random(f"{seed}:{split}:{index}")
     im, bg = _background(rng, size)
     draw = ImageDraw.Draw(im)
     scene = rng.choices((_scene_single, _scene_relation, _scene_count), SCENE_WEIGHTS)[0]
-    captions = scene(rng, draw, size)
+    facts, captions = scene(rng, draw, size)
+    facts["background"] = bg
     # some paraphrases also name the background
     captions = [c + f" on a {bg} background" if rng.random() < 0.3 else c for c in captions]
     rng.shuffle(captions)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    return buf.getvalue(), captions
+    return buf.getvalue(), captions, facts
 
 
 # ----------------------------------------------------------------------------- splits

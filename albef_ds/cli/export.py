@@ -22,7 +22,8 @@ def run(args) -> int:
     model = consolidate(tag_dir, cfg)
     out = Path(args.out) if args.out else tag_dir / "export"
     save_exported(model, cfg, out)
+    from ..objectives import reference_layout
     from ..weights import save_albef_pth
-    save_albef_pth(model, out / "albef.pth")
+    save_albef_pth(model, out / "albef.pth", **reference_layout(cfg))
     print(f"exported {tag_dir} -> {out / 'model.pt'} (our layout) and {out / 'albef.pth'} (ALBEF layout)")
     return 0

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 
 #: task -> objective (albef_ds.objectives.OBJECTIVES)
-TASKS = {"retrieval": "retrieval"}
+TASKS = {"retrieval": "retrieval", "ve": "ve"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

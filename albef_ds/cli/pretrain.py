@@ -32,7 +32,7 @@ def start(args, extra_overrides=(), need_val: bool = False):
     from .. import distributed as dist_lib
     from ..config import ConfigError, load_config
     from ..train.stop import StopFlag
-    from ..train.trainer import check_data_dirs
+    from ..train.trainer import check_data
     stop = StopFlag()
     # DeepSpeed calls collectives that torch marks deprecated, once per step per rank.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed.*")
@@ -41,10 +41,10 @@ def start(args, extra_overrides=(), need_val: bool = False):
         overrides.append(f"logging.run_dir={args.run_dir}")
     launch = dist_lib.read_launch_env()
     cfg = load_config(args.config, overrides, world_size=launch.world_size)
-    check_data_dirs(cfg)
-    if need_val and not cfg.data.val_dir:
-        raise ConfigError("config key 'data.val_dir': fine-tuning needs a validation split (a retrieval "
-                          "JSON) to pick the best epoch")
+    check_data(cfg)
+    if need_val and not (cfg.data.val_dir or cfg.task.val_file):
+        raise ConfigError("config key 'data.val_dir' (retrieval) or 'task.val_file' (other tasks): "
+                          "fine-tuning needs a validation split to pick the best epoch")
     note = cfg.recipe_note(launch.world_size)
     launch = dist_lib.init_distributed(cfg.distributed.backend)
     if note and launch.is_main:

@@ -11,6 +11,13 @@ from .io import make_io, read_split, split_path
 
 
 class RetrievalEvaluator:
+    primary = "r_mean"
+
+    @staticmethod
+    def headline(values: dict) -> str:
+        return (f"TR@1 {values['txt_r1']:.2f} IR@1 {values['img_r1']:.2f} r_mean {values['r_mean']:.2f} "
+                f"(chance TR@1 {values['chance_txt_r1']:.2f})")
+
     def __init__(self, cfg: Config, split: str, tokenizer, max_images: int | None = None):
         self.cfg = cfg
         path = split_path(split)

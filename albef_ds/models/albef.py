@@ -23,6 +23,7 @@ from . import vit as vit_lib
 from .bert import BertForMaskedLM
 
 #: (online attribute, momentum attribute) pairs moved by the EMA; ``temp`` is not one.
+#: Task heads add theirs (:meth:`ALBEF.add_head`).
 MOMENTUM_PAIRS = (("visual_encoder", "visual_encoder_m"), ("vision_proj", "vision_proj_m"),
                   ("text_encoder", "text_encoder_m"), ("text_proj", "text_proj_m"))
 
@@ -50,10 +51,28 @@ class ALBEF(nn.Module):
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
         self.itm_head = nn.Linear(cfg.text_width, 2)
 
+        #: (online, momentum) attribute pairs the EMA moves: the pretraining ones, plus task heads
+        self.momentum_pairs = list(MOMENTUM_PAIRS)
+        #: attribute names of the heads downstream tasks added (add_head)
+        self.task_heads: list[str] = []
         for online, momentum in MOMENTUM_PAIRS:
-            module = copy.deepcopy(getattr(self, online))
-            module.requires_grad_(False)
-            setattr(self, momentum, module)
+            self._add_momentum_copy(online, momentum)
+
+    def _add_momentum_copy(self, online: str, momentum: str) -> None:
+        module = copy.deepcopy(getattr(self, online))
+        module.requires_grad_(False)
+        setattr(self, momentum, module)
+
+    def add_head(self, name: str, module: nn.Module, momentum: bool = False) -> None:
+        """A downstream task's module (a classifier, an answer decoder), optionally with a
+        momentum copy ``<name>_m`` that the EMA moves with the rest. Added before the model
+        goes to its engine, so its parameters train and checkpoint like the others'."""
+        setattr(self, name, module)
+        self.task_heads.append(name)
+        if momentum:
+            self._add_momentum_copy(name, name + "_m")
+            self.momentum_pairs.append((name, name + "_m"))
+            self.task_heads.append(name + "_m")
 
     #: optional ``name -> context manager`` that times forward phases (albef-ds bench).
     phase_timer = None
@@ -128,7 +147,7 @@ class ALBEF(nn.Module):
     def momentum_named_params(self) -> list[tuple[str, nn.Parameter, nn.Parameter]]:
         """(momentum parameter name, online parameter, momentum parameter), tied once."""
         out = []
-        for a, b in MOMENTUM_PAIRS:
+        for a, b in self.momentum_pairs:
             online = getattr(self, a).named_parameters(prefix=a)
             momentum = getattr(self, b).named_parameters(prefix=b)
             out += [(name_m, p, p_m) for (_, p), (name_m, p_m) in zip(online, momentum)]

@@ -15,6 +15,7 @@ OBJECTIVES = {
     "pretrain": "albef_ds.objectives.pretrain:PretrainObjective",
     "retrieval": "albef_ds.objectives.retrieval:RetrievalObjective",
     "itc": "albef_ds.objectives.itc_only:ITCOnlyObjective",
+    "ve": "albef_ds.objectives.ve:VEObjective",
 }
 
 
@@ -27,4 +28,21 @@ def objective_class(name: str) -> type[Objective]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["OBJECTIVES", "Objective", "StepContext", "objective_class"]
+def build_task_model(cfg):
+    """ALBEF with the heads of ``cfg.train.objective`` (fresh weights): the model a
+    checkpoint or export of that objective's run loads into."""
+    from ..models import ALBEF
+    model = ALBEF(cfg.model)
+    objective_class(cfg.train.objective)(cfg, None).extend_model(model)
+    return model
+
+
+def reference_layout(cfg) -> dict:
+    """``save_albef_pth`` keyword arguments giving the reference layout of the objective's task."""
+    cls = objective_class(cfg.train.objective)
+    if not cls.reference_layout:
+        return {"layout": "pretrain"}
+    return {"layout": "task", "keep": cls.reference_layout, "text_is_bert_model": cls.reference_text_is_bert_model}
+
+
+__all__ = ["OBJECTIVES", "Objective", "StepContext", "objective_class", "build_task_model", "reference_layout"]

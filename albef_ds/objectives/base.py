@@ -41,10 +41,32 @@ class Objective:
     progress_keys: tuple = ("loss",)
     #: config values this objective needs, applied before the model is built
     config_overrides: tuple = ()
+    #: where training data comes from: "pairs" (MDS shards, data.train_dirs) or "task"
+    #: (annotation JSON, task.train_files: :meth:`make_loader`)
+    data = "pairs"
+    #: model parts (state-dict key prefixes) this objective neither trains nor reads: a
+    #: checkpoint without them (a reference task checkpoint) loads, and they stay as built
+    unused_parts: tuple = ()
+    #: the reference release's checkpoint layout for this task (albef_ds.weights): the key
+    #: prefixes it holds, and whether its text encoder is a BertModel (keys without ``.bert``)
+    reference_layout: tuple = ()
+    reference_text_is_bert_model = False
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
+
+    def extend_model(self, model) -> None:
+        """Add this task's heads to a freshly built model (ALBEF.add_head), before any
+        weights load and before the engine. Pretraining adds none."""
+
+    def make_loader(self, cfg, rank: int, world: int, local_world: int, local_rank: int, run_dir: str):
+        """The training loader: any iterable of batch dicts with ``__len__``, ``state_dict``,
+        ``load_state_dict`` and a settable ``worker_init_fn``. Batches hold ``image`` (first
+        dimension: pairs) and ``key`` (one str per pair). Default: the MDS pair loader."""
+        from ..data import build_train_loader
+        return build_train_loader(cfg, self.tokenizer, rank, world, local_world_size=local_world,
+                                  run_dir=run_dir, local_rank=local_rank)
 
     def prepare(self, batch: dict, ctx: StepContext) -> dict:
         """Keyword arguments of :meth:`compute` for this micro-batch."""
@@ -55,7 +77,9 @@ class Objective:
         raise NotImplementedError
 
     def make_evaluator(self, cfg, tokenizer):
-        """The evaluation run on data.val_dir during training (None: none). Retrieval by default."""
+        """The evaluation run during training (None: none): a callable ``(model, device) ->
+        metrics`` with ``primary`` (the metric the best checkpoint is kept by) and
+        ``headline(metrics) -> str``. Retrieval on data.val_dir by default."""
         if not cfg.data.val_dir:
             return None
         from ..eval.evaluator import RetrievalEvaluator

@@ -28,12 +28,12 @@ def resolve_checkpoint(path: str) -> Path:
 
 def consolidate(tag_dir: Path, cfg: Config) -> torch.nn.Module:
     """An ALBEF (fp32, CPU) holding the checkpoint's weights, momentum masters and queues."""
-    from ..models import ALBEF
+    from ..objectives import build_task_model
     from .backend import consolidated_fp32_state
     from . import checkpoint as ckpt_lib
     from .ema import assemble_full
 
-    model = ALBEF(cfg.model)
+    model = build_task_model(cfg)
     state = consolidated_fp32_state(tag_dir)
     momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
     state.update(assemble_full(momentum, (f["ema_partitions"] for f in ckpt_lib.rank_files(tag_dir))))
@@ -59,8 +59,8 @@ def load_exported(directory: str | Path):
     """(model, cfg) from an export directory."""
     directory = Path(directory)
     cfg = load_config(directory / "config.yaml")
-    from ..models import ALBEF
-    model = ALBEF(cfg.model)
+    from ..objectives import build_task_model
+    model = build_task_model(cfg)
     model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=False)["model"])
     return model, cfg
 

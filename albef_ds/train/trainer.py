@@ -35,16 +35,22 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
 
 
-def build_model(cfg: Config, log=print):
-    """ALBEF with the configured initial weights (each loader reports what it did)."""
+def build_model(cfg: Config, log=print, objective: Objective | None = None):
+    """ALBEF with the objective's task heads and the configured initial weights (each
+    loader reports what it did)."""
     from ..models import ALBEF
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = ALBEF(cfg.model)
+    if objective is not None:
+        objective.extend_model(model)
     c = cfg.checkpoint
     if c.bert_init or c.vit_init or c.init_from:
         from .. import weights
         if c.init_from:
-            log(str(weights.load_albef_checkpoint(model, c.init_from)))
+            # A pretraining checkpoint has no task heads (they start fresh); a reference task
+            # checkpoint lacks the parts the task does not use.
+            optional = tuple(model.task_heads) + (tuple(objective.unused_parts) if objective else ())
+            log(str(weights.load_albef_checkpoint(model, c.init_from, optional=optional)))
         if c.bert_init:
             log(str(weights.load_hf_bert(model, c.bert_init)))
         if c.vit_init:
@@ -61,7 +67,7 @@ class Trainer:
         self.cfg, self.launch, self.objective, self.log = cfg, launch, objective, log
         self.rank, self.world = launch.rank, launch.world_size
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.backend = DeepSpeedBackend(build_model(cfg, log), cfg, self.world, total_steps, load_universal)
+        self.backend = DeepSpeedBackend(build_model(cfg, log, objective), cfg, self.world, total_steps, load_universal)
         self.module = self.backend.module
         self.device = dist_lib.device()
         # Pure data parallelism: the data-parallel rank is the global rank.
@@ -153,6 +159,29 @@ class Trainer:
         loader.load_state_dict(client["loader"])
 
 
+def check_data(cfg: Config) -> None:
+    """The training data the configured objective reads, and the tokenizer, exist."""
+    from ..objectives import objective_class
+    if objective_class(cfg.train.objective).data == "task":
+        check_task_files(cfg)
+    else:
+        check_data_dirs(cfg)
+
+
+def check_task_files(cfg: Config) -> None:
+    t = cfg.task
+    if not t.train_files:
+        raise ConfigError("config key 'task.train_files': no training annotation given "
+                          "(e.g. --set task.train_files=[data/ve_train.json])")
+    for key, paths in (("task.train_files", t.train_files), ("task.val_file", [t.val_file] if t.val_file else [])):
+        for path in paths:
+            if not Path(path).is_file():
+                raise ConfigError(f"config key '{key}': annotation file not found: {path}")
+    if t.image_root and not Path(t.image_root).is_dir():
+        raise ConfigError(f"config key 'task.image_root': folder not found: {t.image_root}")
+    _check_tokenizer(cfg)
+
+
 def check_data_dirs(cfg: Config) -> None:
     if not cfg.data.train_dirs:
         raise ConfigError("config key 'data.train_dirs': no training data given "
@@ -160,6 +189,10 @@ def check_data_dirs(cfg: Config) -> None:
     for d in cfg.data.train_dirs:
         if "://" not in d and not Path(d).is_dir():
             raise ConfigError(f"config key 'data.train_dirs': data directory not found: {d}")
+    _check_tokenizer(cfg)
+
+
+def _check_tokenizer(cfg: Config) -> None:
     if not cfg.data.tokenizer:
         raise ConfigError("config key 'data.tokenizer': a tokenizer folder is required "
                           "(albef-data build-vocab, or a local bert-base-uncased folder)")
@@ -198,7 +231,8 @@ def summary(cfg: Config, launch, trainer: Trainer) -> str:
         f"ITC candidates {cfg.model.itc_candidates}; ITM negatives {cfg.model.itm_negatives} "
         f"({cfg.model.itm_exchange}); negatives pool {pool} rank(s) = "
         f"{pool * cfg.train.micro_batch_size} pairs per micro-step",
-        f"  data: {', '.join(cfg.data.train_dirs)} (tokenizer {cfg.data.tokenizer})",
+        f"  data: {', '.join(cfg.data.train_dirs if trainer.objective.data == 'pairs' else cfg.task.train_files)} "
+        f"(tokenizer {cfg.data.tokenizer})",
         f"  run dir: {cfg.logging.run_dir}",
     ])
 
@@ -225,7 +259,8 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     """Train ``cfg.train.objective``; returns 0 at the final step, EXIT_PREEMPTED after a
     stop on a signal. ``eval_each_epoch``/``eval.every_steps``: the objective's evaluation
     on data.val_dir (metrics prefix ``val``); ``keep_best``: the checkpoint with the best
-    val r_mean is kept (``best.json``) whatever ``keep_last`` says."""
+    val metric (the evaluator's ``primary``: r_mean for retrieval, accuracy for the
+    classification tasks) is kept (``best.json``) whatever ``keep_last`` says."""
     stop = stop or StopFlag()
     run = _Run(cfg, launch, resume, eval_each_epoch, keep_best)
     trainer, loader = run.trainer, run.loader
@@ -249,7 +284,6 @@ class _Run:
     checkpoints, metrics, sample keys, the progress bar, evaluations."""
 
     def __init__(self, cfg: Config, launch, resume: str, eval_each_epoch: bool, keep_best: bool):
-        from ..data import build_train_loader
         from ..tokenizer import load_tokenizer
         self.cfg, self.launch, self.keep_best, self.eval_each_epoch = cfg, launch, keep_best, eval_each_epoch
         is_main = launch.rank == 0
@@ -273,9 +307,8 @@ class _Run:
                 log("note: the config differs from the run's config.yaml: " + "; ".join(changed))
             save_config(cfg, run_dir / "config.yaml")
 
-        self.loader = build_train_loader(cfg, tokenizer, launch.rank, launch.world_size,
-                                         local_world_size=launch.local_world_size, run_dir=str(run_dir),
-                                         local_rank=launch.local_rank)
+        self.loader = objective.make_loader(cfg, launch.rank, launch.world_size, launch.local_world_size,
+                                            launch.local_rank, str(run_dir))
         self.loader.worker_init_fn = functools.partial(worker_ignores_stop_signals, self.loader.worker_init_fn)
         per_epoch = cfg.train.steps_per_epoch or max(1, len(self.loader) // cfg.train.grad_accum_steps)
         total = cfg.train.max_steps or cfg.train.epochs * per_epoch
@@ -351,10 +384,9 @@ class _Run:
         with t.backend.gathered_parameters():
             values = self.evaluator(t.module, t.device)
         self.metrics.log(t.step, values, prefix="val")
-        self.log(f"val step {t.step}: TR@1 {values['txt_r1']:.2f} IR@1 {values['img_r1']:.2f} "
-                 f"r_mean {values['r_mean']:.2f} (chance TR@1 {values['chance_txt_r1']:.2f})")
-        if self.keep_best and values["r_mean"] > self.best:
-            self.best = values["r_mean"]
+        self.log(f"val step {t.step}: {self.evaluator.headline(values)}")
+        if self.keep_best and values[self.evaluator.primary] > self.best:
+            self.best = values[self.evaluator.primary]
             tag_dir = t.save(self.ckpt, self.loader)
             if t.rank == 0:
                 (self.run_dir / "best.json").write_text(json.dumps({"tag": tag_dir.name, "step": t.step, **values}))
