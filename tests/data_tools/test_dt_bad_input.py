@@ -98,3 +98,19 @@ def test_tsv_column_index_beyond_the_field_count_fails_at_once(tmp_path, capsys)
     assert _convert([tmp_path / "cc.tsv"], tmp_path / "out", "--caption-col", "0", "--image-col", "2") == 2
     err = capsys.readouterr().err
     assert "cc.tsv" in err and "column index 2 is out of range" in err
+
+
+def test_json_entry_with_an_empty_caption_list_is_counted_as_bad_caption(tmp_path):
+    F.write_file(str(tmp_path / "img" / "a.jpg"), F.jpeg(1))
+    F.write_file(str(tmp_path / "img" / "b.jpg"), F.jpeg(2))
+    (tmp_path / "ann.json").write_text(json.dumps([
+        {"image": "img/a.jpg", "caption": ["kept one", "kept two"]},
+        {"image": "img/b.jpg", "caption": []},
+    ]))
+    out = tmp_path / "out"
+    assert _convert([tmp_path / "ann.json"], out) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["read"] == 3 and stats["kept"] == 2 and stats["skipped"]["bad_caption"] == 1
+    (reject,) = _rejects(out)
+    assert (reject["reason"], reject["key"]) == ("bad_caption", "ann/1")
+    assert "entry 1: empty caption list" == reject["detail"]
