@@ -114,3 +114,29 @@ def test_json_entry_with_an_empty_caption_list_is_counted_as_bad_caption(tmp_pat
     (reject,) = _rejects(out)
     assert (reject["reason"], reject["key"]) == ("bad_caption", "ann/1")
     assert "entry 1: empty caption list" == reject["detail"]
+
+
+def test_img2dataset_sample_without_image_is_missing_file_in_tars_and_folders(tmp_path):
+    """Both img2dataset readers name a sample with a caption but no image the same way."""
+    import io
+    import tarfile
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in (("000000000.jpg", F.jpeg(0)), ("000000000.txt", b"whole sample"),
+                           ("000000001.txt", b"caption, no image"), ("000000001.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    files = tmp_path / "files"
+    F.write_file(str(files / "00000" / "000000000.jpg"), F.jpeg(0))
+    F.write_file(str(files / "00000" / "000000000.txt"), b"whole sample")
+    F.write_file(str(files / "00000" / "000000001.txt"), b"caption, no image")
+    F.write_file(str(files / "00000" / "000000001.json"), b"{}")
+    for fmt, given, source in (("webdataset", tmp_path / "00000.tar", "00000"), ("files", files, "files")):
+        out = tmp_path / f"out_{fmt}"
+        assert _convert([given], out, "--input-format", fmt) == 0
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["kept"] == 1 and stats["skipped"]["missing_file"] == 1, fmt
+        assert stats["skipped"]["malformed_row"] == 0, fmt
+        (reject,) = _rejects(out)
+        assert reject["reason"] == "missing_file" and reject["key"] == f"{source}/000000001", fmt
+        assert "sample 000000001 in " in reject["detail"] and "has no image" in reject["detail"], fmt
