@@ -17,6 +17,10 @@ import os
 import sys
 
 
+#: exit status of a convert that ran but kept no pair (2: an input that cannot be read at all)
+EXIT_NOTHING_KEPT = 1
+
+
 def _add_convert(sub):
     p = sub.add_parser(
         "convert", help="convert image-caption inputs into MDS shards",
@@ -77,7 +81,10 @@ def _run_convert(args) -> int:
         exclude_image_root=args.exclude_image_root, max_side=args.max_side,
         compression=args.compression, shard_size=args.shard_size, also_parquet=args.also_parquet,
         progress=not args.no_progress, merge=False if args.no_merge else None)
-    convert(args.inputs, opts)
+    stats = convert(args.inputs, opts)
+    if stats["nothing_kept"]:
+        print(f"albef-data convert: error: {stats['nothing_kept']}", file=sys.stderr)
+        return EXIT_NOTHING_KEPT
     return 0
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -109,5 +110,17 @@ def read_unit(unit: dict, opts: ReaderOptions) -> Iterator[RawPair | Reject]:
     return reader_module(unit["format"]).read(unit, opts)
 
 
+#: ``scheme://``: an image given as a URL (CC3M/CC12M/SBU as distributed), never a local file
+URL_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def looks_like_url(value: str) -> bool:
+    return bool(URL_PREFIX.match(value))
+
+
 def resolve_image_path(value: str, root: Optional[str]) -> str:
-    return value if os.path.isabs(value) or not root else os.path.join(root, value)
+    """A relative path joined to ``root``; absolute paths and URLs unchanged (a URL then
+    fails to open as ``missing_file`` with the URL itself in the detail)."""
+    if os.path.isabs(value) or not root or looks_like_url(value):
+        return value
+    return os.path.join(root, value)
