@@ -138,11 +138,13 @@ def _add_inspect(sub):
     p.add_argument("--png", help="contact sheet path (default: DIR/contact_sheet.png)")
     p.add_argument("--samples", type=int, default=24, help="pairs on the contact sheet")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--font", help="TrueType font for the captions (default: DejaVuSans from matplotlib "
+                                  "or the system, else Pillow's ASCII-only font)")
 
 
 def _run_inspect(args) -> int:
     from data_tools.inspect_data import inspect_dataset
-    inspect_dataset(args.dir, png=args.png, samples=args.samples, seed=args.seed)
+    inspect_dataset(args.dir, png=args.png, samples=args.samples, seed=args.seed, font_path=args.font)
     return 0
 
 
