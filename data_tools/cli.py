@@ -18,6 +18,10 @@ import os
 import sys
 
 
+#: exit status of a convert that ran but kept no pair (2: an input that cannot be read at all)
+EXIT_NOTHING_KEPT = 1
+
+
 def _add_convert(sub):
     p = sub.add_parser(
         "convert", help="convert image-caption inputs into MDS shards",
@@ -78,7 +82,10 @@ def _run_convert(args) -> int:
         exclude_image_root=args.exclude_image_root, max_side=args.max_side,
         compression=args.compression, shard_size=args.shard_size, also_parquet=args.also_parquet,
         progress=not args.no_progress, merge=False if args.no_merge else None)
-    convert(args.inputs, opts)
+    stats = convert(args.inputs, opts)
+    if stats["nothing_kept"]:
+        print(f"albef-data convert: error: {stats['nothing_kept']}", file=sys.stderr)
+        return EXIT_NOTHING_KEPT
     return 0
 
 
@@ -132,11 +139,13 @@ def _add_inspect(sub):
     p.add_argument("--png", help="contact sheet path (default: DIR/contact_sheet.png)")
     p.add_argument("--samples", type=int, default=24, help="pairs on the contact sheet")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--font", help="TrueType font for the captions (default: DejaVuSans from matplotlib "
+                                  "or the system, else Pillow's ASCII-only font)")
 
 
 def _run_inspect(args) -> int:
     from data_tools.inspect_data import inspect_dataset
-    inspect_dataset(args.dir, png=args.png, samples=args.samples, seed=args.seed)
+    inspect_dataset(args.dir, png=args.png, samples=args.samples, seed=args.seed, font_path=args.font)
     return 0
 
 

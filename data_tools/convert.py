@@ -7,6 +7,10 @@ units at a time in separate processes. A part is renamed into place only when co
 so re-running after a crash or kill skips the finished parts, redoes the rest, and never
 writes a pair twice. ``OUT/plan.json`` records the inputs so a re-run with other inputs
 into the same folder is refused.
+
+A conversion that keeps nothing is reported (``stats["nothing_kept"]``, the CLI exits 1):
+judged on the merged dataset, or on an array task's own parts when it does not merge, so
+a resumed run whose parts were all done before is judged on what those parts hold.
 """
 from __future__ import annotations
 
@@ -19,9 +23,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
+from data_tools.diagnose import nothing_kept_message
 from data_tools.readers import InputError, ReaderOptions, plan_input, read_unit
 from data_tools.records import check_pair, source_name
-from data_tools.writer import DEFAULT_SHARD_SIZE, PartWriter, empty_stats, is_complete_part
+from data_tools.writer import DEFAULT_SHARD_SIZE, PartWriter, add_stats, empty_stats, is_complete_part
 
 
 @dataclass
@@ -142,6 +147,8 @@ def convert(inputs: list[str], opts: ConvertOptions) -> dict:
     if not 0 <= opts.task_id < opts.num_tasks:
         raise InputError(f"--task-id {opts.task_id} is outside [0, --num-tasks={opts.num_tasks})")
     units = plan_units(inputs, opts)  # before creating --out: a bad input leaves nothing behind
+    if not units:
+        raise InputError(f"the inputs hold no rows (0 of 0): {', '.join(inputs)}")
     os.makedirs(opts.out, exist_ok=True)
     _check_plan(opts.out, inputs, units, opts)
     exclude = load_exclude_hashes(opts.exclude, opts.exclude_image_root) if opts.exclude else frozenset()
@@ -164,10 +171,7 @@ def convert(inputs: list[str], opts: ConvertOptions) -> dict:
 
     def account(s: dict | None) -> None:
         if s is not None:
-            stats["read"] += s["read"]
-            stats["kept"] += s["kept"]
-            for k, v in s["skipped"].items():
-                stats["skipped"][k] = stats["skipped"].get(k, 0) + v
+            add_stats(stats, s)
             bar.update(1)
         kept = counters[0].value
         rate = kept / max(time.time() - start, 1e-9)
@@ -197,12 +201,49 @@ def convert(inputs: list[str], opts: ConvertOptions) -> dict:
     print(f"task {opts.task_id}/{opts.num_tasks}: converted {len(todo)} units "
           f"({done_before} already done): kept {stats['kept']} of {stats['read']} rows in "
           f"{elapsed:.1f}s ({stats['kept'] / max(elapsed, 1e-9):.0f} pairs/s)", file=sys.stderr)
+    if not mine:
+        print(f"task {opts.task_id}/{opts.num_tasks}: no units of the {len(units)} fall to this task",
+              file=sys.stderr)
     do_merge = opts.merge if opts.merge is not None else opts.num_tasks == 1
     if do_merge:
         stats["merged"] = merge(opts.out, quiet=not opts.progress)
     elif opts.num_tasks > 1:
         print(f"when all {opts.num_tasks} tasks are done: albef-data merge {opts.out}", file=sys.stderr)
+    stats["nothing_kept"] = _nothing_kept(opts.out, mine, stats.get("merged"))
     return stats
+
+
+#: sampled rejects read to explain an empty result (enough for every reason's examples)
+DIAGNOSE_REJECTS = 1000
+
+
+def _nothing_kept(out: str, mine: list[dict], merged: Optional[dict]) -> Optional[str]:
+    """The message when the merged dataset, or (not merging) this task's parts, kept nothing."""
+    if merged is not None:
+        totals, reject_files = merged, [os.path.join(out, "rejects.jsonl")]
+        shown = reject_files[0]
+    elif mine:
+        parts = [os.path.join(out, part_name(u["index"])) for u in mine]
+        totals = empty_stats()
+        for p in parts:
+            with open(os.path.join(p, "stats.json"), encoding="utf-8") as f:
+                add_stats(totals, json.load(f))
+        reject_files = [os.path.join(p, "rejects.jsonl") for p in parts]
+        shown = os.path.join(out, "part-*", "rejects.jsonl")
+    else:
+        return None  # an array task without units has nothing to keep
+    if totals["kept"]:
+        return None
+    rejects: list[dict] = []
+    for path in reject_files:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                rejects.append(json.loads(line))
+                if len(rejects) >= DIAGNOSE_REJECTS:
+                    break
+        if len(rejects) >= DIAGNOSE_REJECTS:
+            break
+    return nothing_kept_message(totals, rejects, shown)
 
 
 def _progress(total: int, initial: int, enabled: bool):

@@ -6,9 +6,11 @@ of randomly sampled pairs (image + caption) read back from the MDS shards.
 """
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import os
+import sys
 import random
 import textwrap
 from collections import Counter
@@ -20,6 +22,38 @@ from PIL import Image, ImageDraw, ImageFont
 THUMB = 160          # contact-sheet cell image side, px
 CAPTION_LINES = 4    # caption lines under each thumbnail
 COLUMNS = 6
+#: caption font size, px: 26 characters (the wrap width) of DejaVuSans fit under a thumbnail
+FONT_SIZE = 10
+#: line height of Pillow's bitmap font (what load_default gives without FreeType), px
+BITMAP_LINE_HEIGHT = 12
+
+
+def _font_candidates() -> list[str]:
+    """TrueType fonts with accented letters, best first: matplotlib's bundled DejaVuSans
+    (found without importing matplotlib), then DejaVuSans or Arial from the system font
+    folders (ImageFont.truetype searches them for a bare file name)."""
+    found = []
+    spec = importlib.util.find_spec("matplotlib")
+    if spec is not None and spec.submodule_search_locations:
+        found.append(os.path.join(list(spec.submodule_search_locations)[0], "mpl-data", "fonts", "ttf",
+                                  "DejaVuSans.ttf"))
+    return found + ["DejaVuSans.ttf", "Arial.ttf", "arial.ttf"]
+
+
+def caption_font(font_path: str | None = None, size: int = FONT_SIZE):
+    """(font, its path or None). ``font_path`` first (an error if it does not load); None
+    means Pillow's built-in font, which covers ASCII only (accents are drawn as boxes)."""
+    if font_path is not None:
+        try:
+            return ImageFont.truetype(font_path, size), font_path
+        except OSError as e:
+            raise FileNotFoundError(f"--font {font_path}: cannot load it as a TrueType font ({e})") from e
+    for candidate in _font_candidates():
+        try:
+            return ImageFont.truetype(candidate, size), candidate
+        except OSError:
+            continue
+    return ImageFont.load_default(size=size), None
 
 
 def _histogram(values, edges) -> list[tuple[str, int]]:
@@ -54,7 +88,7 @@ def summarise(dir_: str) -> dict:
     return out
 
 
-def contact_sheet(dir_: str, png: str, samples: int = 24, seed: int = 0) -> str:
+def contact_sheet(dir_: str, png: str, samples: int = 24, seed: int = 0, font_path: str | None = None) -> str:
     """Draw ``samples`` random pairs (read through streaming's reader) into one PNG."""
     from streaming import StreamingDataset
 
@@ -62,8 +96,12 @@ def contact_sheet(dir_: str, png: str, samples: int = 24, seed: int = 0) -> str:
     idx = sorted(random.Random(seed).sample(range(ds.num_samples), min(samples, ds.num_samples)))
     cols = min(COLUMNS, len(idx)) or 1
     rows = (len(idx) + cols - 1) // cols
-    font = ImageFont.load_default()
-    line_h = 12
+    font, found = caption_font(font_path)
+    if found is None:
+        print("contact sheet: no TrueType font with accented letters found (DejaVuSans from "
+              "matplotlib or the system); non-ASCII letters show as boxes: pass --font FILE.ttf",
+              file=sys.stderr)
+    line_h = sum(font.getmetrics()) if hasattr(font, "getmetrics") else BITMAP_LINE_HEIGHT
     cell_w, cell_h = THUMB + 10, THUMB + 10 + line_h * CAPTION_LINES
     sheet = Image.new("RGB", (cols * cell_w, max(rows, 1) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
@@ -87,7 +125,8 @@ def contact_sheet(dir_: str, png: str, samples: int = 24, seed: int = 0) -> str:
     return png
 
 
-def inspect_dataset(dir_: str, png: str | None = None, samples: int = 24, seed: int = 0) -> dict:
+def inspect_dataset(dir_: str, png: str | None = None, samples: int = 24, seed: int = 0,
+                    font_path: str | None = None) -> dict:
     if not os.path.isdir(dir_):
         raise FileNotFoundError(f"no such dataset folder: {dir_}")
     s = summarise(dir_)
@@ -102,7 +141,7 @@ def inspect_dataset(dir_: str, png: str | None = None, samples: int = 24, seed: 
     print(_bars("caption length (words):", s["caption_words"]))
     print(_bars("image size (longer side, px):", s["image_side"]))
     png = png or os.path.join(dir_, "contact_sheet.png")
-    contact_sheet(dir_, png, samples, seed)
+    contact_sheet(dir_, png, samples, seed, font_path)
     print(f"contact sheet: {png}")
     s["png"] = png
     return s

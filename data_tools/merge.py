@@ -14,7 +14,7 @@ from collections import Counter
 
 import pyarrow.parquet as pq
 
-from data_tools.writer import MANIFEST_SCHEMA, empty_stats, is_complete_part
+from data_tools.writer import MANIFEST_SCHEMA, add_stats, empty_stats, is_complete_part
 
 #: rejects listed per reason in the merged rejects.jsonl (counts in stats.json are exact).
 REJECT_SAMPLES_PER_REASON = 100
@@ -66,10 +66,7 @@ def merge(out_dir: str, quiet: bool = False) -> dict:
         for p in parts:
             with open(os.path.join(p, "stats.json"), encoding="utf-8") as f:
                 s = json.load(f)
-            stats["read"] += s["read"]
-            stats["kept"] += s["kept"]
-            for reason, n in s["skipped"].items():
-                stats["skipped"][reason] = stats["skipped"].get(reason, 0) + n
+            add_stats(stats, s)
             with open(os.path.join(p, "rejects.jsonl"), encoding="utf-8") as f:
                 for line in f:
                     reason = json.loads(line)["reason"]

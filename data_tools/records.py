@@ -17,11 +17,11 @@ from PIL import Image
 
 #: Why a row was not written. Every reject carries exactly one of these.
 REASONS = (
-    "missing_file",      # the image path does not exist
+    "missing_file",      # the image path does not exist, or an img2dataset sample has no image
     "empty_image",       # zero bytes
     "corrupt_image",     # PIL cannot decode it, or it is truncated
     "bad_caption",       # empty, whitespace only, or not valid UTF-8
-    "malformed_row",     # the row itself cannot be parsed (wrong column count, bad JSON, ...)
+    "malformed_row",     # the row itself cannot be parsed (wrong field count, bad JSON entry, cut tar)
     "download_failed",   # img2dataset recorded a failed download (no image stored)
     "excluded",          # the image is in an evaluation set given with --exclude
 )

@@ -49,6 +49,14 @@ def empty_stats() -> dict:
     return {"read": 0, "kept": 0, "skipped": {r: 0 for r in REASONS}}
 
 
+def add_stats(total: dict, part: dict) -> None:
+    """Add one part's read / kept / skipped counts into ``total``."""
+    total["read"] += part["read"]
+    total["kept"] += part["kept"]
+    for reason, n in part["skipped"].items():
+        total["skipped"][reason] = total["skipped"].get(reason, 0) + n
+
+
 class PartWriter:
     """Write one part; ``commit()`` renames it into place, ``abort()`` removes it."""
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import glob
 import importlib
 import os
+import re
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -69,6 +70,8 @@ def detect_format(path: str) -> str:
                          f"pass --input-format ({', '.join(sorted(FORMATS))})")
     if glob.glob(os.path.join(path, "*.tar")):
         return "webdataset"
+    if _is_img2dataset_files_output(path):  # before .parquet: its side-cars are Parquet files
+        return "files"
     if glob.glob(os.path.join(path, "*.parquet")):
         return "parquet"
     if glob.glob(os.path.join(path, "*.arrow")):
@@ -77,6 +80,20 @@ def detect_format(path: str) -> str:
         return "files"
     raise InputError(f"cannot tell the input format of folder {path} (no .tar, .parquet, "
                      f".arrow or key.txt files); pass --input-format")
+
+
+def _is_img2dataset_files_output(path: str) -> bool:
+    """img2dataset's ``files`` layout: numbered shard folders (``00000/``) of ``key.jpg`` /
+    ``key.txt`` / ``key.json``, with the side-cars ``00000.parquet`` and ``00000_stats.json``
+    (metadata of every input row, no images) beside them."""
+    for entry in os.scandir(path):
+        if entry.is_dir() and entry.name.isdigit():
+            with os.scandir(entry.path) as files:
+                for f in files:  # the first sample file decides: no need to list 10k files
+                    ext = os.path.splitext(f.name)[1].lower()
+                    if ext == ".txt" or ext in IMAGE_EXTS:
+                        return True
+    return False
 
 
 def plan_input(path: str, fmt: Optional[str], opts: ReaderOptions) -> list[dict]:
@@ -93,5 +110,17 @@ def read_unit(unit: dict, opts: ReaderOptions) -> Iterator[RawPair | Reject]:
     return reader_module(unit["format"]).read(unit, opts)
 
 
+#: ``scheme://``: an image given as a URL (CC3M/CC12M/SBU as distributed), never a local file
+URL_PREFIX = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def looks_like_url(value: str) -> bool:
+    return bool(URL_PREFIX.match(value))
+
+
 def resolve_image_path(value: str, root: Optional[str]) -> str:
-    return value if os.path.isabs(value) or not root else os.path.join(root, value)
+    """A relative path joined to ``root``; absolute paths and URLs unchanged (a URL then
+    fails to open as ``missing_file`` with the URL itself in the detail)."""
+    if os.path.isabs(value) or not root or looks_like_url(value):
+        return value
+    return os.path.join(root, value)

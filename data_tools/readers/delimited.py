@@ -5,11 +5,18 @@ or by 0-based index; relative image paths are joined to ``--image-root``.
 One record per physical line (quoted newlines are not supported). Units are runs of
 ``rows_per_unit`` lines found by one pass that records byte offsets, so a worker seeks
 straight to its rows.
+
+Every row must have the file's field count: the header's, or without a header the count
+most of the first :data:`FIELD_COUNT_SAMPLE_ROWS` rows have. A raw tab inside a TSV
+caption adds a field; taking the first fields anyway would keep a cut caption (image
+column first) or read caption words as the image path (caption first), so such a row is
+a ``malformed_row``.
 """
 from __future__ import annotations
 
 import csv
 import os
+from collections import Counter
 from typing import Iterator, Optional
 
 from data_tools.readers import InputError, ReaderOptions, resolve_image_path
@@ -17,6 +24,10 @@ from data_tools.records import RawPair, Reject
 
 CAPTION_NAMES = ("caption", "text", "txt", "title")
 IMAGE_NAMES = ("image", "filepath", "file", "path", "image_path", "url")
+
+#: rows read to learn a header-less file's field count: enough that a few rows with a stray
+#: tab cannot outvote the rest, few enough to cost nothing next to the offsets pass.
+FIELD_COUNT_SAMPLE_ROWS = 1000
 
 
 def _split(line: str, fmt: str) -> list[str]:
@@ -61,11 +72,37 @@ def _columns(path: str, fmt: str, opts: ReaderOptions) -> tuple[int, int, Option
             find(opts.key_col, ("key",), "key"), True)
 
 
+def _field_count(path: str, fmt: str, header: bool) -> Optional[int]:
+    """Fields every row must have: the header's count, else the most common count among
+    the first rows (ties go to the smaller count: a stray delimiter adds fields, never
+    removes one). None for a header-less file without rows."""
+    counts: Counter = Counter()
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f):
+            try:
+                fields = len(_split(_decode(raw), fmt))
+            except csv.Error:
+                continue
+            if header:
+                return fields
+            counts[fields] += 1
+            if n + 1 >= FIELD_COUNT_SAMPLE_ROWS:
+                break
+    if not counts:
+        return None
+    return min(counts, key=lambda c: (-counts[c], c))
+
+
 def plan(path: str, opts: ReaderOptions) -> list[dict]:
     if not os.path.isfile(path):
         raise InputError(f"TSV/CSV input must be a file: {path}")
     fmt = "csv" if path.lower().endswith(".csv") else "tsv"
     cap, img, key, header = _columns(path, fmt, opts)
+    fields = _field_count(path, fmt, header)
+    need = max(cap, img, key if key is not None else 0)
+    if fields is not None and need >= fields:
+        raise InputError(f"{path}: column index {need} is out of range: its rows have {fields} "
+                         f"fields (0-based indices 0-{fields - 1}); check --caption-col/--image-col/--key-col")
     units, offset, row, start_row, start_off = [], 0, 0, 0, None
     with open(path, "rb") as f:
         if header:
@@ -82,27 +119,30 @@ def plan(path: str, opts: ReaderOptions) -> list[dict]:
     if start_off is not None:
         units.append({"path": path, "offset": start_off, "rows": row - start_row, "first_row": start_row})
     for u in units:
-        u.update(delim=fmt, caption_idx=cap, image_idx=img, key_idx=key)
+        u.update(delim=fmt, caption_idx=cap, image_idx=img, key_idx=key, fields=fields,
+                 header=header)
     return units
 
 
 def read(unit: dict, opts: ReaderOptions) -> Iterator[RawPair | Reject]:
     source = unit["source"]
     root = opts.image_root or os.path.dirname(os.path.abspath(unit["path"]))
-    need = max(unit["caption_idx"], unit["image_idx"], unit["key_idx"] or 0)
     with open(unit["path"], "rb") as f:
         f.seek(unit["offset"])
         for i in range(unit["rows"]):
             row_no = unit["first_row"] + i
+            where = f"row {row_no} (line {row_no + 1 + int(unit['header'])} of {unit['path']})"
             line = _decode(f.readline())
             try:
                 fields = _split(line, unit["delim"])
             except csv.Error as e:
-                yield Reject("malformed_row", f"{source}/{row_no:09d}", f"line {row_no}: {e}", source)
+                yield Reject("malformed_row", f"{source}/{row_no:09d}", f"{where}: {e}", source)
                 continue
-            if len(fields) <= need:
+            if len(fields) != unit["fields"]:
+                more = " (a raw delimiter inside the caption?)" if len(fields) > unit["fields"] else ""
                 yield Reject("malformed_row", f"{source}/{row_no:09d}",
-                             f"{len(fields)} fields, need {need + 1}: {line[:120]!r}", source)
+                             f"{where}: {len(fields)} fields, expected {unit['fields']}{more}: "
+                             f"{line[:120]!r}", source)
                 continue
             key = fields[unit["key_idx"]] if unit["key_idx"] is not None else f"{row_no:09d}"
             caption = fields[unit["caption_idx"]]

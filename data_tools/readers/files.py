@@ -9,6 +9,11 @@ from typing import Iterator
 from data_tools.readers import IMAGE_EXTS, InputError, ReaderOptions
 from data_tools.records import RawPair, Reject
 
+#: files that make a key a sample even without its image (then a ``missing_file``)
+SAMPLE_EXTS = frozenset({".txt", ".json"})
+#: img2dataset's per-shard statistics file, ``{shard}_stats.json``: no sample
+SIDE_CAR_SUFFIX = "_stats"
+
 
 def plan(path: str, opts: ReaderOptions) -> list[dict]:
     if not os.path.isdir(path):
@@ -30,10 +35,11 @@ def read(unit: dict, opts: ReaderOptions) -> Iterator[RawPair | Reject]:
     for key in sorted(by_key):
         exts = by_key[key]
         image_ext = next((e for e in IMAGE_EXTS if e in exts), None)
-        if image_ext is None and ".txt" not in exts:
-            continue  # e.g. a stray _stats.json
-        if image_ext is None:
-            yield Reject("missing_file", f"{source}/{key}", "caption without image", source)
+        if image_ext is None and (key.endswith(SIDE_CAR_SUFFIX) or not exts & SAMPLE_EXTS):
+            continue  # img2dataset's {shard}_stats.json, or a file that is no part of a sample
+        if image_ext is None:  # named as the webdataset reader names it
+            yield Reject("missing_file", f"{source}/{key}",
+                         f"sample {key} in {folder} has no image file", source)
             continue
         caption = None
         if ".txt" in exts:

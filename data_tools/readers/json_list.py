@@ -55,6 +55,8 @@ def read(unit: dict, opts: ReaderOptions) -> Iterator[RawPair | Reject]:
         base_key = str(e.get("key", i))
         captions = e["caption"]
         if isinstance(captions, list):
+            if not captions:  # no pair to yield, but the entry must still be counted
+                yield Reject("bad_caption", f"{source}/{base_key}", f"entry {i}: empty caption list", source)
             for j, c in enumerate(captions):
                 yield RawPair(key=f"{base_key}_{j}", caption=c if isinstance(c, str) else None,
                               image_path=image_path, source=source)

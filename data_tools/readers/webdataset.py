@@ -38,7 +38,7 @@ def read(unit: dict, opts: ReaderOptions) -> Iterator[RawPair | Reject]:
             key, _, ext = name.partition(".")
             if key != current:
                 if current is not None:
-                    yield _pair(current, parts, source)
+                    yield _pair(current, parts, source, unit["path"])
                 current, parts = key, {}
             f = tar.extractfile(member)
             parts["." + ext.lower()] = f.read() if f is not None else b""
@@ -48,13 +48,14 @@ def read(unit: dict, opts: ReaderOptions) -> Iterator[RawPair | Reject]:
     finally:
         tar.close()
     if current is not None:
-        yield _pair(current, parts, source)
+        yield _pair(current, parts, source, unit["path"])
 
 
-def _pair(key: str, parts: dict, source: str) -> RawPair | Reject:
+def _pair(key: str, parts: dict, source: str, tar_path: str) -> RawPair | Reject:
     image = next((parts[e] for e in IMAGE_EXTS if e in parts), None)
-    if image is None:
-        return Reject("malformed_row", f"{source}/{key}", "no image member", source)
+    if image is None:  # the image is what is missing: named as the files reader names it
+        return Reject("missing_file", f"{source}/{key}", f"sample {key} in {tar_path} has no image member",
+                      source)
     caption = parts.get(".txt")
     if caption is None and ".json" in parts:
         try:

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 import dt_fixtures as F
 
 
@@ -51,3 +53,90 @@ def test_bad_input_counted_per_reason_exit_0_rejects_listed(tmp_path):
         ("cc3m/000000010", "malformed_row")])
     got, keys = F.read_dataset(str(out))
     assert sorted(keys) == ["cc3m/000000000", "cc3m/000000006", "cc3m/000000011"]
+
+
+def _convert(inputs, out, *extra):
+    from data_tools.cli import main
+    return main(["convert", *map(str, inputs), "--out", str(out), "--no-progress", *extra])
+
+
+def _rejects(out):
+    return [json.loads(l) for l in (out / "rejects.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("header", [False, True], ids=["no-header", "header"])
+@pytest.mark.parametrize("image_first", [False, True], ids=["caption-first", "image-first"])
+def test_raw_tab_inside_a_tsv_caption_is_a_malformed_row(tmp_path, image_first, header):
+    """A tab in the caption adds a field: the row is rejected naming it, in either column
+    order, with or without a header; neither a cut caption nor caption words as a path."""
+    for i in range(3):
+        F.write_file(str(tmp_path / f"{i}.jpg"), F.jpeg(i))
+    rows = [("a plain caption", "0.jpg"), ("two words\tafter a raw tab", "1.jpg"), ("another one", "2.jpg")]
+    lines = [f"{img}\t{cap}" if image_first else f"{cap}\t{img}" for cap, img in rows]
+    if header:
+        lines.insert(0, "image\tcaption" if image_first else "caption\timage")
+    (tmp_path / "cc.tsv").write_text("\n".join(lines) + "\n")
+    cols = [] if header else (["--image-col", "0", "--caption-col", "1"] if image_first
+                              else ["--caption-col", "0", "--image-col", "1"])
+    out = tmp_path / "out"
+    assert _convert([tmp_path / "cc.tsv"], out, "--header" if header else "--no-header", *cols) == 0
+    got, _ = F.read_dataset(str(out))
+    assert got == {"cc/000000000": (F.sha1(F.jpeg(0)), "a plain caption"),
+                   "cc/000000002": (F.sha1(F.jpeg(2)), "another one")}
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["read"] == 3 and stats["skipped"]["malformed_row"] == 1
+    (reject,) = _rejects(out)
+    assert reject["reason"] == "malformed_row" and reject["key"] == "cc/000000001"
+    line = 3 if header else 2
+    assert f"row 1 (line {line} of {tmp_path / 'cc.tsv'})" in reject["detail"]
+    assert "3 fields, expected 2" in reject["detail"]
+
+
+def test_tsv_column_index_beyond_the_field_count_fails_at_once(tmp_path, capsys):
+    F.write_file(str(tmp_path / "0.jpg"), F.jpeg(0))
+    (tmp_path / "cc.tsv").write_text("a caption\t0.jpg\n")
+    assert _convert([tmp_path / "cc.tsv"], tmp_path / "out", "--caption-col", "0", "--image-col", "2") == 2
+    err = capsys.readouterr().err
+    assert "cc.tsv" in err and "column index 2 is out of range" in err
+
+
+def test_json_entry_with_an_empty_caption_list_is_counted_as_bad_caption(tmp_path):
+    F.write_file(str(tmp_path / "img" / "a.jpg"), F.jpeg(1))
+    F.write_file(str(tmp_path / "img" / "b.jpg"), F.jpeg(2))
+    (tmp_path / "ann.json").write_text(json.dumps([
+        {"image": "img/a.jpg", "caption": ["kept one", "kept two"]},
+        {"image": "img/b.jpg", "caption": []},
+    ]))
+    out = tmp_path / "out"
+    assert _convert([tmp_path / "ann.json"], out) == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["read"] == 3 and stats["kept"] == 2 and stats["skipped"]["bad_caption"] == 1
+    (reject,) = _rejects(out)
+    assert (reject["reason"], reject["key"]) == ("bad_caption", "ann/1")
+    assert "entry 1: empty caption list" == reject["detail"]
+
+
+def test_img2dataset_sample_without_image_is_missing_file_in_tars_and_folders(tmp_path):
+    """Both img2dataset readers name a sample with a caption but no image the same way."""
+    import io
+    import tarfile
+    with tarfile.open(tmp_path / "00000.tar", "w") as tar:
+        for name, data in (("000000000.jpg", F.jpeg(0)), ("000000000.txt", b"whole sample"),
+                           ("000000001.txt", b"caption, no image"), ("000000001.json", b"{}")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    files = tmp_path / "files"
+    F.write_file(str(files / "00000" / "000000000.jpg"), F.jpeg(0))
+    F.write_file(str(files / "00000" / "000000000.txt"), b"whole sample")
+    F.write_file(str(files / "00000" / "000000001.txt"), b"caption, no image")
+    F.write_file(str(files / "00000" / "000000001.json"), b"{}")
+    for fmt, given, source in (("webdataset", tmp_path / "00000.tar", "00000"), ("files", files, "files")):
+        out = tmp_path / f"out_{fmt}"
+        assert _convert([given], out, "--input-format", fmt) == 0
+        stats = json.loads((out / "stats.json").read_text())
+        assert stats["kept"] == 1 and stats["skipped"]["missing_file"] == 1, fmt
+        assert stats["skipped"]["malformed_row"] == 0, fmt
+        (reject,) = _rejects(out)
+        assert reject["reason"] == "missing_file" and reject["key"] == f"{source}/000000001", fmt
+        assert "sample 000000001 in " in reject["detail"] and "has no image" in reject["detail"], fmt

@@ -46,6 +46,24 @@ def test_img2dataset_files_output(tmp_path):
     check(tmp_path / "out", expected)
 
 
+def test_img2dataset_files_output_with_side_car_parquets_is_detected_as_files(tmp_path):
+    """Numbered shard folders plus img2dataset's {shard}.parquet / {shard}_stats.json beside
+    them: detected as `files` without --input-format (not as a Parquet table)."""
+    import pyarrow as pa
+    from data_tools.readers import detect_format
+    root = tmp_path / "sbu_files"
+    expected = F.img2dataset_files(str(root))  # 00000/ and 00001/
+    for shard in ("00000", "00001"):
+        rows = [{"key": k.split("/")[1], "caption": c, "url": "http://x", "status": "success"}
+                for k, (_, c) in expected.items()]
+        pq.write_table(pa.Table.from_pylist(rows), root / f"{shard}.parquet")
+        (root / f"{shard}_stats.json").write_text(json.dumps({"count": len(rows), "successes": len(rows)}))
+    assert detect_format(str(root)) == "files"
+    assert convert([root], tmp_path / "out") == 0
+    stats = check(tmp_path / "out", expected)
+    assert stats["read"] == len(expected)  # the side-cars are no samples
+
+
 @pytest.mark.parametrize("cc12m", [False, True])
 def test_caption_tsv_with_local_images(tmp_path, cc12m):
     expected = F.caption_tsv(str(tmp_path / "cc.tsv"), str(tmp_path), cc12m=cc12m)

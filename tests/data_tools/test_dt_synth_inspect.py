@@ -5,7 +5,8 @@ import json
 import os
 
 import pyarrow.parquet as pq
-from PIL import Image
+import pytest
+from PIL import Image, ImageDraw
 
 import dt_fixtures as F
 from data_tools.cli import main
@@ -86,3 +87,36 @@ def test_inspect_writes_a_png(tmp_path, capsys):
     assert im.format == "PNG" and im.width > 100 and im.height > 100
     out = capsys.readouterr().out
     assert "synth" in out and "caption length" in out
+
+
+def _glyph(font, text):
+    mask = font.getmask(text)
+    return mask.size, bytes(mask)
+
+
+def test_contact_sheet_draws_accented_letters_not_boxes(tmp_path, capsys):
+    """The caption font has glyphs for accented letters (not its box for a missing one),
+    and the contact sheet draws captions with exactly that font."""
+    from data_tools.inspect_data import THUMB, caption_font
+    font, path = caption_font()
+    if path is None:
+        pytest.skip("no TrueType font with accents here (DejaVuSans from matplotlib or the system)")
+    box = _glyph(font, "\U0010fffd")  # a private-use code point no font draws: its .notdef box
+    for ch in "éïÜöü":
+        assert _glyph(font, ch) != box, ch
+    assert _glyph(font, "é") != _glyph(font, "e")
+
+    caption = "café naïve Ünïcödé"
+    F.write_file(str(tmp_path / "img" / "a.png"), F.jpeg(1, fmt="PNG"))
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "img/a.png", "caption": caption}]))
+    assert main(["convert", str(tmp_path / "a.json"), "--out", str(tmp_path / "ds"), "--no-progress"]) == 0
+    png = tmp_path / "sheet.png"
+    assert main(["inspect", str(tmp_path / "ds"), "--png", str(png), "--samples", "1"]) == 0
+    assert "no TrueType font" not in capsys.readouterr().err
+    sheet = Image.open(png).convert("RGB")
+    y = 5 + THUMB + 2
+    strip = (0, y, sheet.width, sheet.height)
+    expected = Image.new("RGB", sheet.size, "white")
+    ImageDraw.Draw(expected).text((5, y), caption, fill="black", font=font)
+    assert expected.crop(strip).getextrema()[0][0] == 0  # the caption has dark pixels to compare
+    assert sheet.crop(strip).tobytes() == expected.crop(strip).tobytes()
