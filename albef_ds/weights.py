@@ -386,8 +386,14 @@ def _fit_queue(theirs: torch.Tensor, their_ptr: int, ours: torch.Tensor) -> torc
     return out
 
 
+def read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str]:
+    """(state dict, name for reports) of a checkpoint file (unwrapped as the loaders do)."""
+    return _read(path_or_state_dict)
+
+
 def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
-                          strict: bool = True, optional: tuple = ()) -> LoadReport:
+                          strict: bool = True, optional: tuple = (), ignore: tuple = (),
+                          source: str | None = None) -> LoadReport:
     """Load a checkpoint of the reference ALBEF release (its 'model' entry, or a bare state
     dict), its fine-tuned retrieval layout, or an export of ours.
 
@@ -401,11 +407,19 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
     - ``optional``: key prefixes the checkpoint may lack (a task's heads when starting
       from a pretraining checkpoint; the parts a task does not use when loading a reference
       task checkpoint such as VE's): they keep their current weights, reported as fresh.
+    - ``ignore``: key prefixes of the checkpoint that are dropped (reported as ignored),
+      e.g. the text-assignment head of an NLVR2 pre-fine-tuning checkpoint.
+    - ``source``: the name reports give the checkpoint (when a state dict is passed).
     - ``strict``: any other missing or unexpected key is an error naming it; with
       ``strict=False`` they are reported. Shape mismatches are always errors.
     """
-    sd, source = _read(path_or_state_dict)
+    sd, read_source = _read(path_or_state_dict)
+    source = source or read_source
     report = LoadReport(source=source)
+    dropped = [k for k in sd if _under(k, ignore)]
+    if dropped:
+        report.ignored.append(f"{len(dropped)} tensors under {', '.join(ignore)} (not used by this task)")
+        sd = {k: v for k, v in sd.items() if k not in dropped}
     retrieval = _is_retrieval_layout(sd)
     if retrieval:
         sd = {_from_retrieval_key(k): v for k, v in sd.items()}

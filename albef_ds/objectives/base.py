@@ -51,14 +51,24 @@ class Objective:
     #: prefixes it holds, and whether its text encoder is a BertModel (keys without ``.bert``)
     reference_layout: tuple = ()
     reference_text_is_bert_model = False
+    #: modules this objective adds (extend_model): a checkpoint holding any of them is one
+    #: of this task's, loaded after the heads are added
+    head_prefixes: tuple = ()
+    #: checkpoint key prefixes dropped when loading one of this task's checkpoints
+    ignored_checkpoint_parts: tuple = ()
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg
         self.tokenizer = tokenizer
 
     def extend_model(self, model) -> None:
-        """Add this task's heads to a freshly built model (ALBEF.add_head), before any
-        weights load and before the engine. Pretraining adds none."""
+        """Add this task's heads (ALBEF.add_head) to the model, before the engine: after a
+        pretraining checkpoint loaded (heads built from it may copy its layers), before a
+        checkpoint of this task loads. Pretraining adds none."""
+
+    def is_task_checkpoint(self, state_dict: dict) -> bool:
+        """Whether these weights come from this task (they hold its heads)."""
+        return any(k.split(".")[0] in self.head_prefixes for k in state_dict)
 
     def make_loader(self, cfg, rank: int, world: int, local_world: int, local_rank: int, run_dir: str):
         """The training loader: any iterable of batch dicts with ``__len__``, ``state_dict``,

@@ -35,6 +35,7 @@ class ClassificationObjective(Objective):
     log_keys = ("loss", "acc", "alpha")
     progress_keys = ("loss", "acc")
     unused_parts = PRETRAINING_ONLY
+    head_prefixes = ("cls_head", "cls_head_m")
     reference_text_is_bert_model = True
     #: class names in label-index order
     labels: tuple = ()

@@ -37,24 +37,37 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 
 def build_model(cfg: Config, log=print, objective: Objective | None = None):
     """ALBEF with the objective's task heads and the configured initial weights (each
-    loader reports what it did)."""
+    loader reports what it did).
+
+    A checkpoint of the task itself (its heads present: the reference's fine-tuned VE,
+    NLVR2 or VQA model, or an export of ours) loads after the heads are added; any other
+    (pretraining) checkpoint loads first, and the heads are then built from it (NLVR2's
+    two-image fusion layers and VQA's decoder copy pretrained layers) or start fresh.
+    """
     from ..models import ALBEF
     torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
     model = ALBEF(cfg.model)
-    if objective is not None:
-        objective.extend_model(model)
     c = cfg.checkpoint
-    if c.bert_init or c.vit_init or c.init_from:
-        from .. import weights
-        if c.init_from:
-            # A pretraining checkpoint has no task heads (they start fresh); a reference task
-            # checkpoint lacks the parts the task does not use.
-            optional = tuple(model.task_heads) + (tuple(objective.unused_parts) if objective else ())
-            log(str(weights.load_albef_checkpoint(model, c.init_from, optional=optional)))
-        if c.bert_init:
-            log(str(weights.load_hf_bert(model, c.bert_init)))
-        if c.vit_init:
-            log(str(weights.load_vit_state_dict(model, c.vit_init)))
+    from .. import weights
+    state = source = None
+    if c.init_from:
+        state, source = weights.read_state_dict(c.init_from)
+    task_checkpoint = objective is not None and state is not None and objective.is_task_checkpoint(state)
+    if objective is not None and not task_checkpoint:
+        if state is not None:
+            log(str(weights.load_albef_checkpoint(model, state, source=source)))
+        objective.extend_model(model)
+    elif objective is not None:
+        objective.extend_model(model)
+        # a reference task checkpoint lacks the parts the task does not use
+        log(str(weights.load_albef_checkpoint(model, state, source=source, optional=tuple(objective.unused_parts),
+                                              ignore=tuple(objective.ignored_checkpoint_parts))))
+    elif state is not None:
+        log(str(weights.load_albef_checkpoint(model, state, source=source)))
+    if c.bert_init:
+        log(str(weights.load_hf_bert(model, c.bert_init)))
+    if c.vit_init:
+        log(str(weights.load_vit_state_dict(model, c.vit_init)))
     return model
 
 
