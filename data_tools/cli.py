@@ -1,5 +1,7 @@
 """``albef-data``: build and look at training data.
 
+  download     a URL list (CC3M/CC12M/SBU as distributed) -> images with img2dataset (the
+               "download" extra), ready for convert
   convert      web caption data (img2dataset webdataset/parquet/files, TSV/CSV, COCO-style
                JSON, Parquet/Arrow with image bytes) -> MDS shards + manifest + stats
   merge        join the parts written by array tasks (or a resumed run) into one dataset
@@ -87,6 +89,78 @@ def _run_convert(args) -> int:
         print(f"albef-data convert: error: {stats['nothing_kept']}", file=sys.stderr)
         return EXIT_NOTHING_KEPT
     return 0
+
+
+def _add_download(sub):
+    p = sub.add_parser(
+        "download", help="download the images of a URL list with img2dataset (needs the download extra)",
+        description="Download the images of a caption URL list (CC3M: caption<TAB>url, CC12M: "
+                    "url<TAB>caption, SBU: its two files pasted together, or any TSV/CSV/Parquet/JSON "
+                    "with a URL and a caption column) with img2dataset into img2dataset's webdataset "
+                    "layout, which 'albef-data convert DIR' reads. Prints URLs tried, downloaded and "
+                    "failed by reason, then the convert command (or runs it: --convert-to). Re-running "
+                    "the same command resumes. Needs img2dataset: pip install \"albef-ds[download]\".",
+        epilog="Example (CC3M): albef-data download Train_GCC-training.tsv --out cc3m_images "
+               "--processes 8 --threads 64 --image-size 384 --convert-to shards/cc3m",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("url_list", help="TSV/CSV (with or without a header), Parquet, or JSON list / JSON lines")
+    p.add_argument("--out", required=True, help="image folder to write (img2dataset's output)")
+    p.add_argument("--input-format", choices=["tsv", "csv", "parquet", "json"],
+                   help="URL list format (default: from the extension; .txt is TSV)")
+    p.add_argument("--url-col", help="URL column: name, or 0-based index without a header "
+                                     "(default: url/image_url by name; without a header, of two "
+                                     "columns the one holding a URL)")
+    p.add_argument("--caption-col", help="caption column: name or 0-based index (default: caption/text "
+                                         "by name; without a header, the other of two columns)")
+    hdr = p.add_mutually_exclusive_group()
+    hdr.add_argument("--header", dest="header", action="store_true", default=None,
+                     help="TSV/CSV: the first row names the columns")
+    hdr.add_argument("--no-header", dest="header", action="store_false",
+                     help="TSV/CSV: no header row (CC3M, CC12M); default: no header when the first "
+                          "row holds a URL")
+    p.add_argument("--image-size", type=int, default=None,
+                   help="resize so the shorter side is at most this (JPEG, quality 95); default: store "
+                        "images exactly as served")
+    p.add_argument("--processes", type=int, default=1, help="img2dataset download processes")
+    p.add_argument("--threads", type=int, default=32, help="download threads per process")
+    p.add_argument("--timeout", type=int, default=10, help="seconds per request")
+    p.add_argument("--retries", type=int, default=0, help="retries of a failed request")
+    p.add_argument("--samples-per-shard", type=int, default=10_000,
+                   help="URLs per img2dataset shard (one tar; one convert unit)")
+    p.add_argument("--convert-to", metavar="SHARDS",
+                   help="then run 'albef-data convert OUT --out SHARDS' on what was downloaded")
+    p.add_argument("--workers", type=int, default=1, help="with --convert-to: converter processes")
+    p.add_argument("--no-progress", action="store_true", help="with --convert-to: no convert progress bar")
+
+
+def _run_download(args) -> int:
+    from data_tools.download import DownloadOptions, download, nothing_downloaded_message
+
+    opts = DownloadOptions(out=args.out, fmt=args.input_format, url_col=args.url_col,
+                           caption_col=args.caption_col, header=args.header, image_size=args.image_size,
+                           processes=args.processes, threads=args.threads, timeout=args.timeout,
+                           retries=args.retries, samples_per_shard=args.samples_per_shard)
+    totals = download(args.url_list, opts)
+    if not totals["downloaded"]:
+        print(f"albef-data download: error: {nothing_downloaded_message(totals, args.out)}", file=sys.stderr)
+        return EXIT_NOTHING_KEPT
+    if not args.convert_to:
+        shards = args.out.rstrip("/") + "_shards"
+        print(f"next: albef-data convert {args.out} --out {shards}", file=sys.stderr)
+        return 0
+    print(f"download: albef-data convert {args.out} --out {args.convert_to}", file=sys.stderr)
+    return _run_convert(_add_convert_defaults(inputs=[args.out], out=args.convert_to, input_format="webdataset",
+                                              workers=args.workers, no_progress=args.no_progress))
+
+
+def _add_convert_defaults(**given) -> argparse.Namespace:
+    """The convert command's arguments, defaults and all, with ``given`` set."""
+    sub = argparse.ArgumentParser().add_subparsers(dest="command")
+    _add_convert(sub)
+    args = sub.choices["convert"].parse_args(["x", "--out", "x"])
+    for k, v in given.items():
+        setattr(args, k, v)
+    return args
 
 
 def _add_merge(sub):
@@ -218,6 +292,7 @@ def _run_vocab(args) -> int:
 
 
 COMMANDS = {
+    "download": (_add_download, _run_download),
     "convert": (_add_convert, _run_convert),
     "merge": (_add_merge, _run_merge),
     "synth": (_add_synth, _run_synth),
@@ -238,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_tools.download import MissingExtraError
     from data_tools.readers import InputError
 
     parser = build_parser()
@@ -247,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(COMMANDS[args.command][1](args) or 0)
-    except (InputError, FileNotFoundError) as e:
+    except (InputError, FileNotFoundError, MissingExtraError) as e:
         print(f"albef-data {args.command}: error: {e}", file=sys.stderr)
         return 2
 
