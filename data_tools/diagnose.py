@@ -2,7 +2,7 @@
 rejects, naming the likely cause and what to do.
 
 Typical causes: a URL list given before its images were downloaded (CC3M/CC12M/SBU as
-distributed), image paths relative to another folder than ``--image-root``, or columns
+distributed: ``albef-data download`` fetches them), image paths relative to another folder than ``--image-root``, or columns
 chosen wrongly. The convert CLI prints the message and exits non-zero, so a pipeline
 never goes on with an empty dataset.
 """
@@ -23,8 +23,9 @@ TIPS = {
     "download_failed": "img2dataset recorded every download as failed: see its {shard}_stats.json",
     "excluded": "every image is in the --exclude sets",
 }
-URL_TIP = ("the image column holds URLs: download the images first (e.g. with img2dataset) "
-           "and convert its output folder")
+URL_TIP = ("the image column holds URLs: download the images first with 'albef-data download LIST "
+           "--out IMAGES' (img2dataset; pip install \"albef-ds[download]\"), then 'albef-data convert "
+           "IMAGES --out SHARDS'")
 
 
 def nothing_kept_message(stats: dict, rejects: list[dict], rejects_path: str) -> str | None:

@@ -20,6 +20,7 @@ def test_cc3m_url_list_as_distributed_exits_non_zero_saying_download_first(tmp_p
     err = capsys.readouterr().err
     assert rc == EXIT_NOTHING_KEPT != 0
     assert "kept 0 of 64 rows" in err and "the image column holds URLs" in err and "img2dataset" in err
+    assert "albef-data download" in err and "albef-ds[download]" in err
     assert "http://images.example.com/" in err  # the example names the URL, not imgs/http:/...
     assert str(tmp_path / "out" / "rejects.jsonl") in err
 
