@@ -16,6 +16,8 @@ OBJECTIVES = {
     "retrieval": "albef_ds.objectives.retrieval:RetrievalObjective",
     "itc": "albef_ds.objectives.itc_only:ITCOnlyObjective",
     "ve": "albef_ds.objectives.ve:VEObjective",
+    "nlvr2": "albef_ds.objectives.nlvr2:NLVR2Objective",
+    "nlvr_ta": "albef_ds.objectives.nlvr_ta:TextAssignmentObjective",
 }
 
 

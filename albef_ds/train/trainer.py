@@ -59,8 +59,10 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None):
         objective.extend_model(model)
     elif objective is not None:
         objective.extend_model(model)
-        # a reference task checkpoint lacks the parts the task does not use
-        log(str(weights.load_albef_checkpoint(model, state, source=source, optional=tuple(objective.unused_parts),
+        # a reference task checkpoint lacks the parts the task does not use (and an NLVR2
+        # text-assignment checkpoint the classifier, which starts fresh)
+        optional = tuple(objective.unused_parts) + tuple(model.task_heads)
+        log(str(weights.load_albef_checkpoint(model, state, source=source, optional=optional,
                                               ignore=tuple(objective.ignored_checkpoint_parts))))
     elif state is not None:
         log(str(weights.load_albef_checkpoint(model, state, source=source)))
