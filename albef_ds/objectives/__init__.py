@@ -17,6 +17,7 @@ OBJECTIVES = {
     "itc": "albef_ds.objectives.itc_only:ITCOnlyObjective",
     "ve": "albef_ds.objectives.ve:VEObjective",
     "nlvr2": "albef_ds.objectives.nlvr2:NLVR2Objective",
+    "vqa": "albef_ds.objectives.vqa:VQAObjective",
     "nlvr_ta": "albef_ds.objectives.nlvr_ta:TextAssignmentObjective",
 }
 
