@@ -19,7 +19,7 @@ import argparse
 
 #: task -> (objective in albef_ds.objectives.OBJECTIVES, evaluated on a validation split)
 TASKS = {"retrieval": ("retrieval", True), "ve": ("ve", True), "nlvr2": ("nlvr2", True),
-         "nlvr_ta": ("nlvr_ta", False), "vqa": ("vqa", True)}
+         "nlvr_ta": ("nlvr_ta", False), "vqa": ("vqa", True), "grounding": ("grounding", True)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

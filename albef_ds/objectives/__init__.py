@@ -18,6 +18,7 @@ OBJECTIVES = {
     "ve": "albef_ds.objectives.ve:VEObjective",
     "nlvr2": "albef_ds.objectives.nlvr2:NLVR2Objective",
     "vqa": "albef_ds.objectives.vqa:VQAObjective",
+    "grounding": "albef_ds.objectives.grounding:GroundingObjective",
     "nlvr_ta": "albef_ds.objectives.nlvr_ta:TextAssignmentObjective",
 }
 
