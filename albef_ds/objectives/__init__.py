@@ -44,6 +44,8 @@ def build_task_model(cfg):
 def reference_layout(cfg) -> dict:
     """``save_albef_pth`` keyword arguments giving the reference layout of the objective's task."""
     cls = objective_class(cfg.train.objective)
+    if cls.reference_layout == "retrieval":  # the fine-tuned retrieval model's (grounding's too)
+        return {"layout": "retrieval"}
     if not cls.reference_layout:
         return {"layout": "pretrain"}
     return {"layout": "task", "keep": cls.reference_layout, "text_is_bert_model": cls.reference_text_is_bert_model}

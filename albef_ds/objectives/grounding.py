@@ -67,7 +67,7 @@ class GroundingObjective(RetrievalObjective):
     name = "grounding"
     data = "task"
     #: the reference's grounding checkpoint is its retrieval model (model_retrieval.py)
-    reference_layout = ()
+    reference_layout = "retrieval"
 
     # ---------------------------------------------------------------- training data
     def parse_train(self, entry) -> dict:

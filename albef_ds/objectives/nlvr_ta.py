@@ -45,9 +45,10 @@ class TextAssignmentObjective(Objective):
     name = "nlvr_ta"
     log_keys = ("loss", "acc")
     progress_keys = ("loss", "acc")
-    unused_parts = PRETRAINING_ONLY
+    #: the reference's model has no momentum copies (no distillation in this stage)
+    unused_parts = PRETRAINING_ONLY + ("visual_encoder_m", "text_encoder_m")
     head_prefixes = ("ta_head",)
-    reference_layout = ("visual_encoder.", "text_encoder.", "ta_head.")
+    reference_layout = ("temp", "visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "ta_head.")
     reference_text_is_bert_model = True
     config_overrides = ("model.mlm=false",)
 
