@@ -7,6 +7,7 @@
   merge        join the parts written by array tasks (or a resumed run) into one dataset
   synth        a procedural shapes dataset (train shards, val/test retrieval splits)
   synth-tasks  synthetic VQA, NLVR2, SNLI-VE and grounding sets from the same scenes
+  grounding-boxes  join RefCOCO+ refs, COCO boxes and detections into the grounding eval layout
   inspect      counts, histograms and a contact-sheet PNG of a converted dataset
   bench        loader throughput (pairs/s) by number of workers, with and without RandAugment
   build-vocab  train a WordPiece vocabulary offline from caption files
@@ -285,6 +286,27 @@ def _run_synth_tasks(args) -> int:
     return 0
 
 
+def _add_grounding_boxes(sub):
+    p = sub.add_parser("grounding-boxes", help="RefCOCO+ eval JSON + REFER refs + COCO boxes + detections "
+                                               "-> the layout albef-ds eval --task grounding reads",
+                       description="Add each entry's true box (its COCO annotation's bbox), its image's "
+                                   "detector proposals and its split (val/testA/testB) to the reference's "
+                                   "refcoco+_{val,test}.json (docs/tasks.md).")
+    p.add_argument("annotation", help="refcoco+_val.json or refcoco+_test.json (the reference's data.tar.gz)")
+    p.add_argument("--refs", required=True, help="the REFER toolkit's refcoco+/refs(unc).p")
+    p.add_argument("--instances", required=True, help="refcoco+/instances.json (COCO annotations)")
+    p.add_argument("--dets", required=True, help="the reference's refcoco+/dets.json (proposals per image)")
+    p.add_argument("--out", required=True, help="output JSON")
+
+
+def _run_grounding_boxes(args) -> int:
+    from pathlib import Path
+
+    from data_tools.grounding_boxes import join_boxes
+    join_boxes(Path(args.annotation), Path(args.refs), Path(args.instances), Path(args.dets), Path(args.out))
+    return 0
+
+
 def _run_vocab(args) -> int:
     from data_tools.vocab import build_vocab_cmd
     build_vocab_cmd(args.inputs, args.out, args.vocab_size)
@@ -297,6 +319,7 @@ COMMANDS = {
     "merge": (_add_merge, _run_merge),
     "synth": (_add_synth, _run_synth),
     "synth-tasks": (_add_synth_tasks, _run_synth_tasks),
+    "grounding-boxes": (_add_grounding_boxes, _run_grounding_boxes),
     "inspect": (_add_inspect, _run_inspect),
     "bench": (_add_bench, _run_bench),
     "build-vocab": (_add_vocab, _run_vocab),

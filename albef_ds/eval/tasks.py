@@ -28,7 +28,9 @@ class TaskEvaluator:
         self.records: list[dict] = []  # this rank's, after a call
 
     def headline(self, values: dict) -> str:
-        return f"{self.name} accuracy {100 * values['acc']:.2f} % on {values['n']} (chance {100 * values['chance']:.2f} %)"
+        groups = "".join(f", {k[4:]} {100 * v:.2f} %" for k, v in values.items() if k.startswith("acc_"))
+        return (f"{self.name} accuracy {100 * values['acc']:.2f} % on {values['n']}{groups} "
+                f"(chance {100 * values['chance']:.2f} %)")
 
     def __call__(self, model, device: torch.device) -> dict:
         from ..distributed import all_reduce_sum
@@ -45,8 +47,14 @@ class TaskEvaluator:
             batch = self.collate([self.load(e, None) for e in chunk])
             self.records += self.score(model, batch, device)
         model.train(was_training)
-        total = torch.tensor([sum(float(r["correct"]) for r in self.records), float(len(self.records))],
-                             dtype=torch.float64, device=device)
-        total = all_reduce_sum(total)
-        correct, n = float(total[0]), int(total[1])
-        return {"acc": correct / max(n, 1), "n": n, "chance": self.chance}
+        # Examples may name a group (grounding: val / testA / testB): accuracy per group too.
+        groups = sorted({e["group"] for e in self.examples if e.get("group") is not None})
+        sums = [[sum(float(r["correct"]) for r in self.records), float(len(self.records))]]
+        sums += [[sum(float(r["correct"]) for r in self.records if r.get("group") == g),
+                  float(sum(r.get("group") == g for r in self.records))] for g in groups]
+        total = all_reduce_sum(torch.tensor(sums, dtype=torch.float64, device=device)).cpu()
+        correct, n = float(total[0, 0]), int(total[0, 1])
+        metrics = {"acc": correct / max(n, 1), "n": n, "chance": self.chance}
+        for g, (c, m) in zip(groups, total[1:].tolist()):
+            metrics[f"acc_{g}"] = c / max(m, 1)
+        return metrics

@@ -9,10 +9,10 @@ testB.
 
 Annotation: train ``[{"image", "text", "ref_id"}, ...]`` (the reference's
 refcoco+_train.json); val/test add ``"box": [x, y, w, h]`` and ``"proposals": [[x, y, w,
-h], ...]`` in pixels of the original image. The reference keeps those in the REFER
-toolkit's refs(unc).p / instances.json and a dets.json of detector proposals;
-``albef-data synth-tasks`` writes them inline, and docs/tasks.md says how to join the
-reference's files into this layout.
+h], ...]`` in pixels of the original image, and optionally ``"split"`` (val / testA / testB:
+accuracy per split). The reference keeps those in the REFER toolkit's refs(unc).p /
+instances.json and a dets.json of detector proposals: ``albef-data grounding-boxes`` joins
+them into this layout; ``albef-data synth-tasks`` writes it directly.
 """
 from __future__ import annotations
 
@@ -103,7 +103,8 @@ class GroundingObjective(RetrievalObjective):
         if not isinstance(proposals, list) or not proposals:
             raise BadEntry("bad_box", f"proposals {proposals!r} is not a non-empty list of boxes")
         return {"image": entry["image"], "text": text_field(entry, "text"), "ref_id": entry.get("ref_id"),
-                "box": _box(entry["box"], "box"), "proposals": [_box(p, "proposal") for p in proposals]}
+                "box": _box(entry["box"], "box"), "proposals": [_box(p, "proposal") for p in proposals],
+                "group": entry.get("split")}
 
     def gradcam_layer(self, model) -> int:
         """Absolute index of the text-encoder layer Grad-CAM reads (task.gradcam_layer
@@ -155,7 +156,7 @@ class GroundingObjective(RetrievalObjective):
                 pick = best_box(heat, e["proposals"])
                 out.append({"ref_id": e["ref_id"], "image": e["image"], "text": e["text"], "box": e["proposals"][pick],
                             "truth": e["box"], "correct": int(iou(e["proposals"][pick], e["box"]) >= IOU_HIT),
-                            "map": m})
+                            "group": e["group"], "map": m})
             return out
 
         # chance: a proposal picked at random hits with probability (#hitting proposals / #proposals)

@@ -30,3 +30,32 @@ def test_bench_runs_and_writes_json(tmp_path):
                  "--modes", "randaugment", "--json", str(out)]) == 0
     r = json.loads(out.read_text())["results"]
     assert len(r) == 1 and r[0]["pairs"] == 16 and r[0]["pairs_per_s"] > 0 and r[0]["pairs_per_cpu_s"] > 0
+
+
+def test_grounding_boxes_joins_refs_boxes_and_proposals(tmp_path):
+    """The reference's RefCOCO+ eval JSON + REFER refs + COCO boxes + dets -> entries with
+    box, proposals and split; an entry whose ref is unknown is skipped and named."""
+    import json
+    import pickle
+
+    from data_tools.cli import main
+    (tmp_path / "val.json").write_text(json.dumps([
+        {"image": "coco/a.jpg", "text": "man on the left", "ref_id": 7},
+        {"image": "coco/b.jpg", "text": "dog", "ref_id": 8},
+        {"image": "coco/c.jpg", "text": "unknown", "ref_id": 99}]))
+    with open(tmp_path / "refs.p", "wb") as f:
+        pickle.dump([{"ref_id": 7, "ann_id": 70, "image_id": 1, "split": "testA"},
+                     {"ref_id": 8, "ann_id": 80, "image_id": 2, "split": "val"}], f)
+    (tmp_path / "instances.json").write_text(json.dumps(
+        {"annotations": [{"id": 70, "bbox": [1, 2, 3, 4]}, {"id": 80, "bbox": [5, 6, 7, 8]}]}))
+    (tmp_path / "dets.json").write_text(json.dumps({"1": [[0, 0, 10, 10, 0.9], [1, 2, 3, 4, 0.8]], "2": [[5, 6, 7, 8, 0.7]]}))
+    out = tmp_path / "val_boxes.json"
+    assert main(["grounding-boxes", str(tmp_path / "val.json"), "--refs", str(tmp_path / "refs.p"),
+                 "--instances", str(tmp_path / "instances.json"), "--dets", str(tmp_path / "dets.json"),
+                 "--out", str(out)]) == 0
+    entries = json.loads(out.read_text())
+    assert entries == [
+        {"image": "coco/a.jpg", "text": "man on the left", "ref_id": 7, "box": [1.0, 2.0, 3.0, 4.0], "split": "testA",
+         "proposals": [[0.0, 0.0, 10.0, 10.0], [1.0, 2.0, 3.0, 4.0]]},
+        {"image": "coco/b.jpg", "text": "dog", "ref_id": 8, "box": [5.0, 6.0, 7.0, 8.0], "split": "val",
+         "proposals": [[5.0, 6.0, 7.0, 8.0]]}]
