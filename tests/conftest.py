@@ -29,12 +29,37 @@ def run_cli(argv, **kw):
     return proc
 
 
+#: pretraining steps of the short demo shared by the end-to-end tests
+DEMO_STEPS = 300
+
+
+def run_albef(argv, timeout=900, threads=1):
+    """``python -m albef_ds ARGV`` as a user runs it; its stdout (fails with the output)."""
+    proc = subprocess.run([sys.executable, "-m", "albef_ds", *argv], cwd=REPO, capture_output=True, text=True,
+                          env=dict(os.environ, OMP_NUM_THREADS=str(threads)), timeout=timeout)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+@pytest.fixture(scope="session")
+def demo(tmp_path_factory):
+    """A short ``albef-ds demo`` (2,000 synth pairs, 300 steps, 100 test images): (its
+    folder, its stdout, its retrieval.json). The demo test checks it; the fine-tuning tests
+    start from it (a demo-sized pretrained checkpoint)."""
+    import json
+    out = tmp_path_factory.mktemp("demo")
+    stdout = run_albef(["demo", "--out", str(out), "--train-pairs", "2000", "--test-images", "100",
+                        "--steps", str(DEMO_STEPS), "--set", "logging.progress_bar=false"])
+    return out, stdout, json.loads((out / "run" / "retrieval.json").read_text())
+
+
 #: whole files of multi-rank, SLURM and end-to-end runs (minutes each): outside the fast lane
 SLOW_FILES = {
     "slurm/test_convert_array.py", "slurm/test_local_cluster.py", "slurm/test_pretrain_sbatch.py",
     "slurm/test_shared_node.py", "train/test_pretrain.py", "train/test_distributed.py",
     "train/test_scale_out.py", "train/test_failure_paths.py", "cli/test_demo.py", "data/test_data_ranks.py",
     "data/test_data_partition.py", "data/test_data_shm.py", "data_tools/test_dt_memory.py",
+    "objectives/test_tasks_end_to_end.py",
 }
 
 

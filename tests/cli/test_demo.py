@@ -10,30 +10,13 @@ IR@1 4.2 %), so re-ranked figures are only compared with the untrained model's; 
 demo's (1,000 steps) are in docs/benchmarks.md.
 """
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[2]
-STEPS = 300
-
-
-def run(argv, timeout=900):
-    proc = subprocess.run([sys.executable, "-m", "albef_ds", *argv], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout
-
-
-@pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    stdout = run(["demo", "--out", str(out), "--train-pairs", "2000", "--test-images", "100", "--steps", str(STEPS),
-                  "--set", "logging.progress_bar=false"])
-    return out, stdout, json.loads((out / "run" / "retrieval.json").read_text())
+# The demo run itself is the session fixture ``demo`` (tests/conftest.py): the downstream
+# task tests (tests/objectives/test_tasks_end_to_end.py) fine-tune from the same run.
+from conftest import DEMO_STEPS as STEPS, run_albef as run  # noqa: E402
 
 
 def test_demo_runs_end_to_end_and_reports_against_chance(demo):

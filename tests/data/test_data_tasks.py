@@ -4,7 +4,6 @@ or another world size, and per-sample augmentation depends on (seed, epoch, exam
 import json
 
 import pytest
-import torch
 
 from albef_ds.data.tasks import BadEntry, TaskDataset, TaskLoader, read_examples, require
 from albef_ds.errors import ConfigError
