@@ -225,8 +225,9 @@ class TaskConfig:
     #: fine-tuning crops (RandomResizedCrop scale lower bound; the reference: 0.5)
     crop_scale_min: float = 0.5
     #: grounding: the fusion layer whose cross-attention Grad-CAM reads (index among the
-    #: fusion layers; the reference reads text layer 8 of 12 = fusion layer 2)
-    gradcam_layer: int = 2
+    #: fusion layers; None: the reference's, text layer 8 of 12 = fusion layer 2, or the
+    #: last fusion layer of a smaller model)
+    gradcam_layer: Optional[int] = None
 
 
 @dataclass

@@ -21,6 +21,7 @@ SUBCOMMANDS = {
     "finetune": ("albef_ds.cli.finetune", "fine-tune a pretrained model on a downstream task (--task)"),
     "finetune-retrieval": ("albef_ds.cli.finetune", "fine-tune a checkpoint for retrieval (= finetune --task retrieval)"),
     "eval-retrieval": ("albef_ds.cli.eval_retrieval", "zero-shot / fine-tuned image-text retrieval"),
+    "eval": ("albef_ds.cli.eval_task", "a fine-tuned model on a VQA / NLVR2 / SNLI-VE / grounding split"),
     "export": ("albef_ds.cli.export", "consolidate a checkpoint into our layout and ALBEF .pth"),
     "model-info": ("albef_ds.cli.model_info", "parameter counts and analytic FLOPs per part"),
     "bench": ("albef_ds.cli.bench", "time the Trainer's training step, phases, pairs/s and MFU"),

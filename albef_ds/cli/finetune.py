@@ -1,24 +1,31 @@
-"""``albef-ds finetune --task retrieval``: fine-tune a pretrained model on a downstream task.
+"""``albef-ds finetune --task TASK``: fine-tune a pretrained model on a downstream task.
 
     albef-ds finetune --task retrieval --config tiny --init runs/demo/export \\
-        --set data.train_dirs=[data/flickr_train_shards] --set data.val_dir=data/flickr/val.json \\
-        --set model.image_res=384
+        --set data.train_dirs=[data/flickr_train_shards] --set data.val_dir=data/flickr/val.json
+    albef-ds finetune --task ve --config tiny --init runs/demo/run \\
+        --set task.train_files=[data/ve_train.json] --set task.val_file=data/ve_dev.json
+    albef-ds finetune --task nlvr_ta --config tiny --init runs/demo/run --set data.train_dirs=[...]
+    albef-ds finetune --task nlvr2 --config tiny --init runs/nlvr_ta \\
+        --set task.train_files=[data/nlvr_train.json] --set task.val_file=data/nlvr_dev.json
 
-The task is an objective of the Trainer (albef_ds/objectives/<task>.py); retrieval: ITC
-positives by image id, ITM negatives of other images, no MLM (ALBEF_FACTS.md), evaluated
-on data.val_dir after each epoch with the best checkpoint kept (``RUN_DIR/best.json``).
-Training pairs come as MDS shards (``albef-data convert`` reads ALBEF's train JSON).
+Each task is an objective of the Trainer (albef_ds/objectives/<task>.py), trained under any
+launcher like pretraining (same checkpoints, resume, metrics). Tasks with a validation
+split are evaluated after each epoch and the best checkpoint is kept (``RUN_DIR/best.json``).
+docs/tasks.md: the data each task needs and where users get it.
 """
 from __future__ import annotations
 
 import argparse
 
-#: task -> objective (albef_ds.objectives.OBJECTIVES)
-TASKS = {"retrieval": "retrieval", "ve": "ve"}
+#: task -> (objective in albef_ds.objectives.OBJECTIVES, evaluated on a validation split)
+TASKS = {"retrieval": ("retrieval", True), "ve": ("ve", True), "nlvr2": ("nlvr2", True),
+         "nlvr_ta": ("nlvr_ta", False), "vqa": ("vqa", True), "grounding": ("grounding", True)}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--task", default="retrieval", choices=sorted(TASKS), help="downstream task (default: retrieval)")
+    p.add_argument("--task", default="retrieval", choices=sorted(TASKS),
+                   help="downstream task (default: retrieval); nlvr_ta: NLVR2's text-assignment stage "
+                        "on pretraining pairs")
     p.add_argument("--config", required=True, help="YAML config or preset name")
     p.add_argument("--init", required=True, help="pretrained weights: an export directory (model.pt), "
                                                  "a run/checkpoint directory, or a reference ALBEF .pth")
@@ -36,10 +43,12 @@ def run(args) -> int:
     from ..train.trainer import train
     from .pretrain import resume_mode, start
     resume = resume_mode(args, "auto")
-    cfg, launch, stop = start(args, [f"train.objective={TASKS[getattr(args, 'task', 'retrieval')]}"], need_val=True)
+    objective, evaluated = TASKS[getattr(args, "task", "retrieval")]
+    cfg, launch, stop = start(args, [f"train.objective={objective}"], need_val=evaluated)
     if launch.rank == 0:
         cfg.checkpoint.init_from = resolve_init(args.init)
     dist_lib.barrier()
     if launch.rank != 0:
         cfg.checkpoint.init_from = resolve_init(args.init)  # the export exists now
-    return train(cfg, launch, resume, eval_each_epoch=True, keep_best=True, stop=stop, overwrite=args.overwrite)
+    return train(cfg, launch, resume, eval_each_epoch=evaluated, keep_best=evaluated, stop=stop,
+                 overwrite=args.overwrite)

@@ -16,6 +16,10 @@ OBJECTIVES = {
     "retrieval": "albef_ds.objectives.retrieval:RetrievalObjective",
     "itc": "albef_ds.objectives.itc_only:ITCOnlyObjective",
     "ve": "albef_ds.objectives.ve:VEObjective",
+    "nlvr2": "albef_ds.objectives.nlvr2:NLVR2Objective",
+    "vqa": "albef_ds.objectives.vqa:VQAObjective",
+    "grounding": "albef_ds.objectives.grounding:GroundingObjective",
+    "nlvr_ta": "albef_ds.objectives.nlvr_ta:TextAssignmentObjective",
 }
 
 
@@ -40,6 +44,8 @@ def build_task_model(cfg):
 def reference_layout(cfg) -> dict:
     """``save_albef_pth`` keyword arguments giving the reference layout of the objective's task."""
     cls = objective_class(cfg.train.objective)
+    if cls.reference_layout == "retrieval":  # the fine-tuned retrieval model's (grounding's too)
+        return {"layout": "retrieval"}
     if not cls.reference_layout:
         return {"layout": "pretrain"}
     return {"layout": "task", "keep": cls.reference_layout, "text_is_bert_model": cls.reference_text_is_bert_model}

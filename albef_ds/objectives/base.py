@@ -48,8 +48,9 @@ class Objective:
     #: checkpoint without them (a reference task checkpoint) loads, and they stay as built
     unused_parts: tuple = ()
     #: the reference release's checkpoint layout for this task (albef_ds.weights): the key
-    #: prefixes it holds, and whether its text encoder is a BertModel (keys without ``.bert``)
-    reference_layout: tuple = ()
+    #: prefixes it holds, and whether its text encoder is a BertModel (keys without ``.bert``);
+    #: "retrieval": the fine-tuned retrieval model's; (): the pretraining model's
+    reference_layout: tuple | str = ()
     reference_text_is_bert_model = False
     #: modules this objective adds (extend_model): a checkpoint holding any of them is one
     #: of this task's, loaded after the heads are added

@@ -14,3 +14,5 @@ class RetrievalObjective(PretrainObjective):
     log_keys = ("loss", "loss_itc", "loss_itm", "itm_acc", "pos_sim", "neg_sim", "alpha")
     progress_keys = ("loss", "loss_itc", "loss_itm")
     config_overrides = ("model.itc_id_positives=true", "model.mlm=false")
+    #: the reference's fine-tuned retrieval model: text encoder without .bert, no MLM head
+    reference_layout = "retrieval"

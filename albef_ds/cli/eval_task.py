@@ -1,0 +1,116 @@
+"""``albef-ds eval --task TASK``: a fine-tuned model on a downstream task's split.
+
+    albef-ds eval --task ve --model runs/ve --split data/ve_test.json
+    albef-ds eval --task vqa --model runs/vqa --split data/vqa_test.json --out results/vqa
+    albef-ds eval --task grounding --model runs/ground --split data/grounding_test.json --heatmaps 16
+    albef-ds eval --task ve --model ALBEF_ve.pth --config albef-base --set data.tokenizer=BERT_DIR ...
+    torchrun --nproc_per_node 2 -m albef_ds.cli eval --task ve ...   (same numbers, split over ranks)
+
+``--model``: an export directory (model.pt + config.yaml), a run or checkpoint directory
+(consolidated first), or a weights file (a reference ALBEF fine-tuned ``.pth``, with
+``--config``). Prints the accuracy beside chance; ``--out`` gets ``metrics.json`` and
+``results.json`` (VQA: the official submission format; VE/NLVR2: per example prediction
+and label; grounding: the chosen box), and for grounding ``--heatmaps N`` PNGs of the
+Grad-CAM map over the image with the true (green) and chosen (red) boxes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from ..errors import UsageError
+
+#: the tasks evaluated here (retrieval: albef-ds eval-retrieval)
+EVAL_TASKS = ("ve", "nlvr2", "vqa", "grounding")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--task", required=True, choices=EVAL_TASKS, help="downstream task")
+    p.add_argument("--model", required=True, help="export dir, run dir, checkpoint dir, or weights file (with --config)")
+    p.add_argument("--config", default=None, help="config (default: the export's or run's config.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--split", required=True, help="annotation JSON of the split to evaluate")
+    p.add_argument("--out", default=None, help="directory for metrics.json, results.json (and heatmaps/)")
+    p.add_argument("--heatmaps", type=int, default=0, metavar="N",
+                   help="grounding: save the first N Grad-CAM maps as PNGs under --out/heatmaps")
+
+
+def _config_path(model: Path, config: str | None) -> str:
+    if config:
+        return config
+    for candidate in (model / "config.yaml", model.parent.parent / "config.yaml", model.parent.parent.parent / "config.yaml"):
+        if candidate.is_file():
+            return str(candidate)
+    raise UsageError(f"--model {model}: no config.yaml beside it: give --config")
+
+
+def run(args) -> int:
+    from .. import distributed as dist_lib
+    from ..config import load_config
+    from ..tokenizer import load_tokenizer
+    from ..train.export import resolve_init
+    from ..train.trainer import build_model, make_objective
+
+    launch = dist_lib.read_launch_env()
+    if launch.world_size > 1:
+        dist_lib.init_distributed("gloo" if not torch.cuda.is_available() else "auto")
+    model_path = Path(args.model)
+    if not model_path.exists():
+        raise UsageError(f"--model {model_path}: not found")
+    cfg = load_config(_config_path(model_path, args.config), [f"train.objective={args.task}", *args.overrides])
+    if (model_path / "best.json").is_file():  # a fine-tuning run: its best checkpoint, not its last
+        model_path = model_path / "checkpoints" / json.loads((model_path / "best.json").read_text())["tag"]
+        print(f"evaluating the run's best checkpoint: {model_path}") if launch.rank == 0 else None
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    cfg.model.vocab_size = len(tokenizer)
+    objective = make_objective(cfg, tokenizer)
+    if launch.rank == 0:
+        weights = resolve_init(str(model_path))
+    dist_lib.barrier()
+    weights = resolve_init(str(model_path))
+    cfg.checkpoint.init_from = weights
+    log = print if launch.rank == 0 else (lambda *a: None)
+    model = build_model(cfg, log, objective)
+    device = dist_lib.device() if launch.world_size > 1 else (
+        torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+    model.to(device)
+    evaluator = objective.evaluator_for(args.split, log)
+    metrics = evaluator(model, device)
+    records = gather_records(evaluator.records)
+    if launch.rank == 0:
+        print(f"{args.split}: {evaluator.headline(metrics)}")
+        if args.out:
+            write_outputs(Path(args.out), metrics, records, evaluator, args.heatmaps)
+    return 0
+
+
+def gather_records(records: list[dict]) -> list[dict]:
+    """Every rank's per-example records on rank 0 (without tensors)."""
+    import torch.distributed as dist
+    plain = [{k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for r in records]
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return plain
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, plain)
+    return [r for part in everyone for r in part]
+
+
+def write_outputs(out: Path, metrics: dict, records: list[dict], evaluator, heatmaps: int) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    keys = getattr(evaluator, "results_keys", None)
+    results = [{k: r[k] for k in keys} for r in records] if keys else records
+    (out / "results.json").write_text(json.dumps(results))
+    print(f"wrote {out / 'metrics.json'} and {out / 'results.json'} ({len(results)} results)")
+    if heatmaps:
+        from ..eval.heatmap import save_heatmap
+        folder = out / "heatmaps"
+        folder.mkdir(exist_ok=True)
+        saved = [r for r in evaluator.records if "map" in r][:heatmaps]  # this rank's: the first chunks
+        for i, r in enumerate(saved):
+            save_heatmap(folder / f"{i:04d}.png", evaluator.image_root / r["image"], r["map"], r["text"],
+                         r["truth"], r["box"])
+        print(f"wrote {len(saved)} heat maps to {folder}")
