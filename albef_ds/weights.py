@@ -244,6 +244,12 @@ def _read_weights_file(path: Path) -> StateDict:
 #: HF config.json fields that no tensor shape reveals but must agree with ours.
 def _check_hf_config(hf: dict, cfg, folder: Path) -> None:
     problems = []
+    # Widths show in every tensor's shape too, but a shape error lists each of hundreds of
+    # tensors: one line naming the setting says it better.
+    for hf_key, ours in (("hidden_size", "text_width"), ("intermediate_size", "text_intermediate")):
+        value = hf.get(hf_key)
+        if value is not None and value != getattr(cfg, ours):
+            problems.append(f"{hf_key} {value} vs model.{ours} {getattr(cfg, ours)}")
     depth = hf.get("num_hidden_layers")
     if depth is not None and depth != cfg.text_depth:
         problems.append(f"num_hidden_layers {depth} vs model.text_depth {cfg.text_depth} "
@@ -379,6 +385,8 @@ def _fit_queue(theirs: torch.Tensor, their_ptr: int, ours: torch.Tensor) -> torc
     """Their queue [D, Q'] in write order (oldest first, from the pointer), newest
     min(Q, Q') entries placed at the end of a copy of ours [D, Q]; pointer becomes 0."""
     q_theirs, q_ours = theirs.shape[1], ours.shape[1]
+    if q_theirs == 0:  # nothing to keep (a model trained with model.queue_size 0): ours stays
+        return ours.detach().clone().to(theirs.dtype)
     ordered = torch.roll(theirs, shifts=-(their_ptr % q_theirs), dims=1)
     keep = min(q_ours, q_theirs)
     out = ours.detach().clone().to(theirs.dtype)
@@ -453,9 +461,13 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
             if theirs.dim() == 2 and ours.dim() == 2 and theirs.shape[0] == ours.shape[0] \
                     and theirs.shape[1] != ours.shape[1]:
                 sd[name] = _fit_queue(theirs, ptr, ours)
-                report.notes.append(f"{name}: {theirs.shape[1]} entries -> {ours.shape[1]} "
-                                    f"(newest {min(theirs.shape[1], ours.shape[1])} kept in write order)")
-                resized = True
+                if theirs.shape[1] == 0:
+                    report.notes.append(f"{name}: the source has no queue (model.queue_size 0 there): "
+                                        f"ours ({ours.shape[1]} entries) kept as it is")
+                else:
+                    report.notes.append(f"{name}: {theirs.shape[1]} entries -> {ours.shape[1]} "
+                                            f"(newest {min(theirs.shape[1], ours.shape[1])} kept in write order)")
+                    resized = True
     if resized:
         if "queue_ptr" in expected:
             sd["queue_ptr"] = torch.zeros_like(expected["queue_ptr"])

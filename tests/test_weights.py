@@ -154,6 +154,23 @@ def test_queue_of_another_length_keeps_newest_entries_in_write_order():
     assert int(dst.queue_ptr) == 0
 
 
+def test_an_empty_source_queue_leaves_ours_as_it_is_with_a_note():
+    """The demo trains with model.queue_size 0; fine-tuning its output with the preset's
+    queue used to divide by zero in _fit_queue."""
+    import warnings
+    src = ALBEF(tiny_model_cfg(queue_size=0))
+    dst = ALBEF(tiny_model_cfg(queue_size=64))
+    before = dst.image_queue.clone(), dst.text_queue.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a note, not a warning: nothing was cut
+        report = weights.load_albef_checkpoint(dst, weights.export_albef_state_dict(src))
+    assert any("image_queue: the source has no queue" in n and "kept as it is" in n for n in report.notes)
+    assert torch.equal(dst.image_queue, before[0]) and torch.equal(dst.text_queue, before[1])
+    assert int(dst.queue_ptr) == 0
+    # the other weights did load
+    assert torch.equal(dst.vision_proj.weight, src.vision_proj.weight)
+
+
 # ---------------------------------------------------------------------------- ViT
 
 def plain_bicubic(pos_embed: torch.Tensor, new_grid: int) -> torch.Tensor:
@@ -276,3 +293,14 @@ def test_hf_bert_size_mismatch_is_an_error_naming_key_and_shapes(tmp_path):
     deep.save_pretrained(tmp_path / "deep")
     with pytest.raises(weights.WeightLoadError, match="num_hidden_layers 6 vs model.text_depth 4"):
         weights.load_hf_bert(ALBEF(tiny_model_cfg(max_position_embeddings=512)), tmp_path / "deep")
+
+    wide = transformers.BertModel(transformers.BertConfig(
+        vocab_size=100, hidden_size=64, num_hidden_layers=4, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=512))
+    wide.save_pretrained(tmp_path / "wide")
+    with pytest.raises(weights.WeightLoadError) as err:
+        weights.load_hf_bert(ALBEF(tiny_model_cfg(max_position_embeddings=512)), tmp_path / "wide")
+    message = str(err.value)
+    # one line naming the setting, not a dump of every tensor's shapes
+    assert "config.json does not match the model: hidden_size 64 vs model.text_width 32" in message
+    assert "shape mismatch" not in message and len(message) < 300, len(message)

@@ -62,7 +62,7 @@ def run(args) -> int:
     from .. import distributed as dist_lib
     from ..tokenizer import load_tokenizer
     from ..eval.io import make_io, read_split
-    from ..eval.retrieval import evaluate, format_table
+    from ..eval.retrieval import chance_row, evaluate, format_table
 
     if args.model is None and not args.untrained:
         raise UsageError("give --model PATH or --untrained --config FILE")
@@ -87,7 +87,7 @@ def run(args) -> int:
     if launch.rank == 0:
         print(format_table({"ITC only": {k[4:]: v for k, v in metrics.items() if k.startswith("itc_")},
                             f"ITM re-rank (k={metrics['k_test']})": metrics,
-                            "chance": {"txt_r1": metrics["chance_txt_r1"], "img_r1": metrics["chance_img_r1"]}}))
+                            "chance": chance_row(metrics)}))
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)

@@ -31,14 +31,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                                  "a run/checkpoint directory, or a reference ALBEF .pth")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--run-dir", default=None)
-    p.add_argument("--resume", default="auto")
+    p.add_argument("--resume", default=None, help="'auto' (default: the latest complete checkpoint of this "
+                                                  "fine-tuning run, if any), 'none', or a checkpoint directory")
+    from .pretrain import add_overwrite_argument
+    add_overwrite_argument(p)
 
 
 def run(args) -> int:
     from .. import distributed as dist_lib
     from ..train.export import resolve_init
     from ..train.trainer import train
-    from .pretrain import start
+    from .pretrain import resume_mode, start
+    resume = resume_mode(args, "auto")
     objective, evaluated = TASKS[getattr(args, "task", "retrieval")]
     cfg, launch, stop = start(args, [f"train.objective={objective}"], need_val=evaluated)
     if launch.rank == 0:
@@ -46,4 +50,5 @@ def run(args) -> int:
     dist_lib.barrier()
     if launch.rank != 0:
         cfg.checkpoint.init_from = resolve_init(args.init)  # the export exists now
-    return train(cfg, launch, args.resume, eval_each_epoch=evaluated, keep_best=evaluated, stop=stop)
+    return train(cfg, launch, resume, eval_each_epoch=evaluated, keep_best=evaluated, stop=stop,
+                 overwrite=args.overwrite)

@@ -22,6 +22,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="'auto' (latest complete checkpoint in the run dir), 'none', or a checkpoint "
                         "directory; default: checkpoint.resume from the config")
     p.add_argument("--run-dir", default=None, help="shortcut for --set logging.run_dir=DIR")
+    add_overwrite_argument(p)
+
+
+def add_overwrite_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a run directory that holds an earlier run: its checkpoints, "
+                        "exports, metrics and TensorBoard logs are deleted first (implies --resume none)")
+
+
+def resume_mode(args, default: str) -> str:
+    """--resume (or ``default``), 'none' with --overwrite; the two cannot disagree."""
+    if getattr(args, "overwrite", False):
+        if args.resume not in (None, "none"):
+            from ..errors import UsageError
+            raise UsageError(f"--overwrite starts afresh (--resume none); it cannot be combined with "
+                             f"--resume {args.resume}")
+        return "none"
+    return args.resume or default
 
 
 def start(args, extra_overrides=(), need_val: bool = False):
@@ -55,4 +73,5 @@ def start(args, extra_overrides=(), need_val: bool = False):
 def run(args) -> int:
     from ..train.trainer import train
     cfg, launch, stop = start(args)
-    return train(cfg, launch, args.resume or cfg.checkpoint.resume, stop=stop)
+    resume = resume_mode(args, cfg.checkpoint.resume)
+    return train(cfg, launch, resume, stop=stop, overwrite=getattr(args, "overwrite", False))

@@ -3,7 +3,7 @@
 Encode every image and text, rank by ITC similarity, re-rank the top k of each query by
 the ITM score of the fusion encoder; pairs outside the top k keep a very low score.
 Report TR (image -> text, ``txt_r*``) and IR (text -> image, ``img_r*``) recall at 1/5/10
-and their mean, with the chance level of R@1 on the same split.
+and their mean, with the chance level of each on the same split.
 
 Work is split over ranks in fixed chunks (chunk j on rank j mod world), so each number is
 computed by the same operations whatever the world size: 2 ranks give exactly 1 rank's
@@ -80,11 +80,34 @@ def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray,
     return m
 
 
+def _chance_hit(right: int, total: int, k: int) -> float:
+    """P(at least one of ``right`` correct among ``total`` candidates in a uniformly random top k)."""
+    k = min(k, total)
+    if right <= 0:
+        return 0.0
+    if total - right < k:
+        return 1.0
+    return 1.0 - math.comb(total - right, k) / math.comb(total, k)
+
+
 def chance_metrics(img2txt: Sequence[Sequence[int]], num_texts: int, num_images: int) -> dict:
-    """R@1 of a uniformly random ranking: TR = mean over images of (#captions / #texts),
-    IR = 1 / #images."""
-    txt = 100.0 * float(np.mean([len(t) / num_texts for t in img2txt]))
-    return {"chance_txt_r1": txt, "chance_img_r1": 100.0 / num_images}
+    """R@1/5/10 (and their mean) of a uniformly random ranking: TR = mean over images of
+    P(one of its captions in the top k) (k x #captions / #texts for small k), IR = k / #images."""
+    out = {}
+    counts = {}
+    for t in img2txt:
+        counts[len(t)] = counts.get(len(t), 0) + 1
+    for k in (1, 5, 10):
+        txt = sum(n * _chance_hit(c, num_texts, k) for c, n in counts.items()) / max(1, len(img2txt))
+        out[f"chance_txt_r{k}"] = 100.0 * txt
+        out[f"chance_img_r{k}"] = 100.0 * min(k, num_images) / num_images
+    out["chance_r_mean"] = float(np.mean([out[f"chance_{d}_r{k}"] for d in ("txt", "img") for k in (1, 5, 10)]))
+    return out
+
+
+def chance_row(metrics: dict) -> dict:
+    """The ``chance_*`` values of ``metrics`` under the table's column names."""
+    return {k[len("chance_"):]: v for k, v in metrics.items() if k.startswith("chance_")}
 
 
 # ------------------------------------------------------------------ re-ranking
@@ -174,8 +197,12 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
 def format_table(rows: dict[str, dict]) -> str:
     """A small text table: one row per named result, TR/IR R@1/5/10 and the mean."""
     cols = ["txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "r_mean"]
-    head = f"{'':24s}" + "".join(f"{c:>9s}" for c in cols)
+    width = max([24] + [len(name) + 1 for name in rows])
+    head = f"{'':{width}s}" + "".join(f"{c:>9s}" for c in cols)
     lines = [head]
     for name, m in rows.items():
-        lines.append(f"{name:24s}" + "".join(f"{m.get(c, math.nan):9.2f}" for c in cols))
+        # a value the row does not have prints as a dash, never 'nan'
+        cells = (f"{m[c]:9.2f}" if isinstance(m.get(c), (int, float)) and not math.isnan(m[c]) else f"{'-':>9s}"
+                 for c in cols)
+        lines.append(f"{name:{width}s}" + "".join(cells))
     return "\n".join(lines)

@@ -145,18 +145,31 @@ class CheckpointManager:
             if final.exists():  # the same step saved twice (a best checkpoint, then the periodic one)
                 shutil.rmtree(final)
             os.replace(partial, final)
+            self._prune(just_written=tag)
+            # after the pruning, and naming the checkpoint just committed: 'latest' always
+            # names a complete checkpoint that exists
             _atomic_write(self.dir / "latest", tag)
-            self._prune()
         self.comm.barrier()
         return final
 
-    def _prune(self) -> None:
-        """Keep the newest ``keep_last`` complete checkpoints (and the best); remove partial
-        folders of interrupted saves (this save's own was renamed already)."""
+    def _prune(self, just_written: str) -> None:
+        """Keep the checkpoint just written, the best one, and the newest ``keep_last`` - 1
+        others before it; remove partial folders of interrupted saves (this save's own was
+        renamed already).
+
+        Checkpoints at higher steps than the one just written are removed whatever
+        ``keep_last`` says: they are not this run's past (another run's, or the future of a
+        run resumed from an earlier checkpoint, whose metrics were rewound likewise), and
+        left there they would sort as newer: rotation would delete the new checkpoints and
+        ``--resume auto`` or ``export`` would pick the old one."""
         best = self.dir.parent / "best.json"
         keep = {json.loads(best.read_text())["tag"]} if best.is_file() else set()
-        complete = [t for t in self.complete_tags() if t not in keep]
-        for tag in complete[: max(0, len(complete) - self.keep_last)]:
+        keep.add(just_written)
+        others = [t for t in self.complete_tags() if t not in keep]
+        ahead = [t for t in others if t > just_written]
+        before = [t for t in others if t < just_written]
+        room = max(0, self.keep_last - 1)  # the just-written one counts as the newest kept
+        for tag in ahead + before[: max(0, len(before) - room)]:
             shutil.rmtree(self.dir / tag, ignore_errors=True)
             shutil.rmtree(self.dir / f"{tag}_universal", ignore_errors=True)
         for stale in self.dir.glob(f"step_*{PARTIAL}"):

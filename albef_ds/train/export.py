@@ -3,10 +3,16 @@
 Online weights come from DeepSpeed's fp32 optimizer partitions (``zero_to_fp32``), the
 momentum weights from our fp32 EMA master (the shared file, ZeRO-3 partitions joined from
 the rank files one at a time), the queues from pool 0's queue file. Writes ``model.pt`` (our layout, loadable by
-:func:`load_exported`) and ``albef.pth`` (the reference release's layout).
+:func:`load_exported`), ``albef.pth`` (the reference release's layout), ``config.yaml`` and a
+copy of the tokenizer folder (``tokenizer/``, which the config names by its absolute path).
+
+Exports go to ``RUN/exports/step_N/`` by default: outside ``checkpoints/``, so checkpoint
+rotation (``checkpoint.keep_last``) never deletes them.
 """
 from __future__ import annotations
 
+import copy
+import shutil
 from pathlib import Path
 
 import torch
@@ -48,17 +54,55 @@ def consolidate(tag_dir: Path, cfg: Config) -> torch.nn.Module:
     return model
 
 
-def save_exported(model, cfg: Config, out: Path) -> None:
+#: where an export keeps its copy of the tokenizer folder
+EXPORT_TOKENIZER = "tokenizer"
+
+
+def default_export_dir(tag_dir: Path) -> Path:
+    """``RUN/exports/<tag>``: beside the checkpoints, out of rotation's reach."""
+    return tag_dir.parent.parent / "exports" / tag_dir.name
+
+
+def save_exported(model, cfg: Config, out: Path, reference_pth: bool = False) -> Path:
+    """``model.pt``, ``config.yaml`` and the tokenizer (copied into ``out/tokenizer``, the
+    config pointing at it by absolute path) into ``out``; ``reference_pth``: also
+    ``albef.pth`` in the reference layout of the config's objective. Returns ``out``."""
     from ..config import save_config
+    out = Path(out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": model.state_dict()}, out / "model.pt")
+    cfg = copy.deepcopy(cfg)
+    tokenizer = Path(cfg.data.tokenizer) if cfg.data.tokenizer else None
+    copied = out / EXPORT_TOKENIZER
+    if tokenizer is not None and tokenizer.is_dir() and tokenizer.resolve() != copied.resolve():
+        shutil.rmtree(copied, ignore_errors=True)
+        shutil.copytree(tokenizer, copied)
+    if copied.is_dir():
+        cfg.data.tokenizer = str(copied)
+    tmp = out / "model.pt.tmp"
+    torch.save({"model": model.state_dict()}, tmp)
+    tmp.replace(out / "model.pt")
     save_config(cfg, out / "config.yaml")
+    if reference_pth:
+        from ..objectives import reference_layout
+        from ..weights import save_albef_pth
+        save_albef_pth(model, out / "albef.pth", **reference_layout(cfg))
+    return out
+
+
+def export_checkpoint(tag_dir: Path, cfg: Config, out: Path | None = None) -> Path:
+    """Consolidate ``tag_dir`` and save it (model.pt, albef.pth, config, tokenizer) into
+    ``out`` (default ``RUN/exports/<tag>``)."""
+    return save_exported(consolidate(tag_dir, cfg), cfg, out or default_export_dir(tag_dir), reference_pth=True)
 
 
 def load_exported(directory: str | Path):
-    """(model, cfg) from an export directory."""
+    """(model, cfg) from an export directory. A tokenizer path that no longer exists (the
+    export was moved or copied to another machine) falls back to the export's own copy."""
     directory = Path(directory)
     cfg = load_config(directory / "config.yaml")
+    own = directory / EXPORT_TOKENIZER
+    if own.is_dir() and not (cfg.data.tokenizer and Path(cfg.data.tokenizer).is_dir()):
+        cfg.data.tokenizer = str(own.absolute())
     from ..objectives import build_task_model
     model = build_task_model(cfg)
     model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=False)["model"])
@@ -67,13 +111,12 @@ def load_exported(directory: str | Path):
 
 def resolve_init(path: str) -> str:
     """Weights to start a fine-tuning from: a file or an export as they are; a checkpoint or
-    run directory is consolidated into ``<checkpoint>/export`` first (call on rank 0)."""
+    run directory is exported into ``RUN/exports/<tag>`` first (call on rank 0)."""
     p = Path(path)
     if p.is_file() or (p / "model.pt").is_file():
         return str(p / "model.pt") if p.is_dir() else str(p)
     tag_dir = resolve_checkpoint(path)
-    out = tag_dir / "export"
+    out = default_export_dir(tag_dir)
     if not (out / "model.pt").is_file():
-        cfg = load_config(tag_dir.parent.parent / "config.yaml")
-        save_exported(consolidate(tag_dir, cfg), cfg, out)
+        export_checkpoint(tag_dir, load_config(tag_dir.parent.parent / "config.yaml"), out)
     return str(out / "model.pt")

@@ -104,3 +104,34 @@ def memory_gb(device: torch.device) -> Optional[float]:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     except ImportError:
         return None
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    return f"{h}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+def format_log_line(step: int, total: int, values: dict, loss_keys, eta_s: Optional[float],
+                    memory_kind: str = "peak") -> str:
+    """One plain log line (what a SLURM log or a file holds; no '\\r'), as torchtitan and the
+    HF Trainer print: step/total, the objective's progress loss terms, lr, pairs/s,
+    achieved TFLOP/s (and MFU when the device's peak is known), memory when known, ETA."""
+    width = len(str(total))
+    parts = [f"step {step:>{width}}/{total}"]
+    losses = " ".join(f"{k.replace('loss_', '')} {values[k]:.4f}" for k in loss_keys if k in values)
+    if losses:
+        parts.append(losses)
+    if "lr" in values:
+        parts.append(f"lr {values['lr']:.3g}")
+    if "pairs_per_s" in values:
+        parts.append(f"{values['pairs_per_s']:.1f} pairs/s")
+    if "achieved_tflops" in values:
+        flops = f"{values['achieved_tflops']:.3g} TFLOP/s"
+        if values.get("mfu") is not None:
+            flops += f" (MFU {100 * values['mfu']:.1f}%)"
+        parts.append(flops)
+    if values.get("memory_gb") is not None:
+        parts.append(f"mem {values['memory_gb']:.2f} GiB {memory_kind}")
+    parts.append(f"ETA {_duration(eta_s)}" if eta_s is not None else "ETA ?")
+    return " | ".join(parts)

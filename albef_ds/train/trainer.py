@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -21,10 +22,12 @@ from .. import distributed as dist_lib
 from ..config import Config, ConfigError, save_config
 from ..objectives import Objective, StepContext
 from ..objectives.pretrain import TEMP_BOUNDS
+from ..errors import UsageError
 from . import checkpoint as ckpt_lib
+from . import run_dir as run_dir_lib
 from .backend import DeepSpeedBackend, clamp_master, clean_shared_memory_leftovers, full_numel
 from .ema import MomentumEMA, assemble_full
-from .metrics import MetricsLogger, RunningMeans, memory_gb, rewind_jsonl
+from .metrics import MetricsLogger, RunningMeans, format_log_line, memory_gb, rewind_jsonl
 from .stop import EXIT_PREEMPTED, StopFlag, end_loader_workers, worker_ignores_stop_signals
 
 #: marker written in the run directory when the planned final step is reached.
@@ -238,10 +241,24 @@ def config_changes(path: Path, cfg: Config) -> list[str]:
     out = []
     for section, values in cfg.to_dict().items():
         for key, value in values.items():
-            before = old.get(section, {}).get(key, value)
+            before = (old.get(section) or {}).get(key, value)
             if before != value:
                 out.append(f"{section}.{key}: {before!r} -> {value!r}")
     return out
+
+
+def save_run_config(run_dir: Path, cfg: Config, resumed: bool, log=print) -> list[str]:
+    """Write ``run_dir/config.yaml``; on a resume, first list key by key what differs from
+    the config the run was saved with (that file is about to be overwritten)."""
+    path = run_dir / "config.yaml"
+    changed = config_changes(path, cfg) if resumed else []
+    if changed:
+        log(f"note: the config differs from the run's {path} in {len(changed)} key(s); "
+            f"the run continues with the new values (config.yaml is updated):")
+        for line in changed:
+            log(f"  {line}")
+    save_config(cfg, path)
+    return changed
 
 
 def summary(cfg: Config, launch, trainer: Trainer) -> str:
@@ -284,28 +301,58 @@ def make_objective(cfg: Config, tokenizer) -> Objective:
 
 
 def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_best: bool = False,
-          stop: StopFlag | None = None) -> int:
+          stop: StopFlag | None = None, overwrite: bool = False) -> int:
     """Train ``cfg.train.objective``; returns 0 at the final step, EXIT_PREEMPTED after a
     stop on a signal. ``eval_each_epoch``/``eval.every_steps``: the objective's evaluation
     on data.val_dir (metrics prefix ``val``); ``keep_best``: the checkpoint with the best
     val metric (the evaluator's ``primary``: r_mean for retrieval, accuracy for the
-    classification tasks) is kept (``best.json``) whatever ``keep_last`` says."""
+    classification tasks) is kept (``best.json``) whatever ``keep_last`` says.
+
+    The run directory holds this run only: rank 0 locks it for the run's life (a second
+    start is refused), and ``resume="none"`` into a directory holding an earlier run's
+    outputs is refused unless ``overwrite`` (which removes them first)."""
     stop = stop or StopFlag()
-    run = _Run(cfg, launch, resume, eval_each_epoch, keep_best)
-    trainer, loader = run.trainer, run.loader
+    run_dir_lib.absolute_paths(cfg)  # the saved config must work from any directory
+    lock = _claim_run_dir(cfg, launch, resume, overwrite)
     try:
-        while trainer.step < trainer.total_steps and not run.stopped:
-            for batch in loader:
-                out, boundary = trainer.train_step(batch)
-                run.after_micro_step(batch, out)
-                if boundary and (run.after_step(stop) or trainer.step >= trainer.total_steps):
-                    break
-            else:
-                trainer.epoch += 1
-    except BaseException:
-        end_loader_workers()
-        raise
-    return run.finish()
+        run = _Run(cfg, launch, resume, eval_each_epoch, keep_best)
+        trainer, loader = run.trainer, run.loader
+        try:
+            while trainer.step < trainer.total_steps and not run.stopped:
+                for batch in loader:
+                    out, boundary = trainer.train_step(batch)
+                    run.after_micro_step(batch, out)
+                    if boundary and (run.after_step(stop) or trainer.step >= trainer.total_steps):
+                        break
+                else:
+                    trainer.epoch += 1
+        except BaseException:
+            end_loader_workers()
+            raise
+        return run.finish()
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _claim_run_dir(cfg: Config, launch, resume: str, overwrite: bool):
+    """Rank 0 locks the run directory and, for a fresh start, checks (or with
+    ``overwrite`` clears) what an earlier run left there; every rank raises the same error
+    when either fails (before anything else is written). Returns rank 0's lock."""
+    lock, error = None, None
+    if launch.rank == 0:
+        try:
+            lock = run_dir_lib.RunDirLock(cfg.logging.run_dir).acquire()
+            if resume == "none":
+                run_dir_lib.prepare_fresh_start(cfg.logging.run_dir, overwrite)
+        except UsageError as e:
+            error = str(e)
+    error = dist_lib.broadcast_object(error)
+    if error:
+        if lock is not None:
+            lock.release()
+        raise UsageError(error)
+    return lock
 
 
 class _Run:
@@ -331,10 +378,7 @@ class _Run:
         if meta:  # everything checked before anything is written
             ckpt_lib.check_resumable(resume_dir, meta, cfg, launch.world_size)
         if is_main:
-            changed = config_changes(run_dir / "config.yaml", cfg) if meta else []
-            if changed:
-                log("note: the config differs from the run's config.yaml: " + "; ".join(changed))
-            save_config(cfg, run_dir / "config.yaml")
+            save_run_config(run_dir, cfg, resumed=meta is not None, log=log)
 
         self.loader = objective.make_loader(cfg, launch.rank, launch.world_size, launch.local_world_size,
                                             launch.local_rank, str(run_dir))
@@ -347,24 +391,28 @@ class _Run:
         if resume_dir:
             t.resume(self.ckpt, resume_dir, ds_dir, meta["world_size"], self.loader)
 
-        self.metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard,
-                                     resume_step=t.step if resume_dir else None)
+        # A start without a checkpoint (--resume auto before the first save was made)
+        # redoes every step: earlier lines of this directory are dropped too.
+        self.metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard, resume_step=t.step)
         self.evaluator = (objective.make_evaluator(cfg, tokenizer)
                           if cfg.eval.every_steps or eval_each_epoch else None)
         self.best = -1.0
         self.keys_log = None
         if cfg.logging.log_sample_keys:
             keys_path = run_dir / f"sample_keys_rank{launch.rank}.jsonl"
-            if resume_dir:  # lines are written at micro-steps of steps 0..step-1 (done): drop the redone ones
-                rewind_jsonl(keys_path, t.step - 1)
+            # lines are written at micro-steps of steps 0..step-1 (done): drop the redone ones
+            rewind_jsonl(keys_path, t.step - 1)
             self.keys_log = open(keys_path, "a", encoding="utf-8")
         self.flops_per_pair, self.peak = _flops_and_peak(cfg, t.device, t.backend.dtype)
         self.bar = None
-        if is_main and cfg.logging.progress_bar:
+        # tqdm draws on stderr with '\r': into a file (a SLURM log) that is one endless line,
+        # so the bar is only drawn on a terminal; the plain log lines are printed either way.
+        if is_main and cfg.logging.progress_bar and sys.stderr.isatty():
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=t.step, desc=objective.name, unit="step", dynamic_ncols=True)
         self.stopped = False
         self.t_log, self.pairs_since_log, self.steps_since_log = time.time(), 0, 0
+        self.t_start, self.step_start = self.t_log, t.step  # for the ETA
         dist_lib.TRAFFIC.take()  # start-up collectives are not a step's
 
     def after_micro_step(self, batch: dict, out: dict) -> None:
@@ -402,8 +450,15 @@ class _Run:
         if self.peak:
             values["mfu"] = values["pairs_per_s"] * self.flops_per_pair / (self.peak * t.world)
         self.metrics.log(t.step, values)
+        done = t.step - self.step_start
+        eta = (time.time() - self.t_start) / done * (t.total_steps - t.step) if done > 0 else None
+        line = format_log_line(t.step, t.total_steps, values, t.objective.progress_keys, eta,
+                               memory_kind="peak allocated" if t.device.type == "cuda" else "peak RSS")
         if self.bar is not None:
             self.bar.set_postfix({k.replace("loss_", ""): f"{values[k]:.3f}" for k in t.objective.progress_keys})
+            self.bar.write(line)
+        elif t.rank == 0:
+            print(line, flush=True)
         self.t_log, self.pairs_since_log, self.steps_since_log = time.time(), 0, 0
         if self.keys_log is not None:
             self.keys_log.flush()

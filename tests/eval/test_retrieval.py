@@ -54,6 +54,11 @@ def test_chance():
     c = chance_metrics([[0, 1, 2, 3, 4]] * 10, 50, 10)
     assert c["chance_txt_r1"] == pytest.approx(10.0)
     assert c["chance_img_r1"] == pytest.approx(10.0)
+    # R@k: IR k / #images; TR the chance that one of 5 captions out of 50 is in a random top k
+    assert c["chance_img_r5"] == pytest.approx(50.0) and c["chance_img_r10"] == pytest.approx(100.0)
+    from math import comb
+    assert c["chance_txt_r5"] == pytest.approx(100 * (1 - comb(45, 5) / comb(50, 5)))
+    assert c["chance_txt_r10"] == pytest.approx(100 * (1 - comb(45, 10) / comb(50, 10)))
 
 
 def test_rerank_reverses_itc_order():

@@ -182,6 +182,22 @@ def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):
     assert torch.load(ckpt.dir / "step_00000005" / "albef_rank00000.pt", weights_only=False) == {}
 
 
+def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
+    """Higher steps of another run in the folder (as --resume none used to leave them) sort
+    as newer: the save just made must survive, 'latest' must name it, and auto-resume must
+    not find the old run's."""
+    ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
+    for step in (100, 200, 300):
+        ckpt.save(fake_backend(), step, {}, {})
+    for step in (1, 2, 3):
+        ckpt.save(fake_backend(), step, {}, {})
+        latest = (ckpt.dir / "latest").read_text()
+        assert latest == f"step_{step:08d}" and (ckpt.dir / latest / META).is_file()
+        # nothing ahead of the new checkpoint is left for --resume auto or export to pick
+        assert ckpt.resolve("auto") == ckpt.dir / f"step_{step:08d}"
+    assert ckpt.complete_tags() == ["step_00000002", "step_00000003"]
+
+
 @pytest.mark.parametrize("ds_name", ["zero2_bf16.json", "zero3_bf16.json"])
 def test_temperature_clamp_reaches_the_fp32_master(ds_name, monkeypatch):
     """The master is set past the bound (as a large step would); clamp_master brings the

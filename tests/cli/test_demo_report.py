@@ -1,0 +1,35 @@
+"""The demo's closing report (albef_ds/cli/demo.py), without running the demo: both rankings
+of the trained model are shown, the headline names which ranking each figure is, and the
+chance row has real R@5/R@10 values, never 'nan'."""
+from albef_ds.cli.demo import headline, results_table
+from albef_ds.eval.retrieval import chance_metrics
+
+
+def result(itc_r1: float, itm_r1: float) -> dict:
+    """An evaluate() result on 100 images x 5 captions with the given R@1 (both ways)."""
+    m = {"k_test": 16, "num_images": 100, "num_texts": 500, **chance_metrics([[0] * 5] * 100, 500, 100)}
+    for prefix, r1 in (("itc_", itc_r1), ("", itm_r1)):
+        m.update({f"{prefix}txt_r1": r1, f"{prefix}img_r1": r1 / 2, f"{prefix}txt_r5": 3 * r1,
+                  f"{prefix}img_r5": 1.5 * r1, f"{prefix}txt_r10": 4 * r1, f"{prefix}img_r10": 2 * r1,
+                  f"{prefix}r_mean": 2 * r1})
+    return m
+
+
+def test_the_table_shows_itc_only_and_itm_reranked_rows_and_real_chance_values():
+    table = results_table(result(1.0, 1.0), result(7.6, 5.9), k=16)
+    rows = {line[:30].strip(): line[30:].split() for line in table.splitlines()[1:]}
+    assert rows["trained, ITC only"][0] == "7.60" and rows["trained, ITM re-rank k=16"][0] == "5.90"
+    assert "untrained, ITC only" in rows and "untrained, ITM re-rank k=16" in rows
+    assert "nan" not in table
+    chance = rows["chance"]
+    assert chance[:3] == ["1.00", "4.92", "9.65"]  # TR: 1 - C(495, k) / C(500, k)
+    assert chance[3:6] == ["1.00", "5.00", "10.00"]  # IR: k / 100
+
+
+def test_the_headline_names_which_ranking_each_figure_is_and_the_better_one():
+    text = headline(result(7.6, 5.9))
+    itc_line, itm_line, verdict = text.splitlines()
+    assert itc_line.startswith("trained, ITC only:") and "TR@1 7.60% = 8x chance" in itc_line
+    assert itm_line.startswith("trained, ITM re-ranked:") and "TR@1 5.90%" in itm_line
+    assert verdict.startswith("better R@1 here: ITC only")
+    assert headline(result(3.0, 9.0)).splitlines()[2].startswith("better R@1 here: ITM re-ranked")

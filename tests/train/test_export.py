@@ -1,0 +1,49 @@
+"""Exports (issue 15): in RUN/exports/step_N (outside checkpoints/, which rotation
+prunes), with the tokenizer, and a config of absolute paths: an export evaluates from any
+directory after every checkpoint is gone."""
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from test_run_dir import call, pretrain  # noqa: E402
+
+
+def test_an_export_survives_rotation_and_evaluates_from_another_directory(synth_data, tmp_path):
+    """The run is started from one directory with relative paths; the export is evaluated
+    from another after every checkpoint is gone, the tokenizer folder moved away too."""
+    import shutil
+    data, tok = synth_data
+    start_dir = tmp_path / "start"
+    start_dir.mkdir()
+    tok_copy = tmp_path / "tok_copy"  # removed below: the export must carry its own
+    shutil.copytree(tok, tok_copy)
+    rel_data, rel_tok = Path(os.path.relpath(data, start_dir)), Path(os.path.relpath(tok_copy, start_dir))
+    call(pretrain("run", rel_data, rel_tok, steps=4), tmp_path / "train.log", cwd=start_dir)
+    run = start_dir / "run"
+    import yaml
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["data"]["tokenizer"] == str(tok_copy) and saved["data"]["train_dirs"] == [str(data / "train")]
+    assert saved["logging"]["run_dir"] == str(run)
+
+    _, text = call([sys.executable, "-m", "albef_ds", "export", "run"], tmp_path / "export.log", cwd=start_dir)
+    export = run / "exports" / "step_00000004"
+    assert {"model.pt", "albef.pth", "config.yaml", "tokenizer"} <= {p.name for p in export.iterdir()}
+    assert yaml.safe_load((export / "config.yaml").read_text())["data"]["tokenizer"] == str(export / "tokenizer")
+
+    # rotation/deletion of the checkpoints, and the original tokenizer gone
+    shutil.rmtree(run / "checkpoints")
+    shutil.rmtree(tok_copy)
+    from albef_ds.train.export import load_exported
+    model, cfg = load_exported(export)
+    assert cfg.data.tokenizer == str(export / "tokenizer")
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    rel_export = os.path.relpath(export, elsewhere)
+    _, text = call([sys.executable, "-m", "albef_ds", "eval-retrieval", "--model", rel_export,
+                    "--split", str(data / "test.json"), "--max-images", "10", "--k", "4",
+                    "--out", "eval"], tmp_path / "eval.log", cwd=elsewhere)
+    result = json.loads((elsewhere / "eval" / "retrieval.json").read_text())
+    assert result["num_images"] == 10 and "chance" in text and "nan" not in text

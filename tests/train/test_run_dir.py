@@ -1,0 +1,166 @@
+"""A run directory holds one run (issue 15, "Runs"): a lock refuses a second start, a fresh
+start over an earlier run needs --overwrite (which clears it), a resume lists config
+changes key by key, and a log written to a file has one plain line per log interval and
+no carriage return (tests/train/test_export.py: exports).
+
+1-rank runs of a very small model (a few seconds each)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+
+REPO = Path(__file__).resolve().parents[2]
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def env():
+    out = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
+    # the worktree's package whatever the cwd (the export test runs from elsewhere)
+    path = os.pathsep.join([str(REPO)] + ([out["PYTHONPATH"]] if out.get("PYTHONPATH") else []))
+    return dict(out, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+
+
+def pretrain(run_dir, data, tok, *extra, steps=6):
+    """argv of a small 1-rank pretraining (log and checkpoint every 2 steps, keep 2)."""
+    sets = [f"data.train_dirs=[{data / 'train'}]", f"data.tokenizer={tok}", f"train.max_steps={steps}",
+            "train.micro_batch_size=8", "model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1",
+            "logging.log_every=2", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
+            "logging.tensorboard=false"]
+    return [sys.executable, "-m", "albef_ds", "pretrain", "--config", "tiny", "--run-dir", str(run_dir),
+            *[a for s in sets for a in ("--set", s)], *extra]
+
+
+def call(argv, log: Path, cwd=REPO, ok=True):
+    """Run with stdout and stderr into a file, as a SLURM job's output is."""
+    with open(log, "w") as f:
+        proc = subprocess.run(argv, cwd=cwd, env=env(), stdout=f, stderr=subprocess.STDOUT, timeout=600)
+    text = log.read_text()
+    if ok:
+        assert proc.returncode == 0, text[-4000:]
+    return proc.returncode, text
+
+
+def steps_logged(run_dir: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_log_written_to_a_file_has_one_plain_line_per_interval_and_no_carriage_return(synth_data, tmp_path):
+    data, tok = synth_data
+    # the progress bar is on (the preset's default): into a file it must not be drawn
+    _, text = call(pretrain(tmp_path / "run", data, tok, "--set", "logging.progress_bar=true"), tmp_path / "log")
+    assert "\r" not in text
+    lines = [line for line in text.splitlines() if line.startswith("step ")]
+    assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"], text[-3000:]
+    for line in lines:
+        for word in ("itc ", "itm ", "mlm ", "lr ", "pairs/s", "TFLOP/s", "mem ", "ETA "):
+            assert word in line, (word, line)
+    assert "done: 6 steps" in text
+
+
+def test_resume_none_into_a_used_run_dir_is_refused_then_overwrite_clears_it(synth_data, tmp_path):
+    """The old run reached step 6 (checkpoints 4 and 6 kept); the new one, 4 steps, used to
+    lose its own checkpoints to rotation (old, higher steps sort as newer) and export the
+    old run's model."""
+    data, tok = synth_data
+    run = tmp_path / "run"
+    call(pretrain(run, data, tok), tmp_path / "first.log")
+    before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
+
+    code, text = call(pretrain(run, data, tok, "--resume", "none", steps=4), tmp_path / "refused.log", ok=False)
+    assert code == 2, text[-3000:]
+    assert "holds an earlier run" in text and "--overwrite" in text and "Traceback" not in text
+    assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
+
+    _, text = call(pretrain(run, data, tok, "--overwrite", steps=4), tmp_path / "overwrite.log")
+    assert "removed the earlier run's" in text
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000004"]
+    assert (ckpts / "latest").read_text() == "step_00000004"
+    assert (ckpts / "step_00000004" / "albef_meta.json").is_file()
+    assert steps_logged(run) == [2, 4]  # nothing of the old run's metrics
+    assert (run / "DONE").read_text() == "4"
+
+    code, text = call(pretrain(run, data, tok, "--overwrite", "--resume", "auto"), tmp_path / "both.log", ok=False)
+    assert code == 2 and "cannot be combined with --resume auto" in text
+
+
+def test_a_second_start_into_an_active_run_dir_is_refused_naming_the_holder(synth_data, tmp_path):
+    from albef_ds.train.run_dir import RunDirLock
+    data, tok = synth_data
+    run = tmp_path / "run"
+    lock = RunDirLock(run).acquire()
+    try:
+        code, text = call(pretrain(run, data, tok), tmp_path / "busy.log", ok=False)
+    finally:
+        lock.release()
+    assert code == 2, text[-3000:]
+    assert "is in use by another run" in text and f"pid {os.getpid()}" in text and "Traceback" not in text
+    assert not (run / "metrics.jsonl").exists() and not (run / "config.yaml").exists()
+
+
+def test_a_killed_holders_lock_does_not_block_the_resume(synth_data, tmp_path):
+    data, tok = synth_data
+    run = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from albef_ds.train.run_dir import "
+                               "RunDirLock; RunDirLock(sys.argv[1]).acquire(); print('locked', flush=True); "
+                               "time.sleep(600)", str(run)], env=env(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    assert json.loads((run / ".lock").read_text())["pid"] == holder.pid  # the stale file is still there
+    call(pretrain(run, data, tok, steps=2), tmp_path / "after.log")
+    assert steps_logged(run) == [2]
+
+
+def test_two_runs_started_at_once_into_one_dir_do_not_both_succeed(synth_data, tmp_path):
+    data, tok = synth_data
+    run = tmp_path / "run"
+    procs, logs = [], []
+    for i in range(2):
+        logs.append(tmp_path / f"run{i}.log")
+        f = open(logs[-1], "w")
+        procs.append(subprocess.Popen(pretrain(run, data, tok, steps=20), cwd=REPO, env=env(), stdout=f,
+                                      stderr=subprocess.STDOUT))
+    codes = [p.wait(timeout=600) for p in procs]
+    texts = [log.read_text() for log in logs]
+    assert sorted(codes) == [0, 2], texts
+    assert "is in use by another run" in texts[codes.index(2)]
+    assert steps_logged(run) == list(range(2, 21, 2))  # one run's lines, in order, once each
+
+
+def test_a_changed_config_on_resume_is_listed_key_by_key(synth_data, tmp_path):
+    data, tok = synth_data
+    run = tmp_path / "run"
+    call(pretrain(run, data, tok, steps=2), tmp_path / "first.log")
+    _, text = call(pretrain(run, data, tok, "--set", "train.lr=0.0002", "--set", "model.momentum=0.99", steps=4),
+                   tmp_path / "resume.log")
+    assert "resumed from" in text
+    assert "the config differs from the run's" in text and "3 key(s)" in text
+    assert "\n  train.lr: 0.0005 -> 0.0002" in text, text[-3000:]
+    assert "\n  model.momentum: 0.995 -> 0.99" in text
+    assert text.index("train.max_steps: 2 -> 4") < text.index("resumed from")
+    import yaml
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["train"]["lr"] == 0.0002 and saved["train"]["max_steps"] == 4
+    assert steps_logged(run) == [2, 4]
+
+
+def test_save_run_config_lists_changes_before_overwriting(tmp_path):
+    from albef_ds.config import load_config, save_config
+    from albef_ds.train.trainer import save_run_config
+    old = load_config("tiny", ["train.lr=1e-4"])
+    save_config(old, tmp_path / "config.yaml")
+    new = load_config("tiny", ["train.lr=3e-4", "checkpoint.keep_last=7"])
+    seen = []
+
+    def log(line):  # at the moment each line is printed, config.yaml still holds the old run's
+        seen.append((line, load_config(tmp_path / "config.yaml").train.lr))
+    changed = save_run_config(tmp_path, new, resumed=True, log=log)
+    assert changed == ["train.lr: 0.0001 -> 0.0003", "checkpoint.keep_last: 2 -> 7"]
+    assert [s[0] for s in seen][1:] == ["  train.lr: 0.0001 -> 0.0003", "  checkpoint.keep_last: 2 -> 7"]
+    assert all(lr == 1e-4 for _, lr in seen)
+    assert load_config(tmp_path / "config.yaml").train.lr == 3e-4
+    assert save_run_config(tmp_path, new, resumed=False, log=log) == []  # a fresh start lists nothing
