@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from shared_runs import DEMO_STEPS, run_albef
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,18 +29,6 @@ def run_cli(argv, **kw):
     if proc.returncode != 0:
         raise AssertionError(f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
-
-
-#: pretraining steps of the short demo shared by the end-to-end tests
-DEMO_STEPS = 300
-
-
-def run_albef(argv, timeout=900, threads=1):
-    """``python -m albef_ds ARGV`` as a user runs it; its stdout (fails with the output)."""
-    proc = subprocess.run([sys.executable, "-m", "albef_ds", *argv], cwd=REPO, capture_output=True, text=True,
-                          env=dict(os.environ, OMP_NUM_THREADS=str(threads)), timeout=timeout)
-    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    return proc.stdout
 
 
 @pytest.fixture(scope="session")

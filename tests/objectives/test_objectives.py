@@ -24,7 +24,7 @@ def test_every_registered_objective_resolves_to_its_class():
 
 
 def test_an_unknown_objective_names_the_key_and_the_known_ones():
-    with pytest.raises(ConfigError, match=r"'train.objective'.*'nope'.*itc, pretrain, retrieval"):
+    with pytest.raises(ConfigError, match=r"'train.objective'.*'nope'.*grounding, itc, nlvr2, nlvr_ta, pretrain, retrieval, ve, vqa"):
         objective_class("nope")
 
 
