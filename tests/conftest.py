@@ -49,7 +49,7 @@ SLOW_FILES = {
     "slurm/test_shared_node.py", "train/test_pretrain.py", "train/test_distributed.py",
     "train/test_scale_out.py", "train/test_failure_paths.py", "cli/test_demo.py", "data/test_data_ranks.py",
     "data/test_data_partition.py", "data/test_data_shm.py", "data_tools/test_dt_memory.py",
-    "objectives/test_tasks_end_to_end.py",
+    "objectives/test_tasks_end_to_end.py", "train/test_task_runs.py",
 }
 
 
