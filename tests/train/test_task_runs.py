@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from test_pretrain import REPO, env, free_port, launch
+from test_pretrain import REPO, free_port, launch
 
 STEPS = 8
 
