@@ -57,6 +57,10 @@ class Objective:
     head_prefixes: tuple = ()
     #: checkpoint key prefixes dropped when loading one of this task's checkpoints
     ignored_checkpoint_parts: tuple = ()
+    #: whether the pretraining step's analytic FLOPs (albef_ds.model_info, the MFU
+    #: definition) describe this objective's step: the log line's TFLOP/s and MFU are left
+    #: out where they do not (the downstream tasks)
+    reports_pretraining_flops = True
 
     def __init__(self, cfg, tokenizer):
         self.cfg = cfg

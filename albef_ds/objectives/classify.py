@@ -32,6 +32,7 @@ def classifier_head(width: int, classes: int) -> nn.Sequential:
 
 class ClassificationObjective(Objective):
     data = "task"
+    reports_pretraining_flops = False
     log_keys = ("loss", "acc", "alpha")
     progress_keys = ("loss", "acc")
     unused_parts = PRETRAINING_ONLY

@@ -66,6 +66,7 @@ def _box(value, what: str):
 class GroundingObjective(RetrievalObjective):
     name = "grounding"
     data = "task"
+    reports_pretraining_flops = False  # ITC + ITM, no MLM: not the pretraining step's work
     #: the reference's grounding checkpoint is its retrieval model (model_retrieval.py)
     reference_layout = "retrieval"
 

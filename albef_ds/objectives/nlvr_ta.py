@@ -43,6 +43,7 @@ def assign_images(image_feat: torch.Tensor, generator: torch.Generator) -> tuple
 
 class TextAssignmentObjective(Objective):
     name = "nlvr_ta"
+    reports_pretraining_flops = False
     log_keys = ("loss", "acc")
     progress_keys = ("loss", "acc")
     #: the reference's model has no momentum copies (no distillation in this stage)

@@ -81,6 +81,7 @@ def rank_answers(decoder, states: torch.Tensor, states_mask: torch.Tensor, answe
 class VQAObjective(Objective):
     name = "vqa"
     data = "task"
+    reports_pretraining_flops = False
     log_keys = ("loss", "alpha")
     progress_keys = ("loss",)
     unused_parts = PRETRAINING_ONLY

@@ -446,9 +446,10 @@ class _Run:
     def _log_line(self) -> None:
         t = self.trainer
         values = t.step_values(time.time() - self.t_log, self.pairs_since_log, self.steps_since_log)
-        values["achieved_tflops"] = values["pairs_per_s"] * self.flops_per_pair / 1e12
-        if self.peak:
-            values["mfu"] = values["pairs_per_s"] * self.flops_per_pair / (self.peak * t.world)
+        if t.objective.reports_pretraining_flops:
+            values["achieved_tflops"] = values["pairs_per_s"] * self.flops_per_pair / 1e12
+            if self.peak:
+                values["mfu"] = values["pairs_per_s"] * self.flops_per_pair / (self.peak * t.world)
         self.metrics.log(t.step, values)
         done = t.step - self.step_start
         eta = (time.time() - self.t_start) / done * (t.total_steps - t.step) if done > 0 else None

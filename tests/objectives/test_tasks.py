@@ -198,3 +198,12 @@ def test_synth_tasks_are_deterministic_and_true_of_their_scenes(tmp_path):
         assert e["box"] in [o["box"] for o in facts[e["image"]]["objects"]]
     labels = [e["label"] for e in load("nlvr_train.json")]
     assert set(labels) == {"True", "False"}
+
+
+def test_task_log_lines_claim_no_pretraining_flops():
+    """TFLOP/s and MFU are defined by the pretraining step's analytic FLOPs: the task
+    objectives (other heads, no MLM) leave them out of their log lines."""
+    from albef_ds.objectives import objective_class
+    for name in ("ve", "nlvr2", "nlvr_ta", "vqa", "grounding"):
+        assert not objective_class(name).reports_pretraining_flops, name
+    assert objective_class("pretrain").reports_pretraining_flops
