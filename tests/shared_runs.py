@@ -17,3 +17,11 @@ def run_albef(argv, timeout=900, threads=1):
                           env=dict(os.environ, OMP_NUM_THREADS=str(threads)), timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc.stdout
+
+
+def synth_tasks(out: Path, num_train: int, num_val: int, num_test: int) -> Path:
+    """``albef-data synth-tasks`` into ``out`` (the downstream tasks' synthetic JSON)."""
+    subprocess.run([sys.executable, "-m", "data_tools.cli", "synth-tasks", "--out", str(out), "--num-train",
+                    str(num_train), "--num-val", str(num_val), "--num-test", str(num_test), "--no-progress"],
+                   cwd=REPO, check=True, capture_output=True)
+    return out

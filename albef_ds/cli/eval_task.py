@@ -63,15 +63,16 @@ def run(args) -> int:
     cfg = load_config(_config_path(model_path, args.config), [f"train.objective={args.task}", *args.overrides])
     if (model_path / "best.json").is_file():  # a fine-tuning run: its best checkpoint, not its last
         model_path = model_path / "checkpoints" / json.loads((model_path / "best.json").read_text())["tag"]
-        print(f"evaluating the run's best checkpoint: {model_path}") if launch.rank == 0 else None
+        if launch.rank == 0:
+            print(f"evaluating the run's best checkpoint: {model_path}")
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg.model.vocab_size = len(tokenizer)
     objective = make_objective(cfg, tokenizer)
     if launch.rank == 0:
-        weights = resolve_init(str(model_path))
+        cfg.checkpoint.init_from = resolve_init(str(model_path))
     dist_lib.barrier()
-    weights = resolve_init(str(model_path))
-    cfg.checkpoint.init_from = weights
+    if launch.rank != 0:
+        cfg.checkpoint.init_from = resolve_init(str(model_path))  # the export exists now
     log = print if launch.rank == 0 else (lambda *a: None)
     model = build_model(cfg, log, objective)
     device = dist_lib.device() if launch.world_size > 1 else (
@@ -88,14 +89,10 @@ def run(args) -> int:
 
 
 def gather_records(records: list[dict]) -> list[dict]:
-    """Every rank's per-example records on rank 0 (without tensors)."""
-    import torch.distributed as dist
+    """Every rank's per-example records, in rank order (without tensors)."""
+    from ..distributed import all_gather_object
     plain = [{k: v for k, v in r.items() if not isinstance(v, torch.Tensor)} for r in records]
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return plain
-    everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, plain)
-    return [r for part in everyone for r in part]
+    return [r for part in all_gather_object(plain) for r in part]
 
 
 def write_outputs(out: Path, metrics: dict, records: list[dict], evaluator, heatmaps: int) -> None:

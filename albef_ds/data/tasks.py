@@ -113,6 +113,20 @@ def read_examples(path: str | os.PathLike, parse: Callable[[dict], dict],
     return examples, report
 
 
+def read_train_examples(cfg, parse: Callable[[dict], dict], rank: int) -> list[dict]:
+    """The examples of every ``task.train_files`` entry (rank 0 reports skipped entries)."""
+    log = print if rank == 0 else (lambda *a: None)
+    return [e for path in cfg.task.train_files for e in read_examples(path, parse, log)[0]]
+
+
+def task_train_transform(cfg, flip: bool = True):
+    """The fine-tuning crop (task.crop_scale_min) with the data section's RandAugment."""
+    from .transforms import TrainTransform
+    d = cfg.data
+    return TrainTransform(cfg.model.image_res, cfg.task.crop_scale_min, d.randaugment, d.randaugment_n,
+                          d.randaugment_m, flip=flip)
+
+
 def image_root_of(cfg_root: Optional[str], annotation: str | os.PathLike) -> Path:
     return Path(cfg_root) if cfg_root else Path(annotation).parent
 

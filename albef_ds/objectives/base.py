@@ -94,11 +94,18 @@ class Objective:
     def make_evaluator(self, cfg, tokenizer):
         """The evaluation run during training (None: none): a callable ``(model, device) ->
         metrics`` with ``primary`` (the metric the best checkpoint is kept by) and
-        ``headline(metrics) -> str``. Retrieval on data.val_dir by default."""
+        ``headline(metrics) -> str``. Tasks: :meth:`evaluator_for` on task.val_file;
+        otherwise retrieval on data.val_dir."""
+        if self.data == "task":
+            return self.evaluator_for(cfg.task.val_file) if cfg.task.val_file else None
         if not cfg.data.val_dir:
             return None
         from ..eval.evaluator import RetrievalEvaluator
         return RetrievalEvaluator(cfg, cfg.data.val_dir, tokenizer)
+
+    def evaluator_for(self, path: str, log=print):
+        """A task's evaluator on one annotation file (``albef-ds eval`` calls it too)."""
+        raise NotImplementedError(f"objective {self.name!r} has no task evaluation")
 
 
 def alpha_at(step: int, steps_per_epoch: int, alpha: float, ramp_epochs: float) -> float:

@@ -14,8 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data import TrainTransform, clean_caption, make_eval_transform, swap_left_right
-from ..data.tasks import build_task_loader, image_root_of, open_image, read_examples, tokenize
+from ..data import clean_caption, make_eval_transform, swap_left_right
+from ..data.tasks import (build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
+                          task_train_transform, tokenize)
 from ..losses import distilled_cross_entropy
 from .base import Objective, StepContext, alpha_at
 
@@ -63,11 +64,7 @@ class ClassificationObjective(Objective):
     # ---------------------------------------------------------------- data
     def _transform(self, train: bool):
         cfg = self.cfg
-        if not train:
-            return make_eval_transform(cfg.model.image_res)
-        d = cfg.data
-        return TrainTransform(cfg.model.image_res, cfg.task.crop_scale_min, d.randaugment, d.randaugment_n,
-                              d.randaugment_m, flip=self.flip)
+        return task_train_transform(cfg, self.flip) if train else make_eval_transform(cfg.model.image_res)
 
     def sample_loader(self, root: Path, train: bool):
         """``load(example, rng)``: images transformed (rng None: the evaluation transform)."""
@@ -102,8 +99,7 @@ class ClassificationObjective(Objective):
         return read_examples(path, self.parse, log)[0]
 
     def make_loader(self, cfg, rank, world, local_world, local_rank, run_dir):
-        log = print if rank == 0 else (lambda *a: None)
-        examples = [e for path in cfg.task.train_files for e in self.read(path, log)]
+        examples = read_train_examples(cfg, self.parse, rank)
         root = image_root_of(cfg.task.image_root, cfg.task.train_files[0])
         return build_task_loader(cfg, examples, self.sample_loader(root, train=True), self.collate, rank, world)
 
@@ -148,6 +144,3 @@ class ClassificationObjective(Objective):
         return TaskEvaluator(self.name, examples, self.sample_loader(root, train=False), self.collate,
                              self.score, chance=float(counts.max()) / len(examples),
                              batch_size=self.cfg.eval.batch_size)
-
-    def make_evaluator(self, cfg, tokenizer):
-        return self.evaluator_for(cfg.task.val_file) if cfg.task.val_file else None

@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import TrainTransform, clean_caption, make_eval_transform, swap_left_right
+from ..data import clean_caption, make_eval_transform, swap_left_right
 from ..data.collate import Collate
-from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, require,
-                          text_field, tokenize)
+from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
+                          require, task_train_transform, text_field, tokenize)
 from ..errors import ConfigError
 from ..models.gradcam import gradcam, saved_cross_attention
 from .retrieval import RetrievalObjective
@@ -78,15 +78,13 @@ class GroundingObjective(RetrievalObjective):
         return {"image": entry["image"], "text": text_field(entry, "text")}
 
     def make_loader(self, cfg, rank, world, local_world, local_rank, run_dir):
-        log = print if rank == 0 else (lambda *a: None)
-        examples = [e for path in cfg.task.train_files for e in read_examples(path, self.parse_train, log)[0]]
+        examples = read_train_examples(cfg, self.parse_train, rank)
         ids: dict[str, int] = {}
         for e in examples:  # ITC positives: every expression of the same image (by file name)
             e["image_id"] = ids.setdefault(Path(e["image"]).name, len(ids))
         root = image_root_of(cfg.task.image_root, cfg.task.train_files[0])
         d = cfg.data
-        transform = TrainTransform(cfg.model.image_res, cfg.task.crop_scale_min, d.randaugment, d.randaugment_n,
-                                   d.randaugment_m)
+        transform = task_train_transform(cfg)
 
         def load(example: dict, rng: random.Random) -> dict:
             image, flipped = transform(open_image(root, example["image"]), rng)
@@ -168,6 +166,3 @@ class GroundingObjective(RetrievalObjective):
         evaluator.results_keys = ("ref_id", "box", "correct")
         evaluator.image_root = root
         return evaluator
-
-    def make_evaluator(self, cfg, tokenizer):
-        return self.evaluator_for(cfg.task.val_file) if cfg.task.val_file else None

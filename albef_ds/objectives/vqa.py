@@ -27,9 +27,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import TrainTransform, make_eval_transform
-from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, require,
-                          text_field, tokenize)
+from ..data import make_eval_transform
+from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
+                          require, task_train_transform, text_field, tokenize)
 from ..data.text import clean_caption
 from ..errors import ConfigError
 from ..models.decoder import BertLMHeadDecoder, answer_nll
@@ -118,8 +118,7 @@ class VQAObjective(Objective):
         cfg = self.cfg
         d = cfg.data
         # no flip: a flipped image would contradict "on the left" questions and answers
-        transform = (TrainTransform(cfg.model.image_res, cfg.task.crop_scale_min, d.randaugment, d.randaugment_n,
-                                    d.randaugment_m, flip=False) if train else make_eval_transform(cfg.model.image_res))
+        transform = task_train_transform(cfg, flip=False) if train else make_eval_transform(cfg.model.image_res)
 
         def load(example: dict, rng: Optional[random.Random]) -> dict:
             img = open_image(root, example["image"])
@@ -143,8 +142,7 @@ class VQAObjective(Objective):
         return batch
 
     def make_loader(self, cfg, rank, world, local_world, local_rank, run_dir):
-        log = print if rank == 0 else (lambda *a: None)
-        examples = [e for path in cfg.task.train_files for e in read_examples(path, self.parse, log)[0]]
+        examples = read_train_examples(cfg, self.parse, rank)
         root = image_root_of(cfg.task.image_root, cfg.task.train_files[0])
         return build_task_loader(cfg, examples, self._sample_loader(root, train=True), self.collate, rank, world)
 
@@ -222,6 +220,3 @@ class VQAObjective(Objective):
                                   self.collate, score, chance=chance, batch_size=self.cfg.eval.batch_size)
         evaluator.results_keys = ("question_id", "answer")  # the official submission format
         return evaluator
-
-    def make_evaluator(self, cfg, tokenizer):
-        return self.evaluator_for(cfg.task.val_file) if cfg.task.val_file else None

@@ -56,38 +56,32 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None):
     if c.init_from:
         state, source = weights.read_state_dict(c.init_from)
     task_checkpoint = objective is not None and state is not None and objective.is_task_checkpoint(state)
-    # A checkpoint without momentum copies (the reference's NLVR2 text-assignment stage):
-    # they start as copies of the weights it does hold.
-    no_momentum = state is not None and not any(k.split(".")[0].endswith("_m") for k in state)
-    momentum_parts = tuple(m for _, m in model.momentum_pairs) if no_momentum else ()
-    if objective is not None and not task_checkpoint:
-        if state is not None:
-            log(str(weights.load_albef_checkpoint(model, state, source=source, optional=momentum_parts)))
-            _momentum_from_online(model, no_momentum, log)
+
+    def load(optional: tuple = (), ignore: tuple = ()) -> None:
+        # A checkpoint without momentum copies (the reference's NLVR2 text-assignment
+        # stage): they start as copies of the weights it does hold.
+        no_momentum = not any(k.split(".")[0].endswith("_m") for k in state)
+        momentum = tuple(m for _, m in model.momentum_pairs) if no_momentum else ()
+        log(str(weights.load_albef_checkpoint(model, state, source=source, optional=optional + momentum,
+                                              ignore=ignore)))
+        if no_momentum:
+            model.copy_params_to_momentum()
+            log("note: the checkpoint holds no momentum copies: they start as copies of the online weights")
+
+    if state is not None and not task_checkpoint:
+        load()
+    if objective is not None:
         objective.extend_model(model)
-    elif objective is not None:
-        objective.extend_model(model)
+    if task_checkpoint:
         # a reference task checkpoint lacks the parts the task does not use (and an NLVR2
         # text-assignment checkpoint the classifier, which starts fresh)
-        optional = tuple(objective.unused_parts) + tuple(model.task_heads)
-        optional += tuple(m for _, m in model.momentum_pairs) if no_momentum else ()
-        log(str(weights.load_albef_checkpoint(model, state, source=source, optional=optional,
-                                              ignore=tuple(objective.ignored_checkpoint_parts))))
-        _momentum_from_online(model, no_momentum, log)
-    elif state is not None:
-        log(str(weights.load_albef_checkpoint(model, state, source=source, optional=momentum_parts)))
-        _momentum_from_online(model, no_momentum, log)
+        load(optional=tuple(objective.unused_parts) + tuple(model.task_heads),
+             ignore=tuple(objective.ignored_checkpoint_parts))
     if c.bert_init:
         log(str(weights.load_hf_bert(model, c.bert_init)))
     if c.vit_init:
         log(str(weights.load_vit_state_dict(model, c.vit_init)))
     return model
-
-
-def _momentum_from_online(model, no_momentum: bool, log) -> None:
-    if no_momentum:
-        model.copy_params_to_momentum()
-        log("note: the checkpoint holds no momentum copies: they start as copies of the online weights")
 
 
 class Trainer:

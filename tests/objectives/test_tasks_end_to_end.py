@@ -11,13 +11,11 @@ text-only model reaches 2/3 (neutral right, entailment/contradiction a coin flip
 is above chance, and it is NOT evidence that the image is used (docs/benchmarks.md).
 """
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from shared_runs import REPO, run_albef
+from shared_runs import run_albef, synth_tasks
 
 #: task -> (fine-tuning steps, test-split accuracy bar, what a run measured)
 RECIPES = {
@@ -35,10 +33,7 @@ COMMON = ["train.lr=4e-4", "train.warmup_steps=20", "logging.progress_bar=false"
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tasks")
-    subprocess.run([sys.executable, "-m", "data_tools.cli", "synth-tasks", "--out", str(out), "--num-train", "800",
-                    "--num-val", "100", "--num-test", "100", "--no-progress"], cwd=REPO, check=True, capture_output=True)
-    return out
+    return synth_tasks(tmp_path_factory.mktemp("tasks"), 800, 100, 100)
 
 
 def finetune(task: str, init: Path, run_dir: Path, sets: list[str]) -> None:

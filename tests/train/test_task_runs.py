@@ -5,22 +5,19 @@ position, the per-sample augmentation and the RNG all restored). VE and VQA: a c
 head with momentum distillation, and an answer decoder with a variable number of answers."""
 import json
 import shutil
-import subprocess
 import sys
 
 import pytest
 
-from test_pretrain import REPO, free_port, launch
+from shared_runs import synth_tasks
+from test_pretrain import free_port, launch
 
 STEPS = 8
 
 
 @pytest.fixture(scope="module")
 def tasks(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tasks")
-    subprocess.run([sys.executable, "-m", "data_tools.cli", "synth-tasks", "--out", str(out), "--num-train", "40",
-                    "--num-val", "16", "--num-test", "4", "--no-progress"], cwd=REPO, check=True, capture_output=True)
-    return out
+    return synth_tasks(tmp_path_factory.mktemp("tasks"), 40, 16, 4)
 
 
 def command(task: str, run_dir, data, tok, init, extra=()) -> list[str]:
