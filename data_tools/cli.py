@@ -182,7 +182,8 @@ def _add_synth(sub):
                        description="Procedural images (shapes, colours, sizes, counts, left/right/"
                                    "above/below relations) with paraphrased captions; deterministic "
                                    "by seed. Writes DIR/train (MDS), DIR/val.json, DIR/test.json, "
-                                   "DIR/images/ and DIR/captions.txt.",
+                                   "DIR/compositional.json (true caption + binding-swapped "
+                                   "distractors per image), DIR/images/ and DIR/captions.txt.",
                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--out", required=True)
     p.add_argument("--seed", type=int, default=0)
@@ -192,6 +193,8 @@ def _add_synth(sub):
     p.add_argument("--num-val", type=int, default=500, help="val images")
     p.add_argument("--num-test", type=int, default=1000, help="test images")
     p.add_argument("--captions-per-image", type=int, default=5, help="captions per val/test image")
+    p.add_argument("--num-compositional", type=int, default=500,
+                   help="images of the compositional test (compositional.json; 0: none)")
     p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     p.add_argument("--no-progress", action="store_true")
@@ -202,6 +205,7 @@ def _run_synth(args) -> int:
     synth(SynthOptions(out=args.out, seed=args.seed, num_train=args.num_train,
                        train_captions_per_image=args.train_captions_per_image, num_val=args.num_val,
                        num_test=args.num_test, captions_per_image=args.captions_per_image,
+                       num_compositional=args.num_compositional,
                        image_size=args.image_size, workers=args.workers, progress=not args.no_progress))
     return 0
 

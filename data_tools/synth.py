@@ -17,7 +17,9 @@ Layout of OUT:
   train/         MDS parts + index.json + manifest.parquet + stats.json (the convert writer)
   val.json       [{"image": "images/val_00000.png", "caption": [5 captions], "image_id": 0}, ...]
   test.json      same for the test split
-  images/        the val/test images (PNG)
+  compositional.json  [{"image": "images/comp_00000.png", "image_id": 0, "captions": [true, 3
+                 binding-swapped distractors], "kinds": [...]}, ...] (data_tools/compositional.py)
+  images/        the val/test and compositional images (PNG)
   captions.txt   every train caption, one per line (input of build-vocab)
   synth.json     the options used
 
@@ -66,6 +68,8 @@ class SynthOptions:
     num_val: int = 500
     num_test: int = 1000
     captions_per_image: int = 5
+    #: images of the compositional test (0: no compositional.json)
+    num_compositional: int = 500
     image_size: int = 64
     workers: int = 1
     progress: bool = True
@@ -129,13 +133,10 @@ def _scene_single(rng, draw, S):
             f"one {size} {shape} colored {colour}", f"the picture shows {_article(t)}"]
 
 
-def _scene_relation(rng, draw, S):
-    a = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
-    while True:
-        b = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
-        if b != a:
-            break
-    horizontal = rng.random() < 0.5
+def draw_pair(rng, draw, S, a: tuple[str, str], b: tuple[str, str], horizontal: bool) -> dict:
+    """Draw (colour, shape) ``a`` left of (``horizontal``) or above ``b``; their facts.
+    Shared by the relation scene and the compositional test (data_tools/compositional.py),
+    so both place shapes alike; the rng calls are those the relation scene always made."""
     r = 0.28 * S / 2
     lo, hi = r + 2, S - r - 2
     # a in the first half (left or top), b in the second, never touching along the relation
@@ -146,8 +147,18 @@ def _scene_relation(rng, draw, S):
     _draw_shape(draw, a[1], *pa, r, COLOURS[a[0]])
     _draw_shape(draw, b[1], *pb, r, COLOURS[b[0]])
     # objects[0] is left of (horizontal) or above objects[1]
-    facts = {"scene": "relation", "relation": "left" if horizontal else "above",
-             "objects": [_object(*a, *pa, r), _object(*b, *pb, r)]}
+    return {"scene": "relation", "relation": "left" if horizontal else "above",
+            "objects": [_object(*a, *pa, r), _object(*b, *pb, r)]}
+
+
+def _scene_relation(rng, draw, S):
+    a = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+    while True:
+        b = (rng.choice(list(COLOURS)), rng.choice(SHAPES))
+        if b != a:
+            break
+    horizontal = rng.random() < 0.5
+    facts = draw_pair(rng, draw, S, a, b, horizontal)
     ta, tb = _thing(*a), _thing(*b)
     if horizontal:
         return facts, [f"{_article(ta)} to the left of {_article(tb)}", f"{_article(tb)} to the right of {_article(ta)}",
@@ -237,6 +248,7 @@ def synth(opts: SynthOptions) -> dict:
     """Write the dataset; returns a small summary."""
     from tqdm import tqdm
 
+    from data_tools import compositional
     from data_tools.merge import merge
     import streaming  # noqa: F401  (imported once here, inherited by forked workers)
 
@@ -259,18 +271,26 @@ def synth(opts: SynthOptions) -> dict:
                                unit="part", disable=not opts.progress):
             train.append(stats_caps)
         splits = {s: pool.map(_eval_image, j, chunksize=64) for s, j in eval_jobs.items()}
+        comp = pool.map(compositional.write_image,
+                        [(opts.out, opts.seed, i, opts.image_size) for i in range(opts.num_compositional)],
+                        chunksize=64)
     with open(os.path.join(opts.out, "captions.txt"), "w", encoding="utf-8") as f:
         for _, caps in train:  # imap keeps part order: deterministic file
             f.writelines(c + "\n" for c in caps)
     for split, entries in splits.items():
         with open(os.path.join(opts.out, f"{split}.json"), "w", encoding="utf-8") as f:
             json.dump(entries, f, indent=0)
+    if opts.num_compositional:
+        with open(os.path.join(opts.out, compositional.FILE), "w", encoding="utf-8") as f:
+            json.dump(comp, f, indent=0)
     if opts.num_train:
         merge(os.path.join(opts.out, "train"), quiet=True)
     with open(os.path.join(opts.out, "synth.json"), "w", encoding="utf-8") as f:
         json.dump({k: v for k, v in asdict(opts).items() if k not in ("out", "workers", "progress")}, f, indent=1)
     summary = {"train_pairs": sum(s["kept"] for s, _ in train), "val_images": opts.num_val,
-               "test_images": opts.num_test, "seconds": round(time.time() - start, 2)}
+               "test_images": opts.num_test, "compositional_images": opts.num_compositional,
+               "seconds": round(time.time() - start, 2)}
     print(f"synth: {summary['train_pairs']} train pairs, {opts.num_val} val and {opts.num_test} test "
-          f"images in {opts.out} ({summary['seconds']}s)", file=sys.stderr)
+          f"images, {opts.num_compositional} compositional test images in {opts.out} "
+          f"({summary['seconds']}s)", file=sys.stderr)
     return summary
