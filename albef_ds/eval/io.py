@@ -40,6 +40,24 @@ def read_split(path: Path, max_words: int, max_images=None):
     return split_from_entries(entries, lambda c: clean_caption(c, max_words))
 
 
+def read_compositional(path: Path, max_words: int, max_images=None):
+    """The compositional test (``albef-data synth``'s compositional.json) as a
+    :class:`~albef_ds.eval.compositional.CompositionalSet`, captions cleaned as retrieval's."""
+    from ..data import clean_caption
+    from .compositional import set_from_entries
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"compositional test not found: {path}")
+    try:
+        entries = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(entries, list):
+        raise ConfigError(f"{path}: expected a list of entries, got a {type(entries).__name__}")
+    if max_images:
+        entries = entries[:max_images]
+    return set_from_entries(entries, lambda c: clean_caption(c, max_words), where=str(path))
+
+
 def make_io(cfg, split, image_root: Path, tokenizer):
     """(load_images(indices) -> tensor, tokenize(texts) -> (ids, mask)) for evaluate()."""
     from PIL import Image
