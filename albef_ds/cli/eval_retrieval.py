@@ -6,6 +6,11 @@
 ``--model`` takes an export directory (model.pt + config.yaml), a run directory or a
 checkpoint directory (consolidated on the fly), or a reference ALBEF ``.pth`` with
 ``--config``; ``--untrained`` evaluates a freshly initialised model (the baseline).
+
+The compositional test (``albef-data synth``'s compositional.json: each image's true
+caption among binding-swapped distractors of the same words) runs too, on rank 0, when
+``--compositional FILE`` names it or a compositional.json sits beside ``--split``; its
+image paths are relative to its own directory. ``--compositional none`` skips it.
 """
 from __future__ import annotations
 
@@ -27,9 +32,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", default=None, help="directory image paths are relative to "
                                                        "(default: the split file's directory)")
     p.add_argument("--k", type=int, default=None, help="ITM re-ranking depth (default: eval.k_test)")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only")
+    p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only (of the compositional test too)")
     p.add_argument("--out", default=None, help="directory for retrieval.json and TensorBoard scalars")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: data.tokenizer)")
+    p.add_argument("--compositional", default=None, metavar="FILE",
+                   help="compositional test JSON (default: compositional.json beside --split if there; "
+                        "'none' skips it)")
 
 
 def load_model(args):
@@ -77,6 +85,7 @@ def run(args) -> int:
     split_path = Path(args.split)
     if not split_path.is_file():
         raise UsageError(f"--split {split_path}: file not found")
+    comp_path = compositional_path(args.compositional, split_path)  # a bad path fails before the work
     split = read_split(split_path, cfg.data.max_words, args.max_images or cfg.eval.max_images)
     image_root = Path(args.image_root) if args.image_root else split_path.parent
     load_images, tokenize = make_io(cfg, split, image_root, tokenizer)
@@ -97,4 +106,39 @@ def run(args) -> int:
                 for k, v in metrics.items():
                     w.add_scalar(f"retrieval/{k}", v, 0)
             print(f"wrote {out / 'retrieval.json'}")
+        if comp_path is not None:
+            run_compositional(model, cfg, comp_path, tokenizer, device, args)
     return 0
+
+
+def compositional_path(value, split_path: Path):
+    """The compositional test to run: the one named, else the one beside the split, else None."""
+    from ..eval.compositional import FILE
+    if value is None:
+        beside = split_path.parent / FILE
+        return beside if beside.is_file() else None
+    if value.lower() == "none":
+        return None
+    if not Path(value).is_file():
+        raise UsageError(f"--compositional {value}: file not found")
+    return Path(value)
+
+
+def run_compositional(model, cfg, path: Path, tokenizer, device, args) -> dict:
+    """Print (and with --out write compositional.json and its scalars) the accuracy of
+    picking the true caption by ITC and by ITM, beside chance."""
+    from ..eval.compositional import evaluate_compositional, format_compositional
+    from ..eval.io import make_io, read_compositional
+    data = read_compositional(path, cfg.data.max_words, args.max_images or cfg.eval.max_images)
+    load_images, tokenize = make_io(cfg, data, path.parent, tokenizer)
+    m = evaluate_compositional(model, data, load_images, tokenize, device, cfg.eval.batch_size)
+    print(f"\n{format_compositional(m)}\n({path})")
+    if args.out:
+        out = Path(args.out)
+        (out / "compositional.json").write_text(json.dumps(m, indent=2))
+        from torch.utils.tensorboard import SummaryWriter
+        with SummaryWriter(str(out / "tensorboard")) as w:
+            for k, v in m.items():
+                w.add_scalar(f"compositional/{k}", v, 0)
+        print(f"wrote {out / 'compositional.json'}")
+    return m

@@ -28,6 +28,9 @@ from .retrieval import chunks
 
 #: the kind naming each image's true caption
 TRUE = "true"
+#: the name ``albef-data synth`` gives the file, beside test.json (the library does not
+#: import data_tools, so the name is repeated here)
+FILE = "compositional.json"
 
 
 @dataclass
