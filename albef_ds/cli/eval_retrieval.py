@@ -32,7 +32,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--image-root", default=None, help="directory image paths are relative to "
                                                        "(default: the split file's directory)")
     p.add_argument("--k", type=int, default=None, help="ITM re-ranking depth (default: eval.k_test)")
-    p.add_argument("--max-images", type=int, default=None, help="evaluate on the first N images only (of the compositional test too)")
+    p.add_argument("--max-images", type=int, default=None,
+                   help="evaluate on the first N images only (of the compositional test too)")
     p.add_argument("--out", default=None, help="directory for retrieval.json and TensorBoard scalars")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: data.tokenizer)")
     p.add_argument("--compositional", default=None, metavar="FILE",
