@@ -12,7 +12,9 @@ The pixels are close to the PIL path's, not identical: the resize is ``interpola
 antialias=True)`` (PIL's kernel, a = -0.5, but float accumulation and rounding differ), the
 geometric RandAugment ops are one ``grid_sample`` (bilinear, like PIL's, with a softer edge
 where the image meets the grey fill), and nvJPEG's IDCT/chroma upsampling differs from
-libjpeg's by a grey level or so. tests/data/test_device_transforms.py states the bounds.
+libjpeg's by a grey level or so. Equalize, a step function of the histogram, can turn those
++-1 level differences into steps of several levels on small crops. The per-op and
+end-to-end bounds are stated in tests/data/test_device_transforms.py.
 """
 from __future__ import annotations
 
