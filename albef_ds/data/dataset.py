@@ -21,27 +21,20 @@ from __future__ import annotations
 
 import io
 import logging
-import random
 from typing import Optional
 
-import numpy as np
 import torch
 from PIL import Image
 from streaming import StreamingDataset
 
 from albef_ds.data.text import clean_caption, swap_left_right
-from albef_ds.data.transforms import TrainTransform
+# sample_rng lives beside the transforms (no streaming needed); re-exported here, its old home
+from albef_ds.data.transforms import TrainTransform, sample_rng  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: how many following records to try when a record is unreadable
 MAX_SKIP = 16
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The augmentation RNG of one sample: independent of worker, rank and resumption."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(2)
-    return random.Random(int(state[0]) << 32 | int(state[1]))
 
 
 #: canonical nodes when data.num_canonical_nodes is unset (and the data has that many shards).

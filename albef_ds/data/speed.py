@@ -8,7 +8,8 @@ does per sample: ``cpu`` (data.decode_on: cpu) is the worker's PIL decode + Trai
 process's finish_batch on ``--device``; ``worker`` is that worker's share alone (what the
 loader workers still pay per sample when the rest runs on a GPU). CPU time is the process's (time.process_time), so
 a GPU run reports the host cores the device path still costs; wall time gives the rate.
-Nothing of the tokenizer, streaming or the DataLoader is timed: both paths share them.
+Nothing of the tokenizer, streaming or the DataLoader is timed: both paths share them (and
+this module imports neither streaming nor DeepSpeed, which a bare GPU image may lack).
 """
 from __future__ import annotations
 
@@ -22,9 +23,8 @@ import torch
 from PIL import Image
 
 from albef_ds.data.collate import device_plan
-from albef_ds.data.dataset import sample_rng
 from albef_ds.data.device_transforms import DeviceTrainTransform, finish_batch
-from albef_ds.data.transforms import TrainTransform
+from albef_ds.data.transforms import TrainTransform, sample_rng
 
 #: real photographs shipped with matplotlib and scikit-learn (600x512, 640x427, 640x427)
 PHOTOS = (("matplotlib", "mpl-data/sample_data/grace_hopper.jpg"),

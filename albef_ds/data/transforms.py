@@ -12,6 +12,7 @@ import random
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
@@ -37,6 +38,13 @@ RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness"
                "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
 #: the ops that draw a direction (one ``rng.random()``) when applied
 SIGNED_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The augmentation RNG of one sample (seed, epoch, dataset-wide sample index):
+    independent of worker, rank, batch and resumption (dataset.py)."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(2)
+    return random.Random(int(state[0]) << 32 | int(state[1]))
 
 
 def _signed(v: float, rng: random.Random) -> float:

@@ -268,3 +268,15 @@ def test_exact_resume_on_the_device_path(synth_small):
     for a, b in zip(tail, full[stop:]):
         assert a["key"] == b["key"]
         assert torch.equal(a["image"], b["image"]) and torch.equal(a["text_ids"], b["text_ids"])
+
+
+def test_speed_script_runs_both_paths(capsys):
+    from albef_ds.data.speed import main
+    threads = torch.get_num_threads()
+    try:
+        assert main(["--samples", "4", "--batch", "2", "--res", "32"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # main() pins one thread for the measurement
+    lines = [__import__("json").loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["path"] for r in lines] == ["cpu", "device", "worker"]
+    assert all(r["pairs_per_cpu_s"] > 0 and r["torch_threads"] == 1 for r in lines)
