@@ -131,7 +131,7 @@ class DataConfig:
     #: where pretraining images are decoded and augmented: "cpu" (PIL in the loader workers)
     #: or "device" (workers read bytes only; decode_jpeg + tensor augmentation on the
     #: training device in the main process, albef_ds/data/device_transforms.py): the CPU path
-    #: runs ~230 pairs per core-second at 256 px (docs/data_speed.md), too few cores per GPU.
+    #: runs ~100-230 pairs per core-second at 256 px (docs/data_speed.md): many cores per GPU.
     decode_on: str = "cpu"
 
 

@@ -53,9 +53,12 @@ def _decode_one(blob: torch.Tensor, device: torch.device) -> Optional[torch.Tens
         except RuntimeError:
             pass
     try:
-        return decode_image(blob, mode=ImageReadMode.RGB).to(device)
+        img = decode_image(blob, mode=ImageReadMode.RGB)
     except RuntimeError:
         return None
+    if img.dtype != torch.uint8:  # a 16-bit PNG: scaled to the 8 bits the transforms work in
+        img = TF2.to_dtype(img, torch.uint8, scale=True)
+    return img.to(device)
 
 
 def decode_images(blobs: Sequence[torch.Tensor], device) -> list[Optional[torch.Tensor]]:
