@@ -132,6 +132,7 @@ class DataConfig:
     #: or "device" (workers read bytes only; decode_jpeg + tensor augmentation on the
     #: training device in the main process, albef_ds/data/device_transforms.py): the CPU path
     #: runs ~100-230 pairs per core-second at 256 px (docs/data_speed.md): many cores per GPU.
+    #: Pretraining's loader (data/loader.py) only; the task loaders (data/tasks.py) decode on CPU.
     decode_on: str = "cpu"
 
 
