@@ -15,6 +15,9 @@ where the image meets the grey fill), and nvJPEG's IDCT/chroma upsampling differ
 libjpeg's by a grey level or so. Equalize, a step function of the histogram, can turn those
 +-1 level differences into steps of several levels on small crops. The per-op and
 end-to-end bounds are stated in tests/data/test_device_transforms.py.
+
+torchvision 0.29 deprecates its decoders (a DeprecationWarning per call) in favour of
+TorchCodec. Decoding goes through :func:`decode_images` only, so a move is one function.
 """
 from __future__ import annotations
 
