@@ -92,6 +92,10 @@ class ModelConfig:
     activation_checkpointing: bool = False
 
 
+#: data.decode_on's values (see DataConfig)
+DECODE_ON = ("cpu", "device")
+
+
 @dataclass
 class DataConfig:
     #: MDS shard directories (local paths or remotes that streaming supports).
@@ -124,6 +128,12 @@ class DataConfig:
     flip_swaps_left_right: bool = False
     pin_memory: bool = True
     prefetch_factor: int = 2
+    #: where pretraining images are decoded and augmented: "cpu" (PIL in the loader workers)
+    #: or "device" (workers read bytes only; decode_jpeg + tensor augmentation on the
+    #: training device in the main process, albef_ds/data/device_transforms.py): the CPU path
+    #: runs ~100-230 pairs per core-second at 256 px (docs/data_speed.md): many cores per GPU.
+    #: Pretraining's loader (data/loader.py) only; the task loaders (data/tasks.py) decode on CPU.
+    decode_on: str = "cpu"
 
 
 @dataclass
@@ -317,6 +327,8 @@ class Config:
         _require(m.queue_size % per_enqueue == 0, "model.queue_size",
                  f"{m.queue_size} is not a multiple of train.micro_batch_size x pool ranks "
                  f"= {t.micro_batch_size} x {pool} = {per_enqueue}")
+        _require(self.data.decode_on in DECODE_ON, "data.decode_on",
+                 f"must be one of {', '.join(DECODE_ON)}, got {self.data.decode_on!r}")
         if self.data.train_weights is not None:
             _require(len(self.data.train_weights) == len(self.data.train_dirs), "data.train_weights",
                      f"has {len(self.data.train_weights)} entries for {len(self.data.train_dirs)} train_dirs")

@@ -11,31 +11,30 @@ A record whose image cannot be decoded is skipped: the next readable record (by 
 index) takes its place so every batch keeps its size (cross-rank gathers need fixed
 shapes), and the sample is flagged ``skipped=1``; ``PairDataset.num_skipped`` counts them
 per process.
+
+With ``decode_on="device"`` a worker decodes nothing: it reads the image header (size; an
+unreadable header is skipped as above), draws the sample's ``AugPlan`` from the same RNG
+and returns the raw bytes with it (the plan's flip still swaps the caption here);
+device_transforms.py applies the plan in the main process.
 """
 from __future__ import annotations
 
 import io
 import logging
-import random
 from typing import Optional
 
-import numpy as np
+import torch
 from PIL import Image
 from streaming import StreamingDataset
 
 from albef_ds.data.text import clean_caption, swap_left_right
-from albef_ds.data.transforms import TrainTransform
+# sample_rng lives beside the transforms (no streaming needed); re-exported here, its old home
+from albef_ds.data.transforms import TrainTransform, sample_rng  # noqa: F401
 
 log = logging.getLogger(__name__)
 
 #: how many following records to try when a record is unreadable
 MAX_SKIP = 16
-
-
-def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
-    """The augmentation RNG of one sample: independent of worker, rank and resumption."""
-    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(2)
-    return random.Random(int(state[0]) << 32 | int(state[1]))
 
 
 #: canonical nodes when data.num_canonical_nodes is unset (and the data has that many shards).
@@ -50,7 +49,7 @@ DEFAULT_CANONICAL_NODES = 64
 class PairDataset(StreamingDataset):
     def __init__(self, *, transform: TrainTransform, max_words: int, aug_seed: int,
                  flip_swaps_left_right: bool = False, num_canonical_nodes: Optional[int] = None,
-                 shuffle_block_size: Optional[int] = None, **kwargs):
+                 shuffle_block_size: Optional[int] = None, decode_on: str = "cpu", **kwargs):
         super().__init__(num_canonical_nodes=num_canonical_nodes, shuffle_block_size=shuffle_block_size, **kwargs)
         if num_canonical_nodes is None:
             # At least a shard per span: fewer shards than spans would repeat samples.
@@ -61,6 +60,7 @@ class PairDataset(StreamingDataset):
         self.max_words = max_words
         self.aug_seed = aug_seed
         self.flip_swaps_left_right = flip_swaps_left_right
+        self.decode_on = decode_on
         self.num_skipped = 0
         self._epoch: Optional[int] = None
 
@@ -76,6 +76,9 @@ class PairDataset(StreamingDataset):
 
     def _load(self, index: int) -> dict:
         raw = self.get_item(index)
+        if self.decode_on == "device":
+            with Image.open(io.BytesIO(raw["image"])) as im:  # parses the header only
+                return {"raw": raw, "size": im.size}
         with Image.open(io.BytesIO(raw["image"])) as im:
             im.load()
             img = im.convert("RGB")
@@ -96,9 +99,16 @@ class PairDataset(StreamingDataset):
             raise RuntimeError(f"{MAX_SKIP + 1} consecutive unreadable samples from {index}")
         raw = loaded["raw"]
         rng = sample_rng(self.aug_seed, self.epoch, index)
-        image, flipped = self.transform(loaded["img"], rng)
+        if self.decode_on == "device":
+            plan = self.transform.plan(*loaded["size"], rng)
+            flipped = plan.flip
+            # bytearray: a writable copy, which torch.frombuffer needs to own its memory
+            image = {"image_bytes": torch.frombuffer(bytearray(raw["image"]), dtype=torch.uint8), "aug": plan}
+        else:
+            img, flipped = self.transform(loaded["img"], rng)
+            image = {"image": img}
         caption = clean_caption(raw["caption"], self.max_words)
         if flipped and self.flip_swaps_left_right:
             caption = swap_left_right(caption)
-        return {"image": image, "caption": caption, "image_id": int(raw["image_id"]),
+        return {**image, "caption": caption, "image_id": int(raw["image_id"]),
                 "key": raw["key"], "skipped": skipped}

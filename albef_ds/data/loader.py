@@ -10,9 +10,12 @@ import socket
 import tempfile
 from typing import Any, Optional
 
+from streaming import StreamingDataLoader
+
 from albef_ds.data import shm
 from albef_ds.distributed import barrier
 from albef_ds.data.collate import Collate
+from albef_ds.config import DECODE_ON
 from albef_ds.data.transforms import make_train_transform
 
 log = logging.getLogger(__name__)
@@ -130,10 +133,12 @@ def build_streams(cfg) -> list:
 
 def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: Optional[int] = None,
                        local_world_size: Optional[int] = None, run_dir: Optional[str] = None,
-                       local_rank: Optional[int] = None):
+                       local_rank: Optional[int] = None, device=None):
     """A ``streaming.StreamingDataLoader`` over ``cfg.data.train_dirs``.
 
-    Batches are dicts: ``image`` float32 [B, 3, R, R] (CLIP-normalised, R = model.image_res),
+    Batches are dicts: ``image`` float32 [B, 3, R, R] (CLIP-normalised, R = model.image_res;
+    with ``data.decode_on: device`` decoded and augmented on ``device``, default the training
+    device, by the returned ``DeviceDecodeLoader`` as it yields),
     ``text_ids`` / ``text_mask`` int64 [B, data.max_tokens], ``image_id`` int64 [B] (content
     hash: duplicates share it), ``key`` list of B str, ``skipped`` int64 [B] (1 where an
     unreadable record was replaced by the next one). B = train.micro_batch_size; partial
@@ -147,11 +152,12 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
     a hard-killed earlier job of this run left on this host, then records this job's
     (albef_ds/data/shm.py); without it nothing is cleaned.
     """
-    from streaming import StreamingDataLoader
-
     from albef_ds.data.dataset import PairDataset
 
     d = cfg.data
+    if d.decode_on not in DECODE_ON:
+        raise ValueError(f"config key 'data.decode_on': must be one of {', '.join(DECODE_ON)}, "
+                         f"got {d.decode_on!r}")
     _check_dirs(list(d.train_dirs))
     _export_world(rank, world_size, local_world_size)
     leader = run_dir is not None and (local_rank if local_rank is not None else rank) == 0
@@ -172,6 +178,7 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
         num_canonical_nodes=d.num_canonical_nodes,
         partition_algo="relaxed",
         batch_size=cfg.train.micro_batch_size,
+        decode_on=d.decode_on,
     )
     if leader:
         prefix = dataset._shm_prefix_int
@@ -180,10 +187,35 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
     if d.num_workers > 0:
         kwargs["prefetch_factor"] = d.prefetch_factor
     import torch
-    return StreamingDataLoader(dataset, batch_size=cfg.train.micro_batch_size,
-                               collate_fn=Collate(tokenizer, d.max_tokens), num_workers=d.num_workers,
-                               pin_memory=d.pin_memory and torch.cuda.is_available(), drop_last=True,
-                               **kwargs)
+    if d.decode_on == "device":
+        from albef_ds.data.device_transforms import DeviceTrainTransform
+        cls = DeviceDecodeLoader
+        kwargs.update(transform=DeviceTrainTransform(cfg.model.image_res, d.randaugment_m), device=device)
+    else:
+        cls = StreamingDataLoader
+    return cls(dataset, batch_size=cfg.train.micro_batch_size,
+               collate_fn=Collate(tokenizer, d.max_tokens), num_workers=d.num_workers,
+               pin_memory=d.pin_memory and torch.cuda.is_available(), drop_last=True, **kwargs)
+
+
+class DeviceDecodeLoader(StreamingDataLoader):
+    """data.decode_on: device. Workers yield raw bytes and augmentation plans; this loader
+    finishes each batch on ``device`` (device_transforms.finish_batch) as it yields it, in the
+    main process, so the trainer receives the CPU path's batch contract and needs no hook.
+    Position and state are streaming's: counted on the collated batch, before finishing."""
+
+    def __init__(self, *args, transform, device=None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.transform, self.device = transform, device
+
+    def __iter__(self):
+        from albef_ds.data.device_transforms import finish_batch
+        from albef_ds.distributed import device as training_device
+
+        # resolved here, not at build time: the launcher picks the CUDA device before training
+        device = self.device if self.device is not None else training_device()
+        for batch in super().__iter__():
+            yield finish_batch(batch, self.transform, device)
 
 
 # ----------------------------------------------------------------------------- state

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageEnhance, ImageOps
@@ -34,13 +36,23 @@ TRANSLATE_CONST_256 = 10.0
 OP_PROB = 0.5
 RANDAUG_OPS = ("Identity", "AutoContrast", "Equalize", "Brightness", "Sharpness",
                "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+#: the ops that draw a direction (one ``rng.random()``) when applied
+SIGNED_OPS = ("ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate")
+
+
+def sample_rng(seed: int, epoch: int, index: int) -> random.Random:
+    """The augmentation RNG of one sample (seed, epoch, dataset-wide sample index):
+    independent of worker, rank, batch and resumption (dataset.py)."""
+    state = np.random.SeedSequence([seed & 0xFFFFFFFF, epoch, index]).generate_state(2)
+    return random.Random(int(state[0]) << 32 | int(state[1]))
 
 
 def _signed(v: float, rng: random.Random) -> float:
     return -v if rng.random() < 0.5 else v
 
 
-def _apply_op(img: Image.Image, op: str, level: float, rng: random.Random) -> Image.Image:
+def _apply_signed(img: Image.Image, op: str, level: float, sign: float) -> Image.Image:
+    """One op at ``level``; ``sign`` (+1/-1) is the direction of the geometric ops."""
     frac = level / MAX_LEVEL
     if op == "Identity":
         return img
@@ -53,7 +65,7 @@ def _apply_op(img: Image.Image, op: str, level: float, rng: random.Random) -> Im
     if op == "Sharpness":
         return ImageEnhance.Sharpness(img).enhance(frac * 1.8 + 0.1)
     if op in ("ShearX", "ShearY"):
-        s = _signed(frac * 0.3, rng)
+        s = sign * frac * 0.3
         w, h = img.size
         # shear about the image centre, as ALBEF's cv2 version does
         if op == "ShearX":
@@ -63,13 +75,17 @@ def _apply_op(img: Image.Image, op: str, level: float, rng: random.Random) -> Im
         return img.transform(img.size, Image.Transform.AFFINE, m, resample=Image.Resampling.BILINEAR,
                              fillcolor=FILL)
     if op in ("TranslateX", "TranslateY"):
-        t = _signed(frac * TRANSLATE_CONST_256 * img.size[0] / 256.0, rng)
+        t = sign * frac * TRANSLATE_CONST_256 * img.size[0] / 256.0
         m = (1, 0, -t, 0, 1, 0) if op == "TranslateX" else (1, 0, 0, 0, 1, -t)
         return img.transform(img.size, Image.Transform.AFFINE, m, resample=Image.Resampling.BILINEAR,
                              fillcolor=FILL)
     if op == "Rotate":
-        return img.rotate(_signed(frac * 30.0, rng), resample=Image.Resampling.BILINEAR, fillcolor=FILL)
+        return img.rotate(sign * frac * 30.0, resample=Image.Resampling.BILINEAR, fillcolor=FILL)
     raise ValueError(f"unknown RandAugment op {op}")
+
+
+def _apply_op(img: Image.Image, op: str, level: float, rng: random.Random) -> Image.Image:
+    return _apply_signed(img, op, level, _signed(1.0, rng) if op in SIGNED_OPS else 1.0)
 
 
 def rand_augment(img: Image.Image, n: int, m: int, rng: random.Random) -> Image.Image:
@@ -107,6 +123,16 @@ def _to_tensor(img: Image.Image) -> torch.Tensor:
     return TF.normalize(TF.to_tensor(img), CLIP_MEAN, CLIP_STD)
 
 
+@dataclass(frozen=True)
+class AugPlan:
+    """Every random decision of one sample's train transform, drawn before any pixel is touched:
+    the CPU path applies it with PIL, the device path (device_transforms.py) with tensor ops,
+    so both make the same crops, flips and RandAugment choices for the same seed."""
+    box: tuple  # RandomResizedCrop's (top, left, h, w) in the source image
+    flip: bool
+    ops: tuple  # the RandAugment ops applied, in order: ((name, sign), ...)
+
+
 class TrainTransform:
     """(PIL image, rng) -> (normalised tensor [3, res, res], flipped?)."""
 
@@ -115,17 +141,30 @@ class TrainTransform:
         self.res, self.scale = res, (crop_scale_min, 1.0)
         self.randaugment, self.n, self.m, self.flip = randaugment, randaugment_n, randaugment_m, flip
 
+    def plan(self, width: int, height: int, rng: random.Random) -> AugPlan:
+        """The draws, in the order this transform has always made them (a resumed run and the
+        device path rely on it): crop box, flip, then per RandAugment op its choice, its
+        probability and, for a geometric op, its direction."""
+        box = crop_params(width, height, self.scale, rng)
+        flipped = self.flip and rng.random() < 0.5
+        ops = []
+        if self.randaugment:
+            for op in rng.choices(RANDAUG_OPS, k=self.n):
+                if rng.random() < OP_PROB:
+                    ops.append((op, _signed(1.0, rng) if op in SIGNED_OPS else 1.0))
+        return AugPlan(box, flipped, tuple(ops))
+
     def __call__(self, img: Image.Image, rng: random.Random) -> tuple[torch.Tensor, bool]:
         img = img.convert("RGB")
-        top, left, h, w = crop_params(img.width, img.height, self.scale, rng)
+        plan = self.plan(img.width, img.height, rng)
+        top, left, h, w = plan.box
         img = TF.resized_crop(img, top, left, h, w, [self.res, self.res],
                               interpolation=InterpolationMode.BICUBIC)
-        flipped = self.flip and rng.random() < 0.5
-        if flipped:
+        if plan.flip:
             img = TF.hflip(img)
-        if self.randaugment:
-            img = rand_augment(img, self.n, self.m, rng)
-        return _to_tensor(img), flipped
+        for op, sign in plan.ops:
+            img = _apply_signed(img, op, float(self.m), sign)
+        return _to_tensor(img), plan.flip
 
 
 def make_train_transform(cfg) -> TrainTransform:

@@ -23,6 +23,7 @@ def main():
     p.add_argument("--save-state-at", type=int, default=None,
                    help="after this many batches, save the loader state to --state (and go on)")
     p.add_argument("--state", help="state file to write (with --save-state-at) or to resume from")
+    p.add_argument("--decode-on", default="cpu", help="data.decode_on (the device path runs on the CPU here)")
     args = p.parse_args()
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -41,7 +42,9 @@ def main():
     cfg.data.pin_memory = False
     cfg.data.flip_swaps_left_right = True
     cfg.train.micro_batch_size = args.batch
-    loader = build_train_loader(cfg, load_tokenizer(args.tokenizer), rank, world)
+    cfg.data.decode_on = args.decode_on
+    loader = build_train_loader(cfg, load_tokenizer(args.tokenizer), rank, world,
+                                device="cpu" if args.decode_on == "device" else None)
     if args.state and args.save_state_at is None:
         load_loader_state(loader, read_loader_state(args.state))
     batches = []

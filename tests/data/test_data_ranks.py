@@ -85,3 +85,21 @@ def test_mid_epoch_resume_gives_exactly_the_unseen_samples_same_augmentation(syn
     seen = {k for r in full_epoch for b in r["batches"][:STOP] for k in b["keys"]}
     rest = set(_keys(tail[0]) + _keys(tail[1]))
     assert not seen & rest and len(seen | rest) == 256
+
+
+def test_device_path_two_ranks_resume_exactly_and_match_the_cpu_path(synth_small, full_epoch, tmp_path):
+    """data.decode_on: device (run on the CPU): the same split, keys and caption ids as the
+    PIL path, and a mid-epoch resume that repeats the uninterrupted run's pixels exactly."""
+    data, tok = synth_small
+    cpu_epoch, _ = full_epoch
+    state = tmp_path / "device_state.json"
+    device = ("--decode-on", "device")
+    full = run_ranks(tmp_path, "dev_full", data / "train", tok,
+                     extra=("--save-state-at", str(STOP), "--state", str(state), *device))
+    tail = run_ranks(tmp_path, "dev_tail", data / "train", tok, extra=("--state", str(state), *device))
+    for rank in range(2):
+        f, c = full[rank]["batches"], cpu_epoch[rank]["batches"]
+        assert [b["keys"] for b in f] == [b["keys"] for b in c]
+        assert [b["text_ids"] for b in f] == [b["text_ids"] for b in c]  # same flips, same swaps
+        assert f[0]["shapes"] == c[0]["shapes"] and f[0]["dtypes"] == c[0]["dtypes"]
+        assert tail[rank]["batches"] == f[STOP:]
