@@ -25,18 +25,23 @@ import time
 import traceback
 from pathlib import Path
 
-#: what a GPU run measures (and how long each part may take, roughly, on an H200)
+#: the small model the kill/resume and fp16 parts train (tiny with 2 layers, as
+#: tests/train/test_pretrain.py): what they check is the engine's machinery, not the model
+SMALL_MODEL = ["model.vision_depth=2", "model.text_depth=2", "model.fusion_layer=1", "model.momentum=0.9"]
+#: what a GPU run measures, sized for about 7 minutes on an H200 (the switches stop at budget_s)
 GPU = {"config": "albef-base", "batches": [64, 128], "max_batch": 1024, "steps": 5, "warmup": 2,
-       "switch_batch": 32, "switch_steps": 3, "kill_steps": 20, "kill_stop_at": 12, "kill_batch": 16,
-       "fp16_steps": 8, "synth_pairs": 640, "budget_s": 420}
+       "step_overrides": [], "switch_batch": 32, "switch_steps": 3, "budget_s": 420,
+       "kill_steps": 20, "kill_stop_at": 12, "kill_batch": 16, "fp16_steps": 8, "synth_pairs": 640,
+       "loader_workers": 1}
 #: the dry run: every part, as small as still exercises it
 DRY = {"config": "tiny", "batches": [4], "max_batch": 8, "steps": 2, "warmup": 1,
-       "switch_batch": 4, "switch_steps": 1, "kill_steps": 6, "kill_stop_at": 3, "kill_batch": 4,
-       "fp16_steps": 2, "synth_pairs": 64, "budget_s": 600, "switches": 2}
-#: the small model the kill/resume and fp16 parts train (2-layer tiny, as tests/train/test_pretrain.py)
-SMALL_MODEL = ["model.vision_depth=2", "model.text_depth=2", "model.fusion_layer=1", "model.momentum=0.9"]
+       "step_overrides": SMALL_MODEL, "switch_batch": 4, "switch_steps": 1, "budget_s": 600, "switches": 2,
+       "kill_steps": 6, "kill_stop_at": 3, "kill_batch": 4, "fp16_steps": 2, "synth_pairs": 64,
+       # no loader worker: starting one (a fresh interpreter importing torch) costs more than 6 steps
+       "loader_workers": 0}
 
-PARTS = ("environment", "kill_resume", "fp16", "trainer_step", "switches")
+#: the parts --skip can leave out (the environment always runs: the table's heading needs it)
+PARTS = ("kill_resume", "fp16", "trainer_step", "switches")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -82,10 +87,10 @@ def synth_data(root: Path, pairs: int) -> tuple[Path, Path]:
     return data, tok
 
 
-def small_run_overrides(data: Path, tok: Path, batch: int, every: int) -> list[str]:
+def small_run_overrides(data: Path, tok: Path, batch: int, every: int, workers: int) -> list[str]:
     return [f"data.train_dirs=[{data / 'train'}]", f"data.tokenizer={tok}", f"train.micro_batch_size={batch}",
             "train.lr=1e-3", "train.warmup_steps=2", f"checkpoint.every_steps={every}", "checkpoint.keep_last=10",
-            "logging.progress_bar=false", "logging.tensorboard=false", "data.num_workers=1", *SMALL_MODEL]
+            "logging.progress_bar=false", "logging.tensorboard=false", f"data.num_workers={workers}", *SMALL_MODEL]
 
 
 def trainer_step(s: dict, args) -> dict:
@@ -96,7 +101,8 @@ def trainer_step(s: dict, args) -> dict:
     from . import bench
 
     def measure(batch: int) -> dict:
-        ns = argparse.Namespace(config=s["config"], overrides=[*args.overrides, f"train.micro_batch_size={batch}"],
+        ns = argparse.Namespace(config=s["config"], overrides=[*s["step_overrides"], *args.overrides,
+                                                                    f"train.micro_batch_size={batch}"],
                                 data=False, batch=batch, text_len=None, warmup=s["warmup"], steps=s["steps"])
         r = gc.with_peak_memory(lambda: bench.trainer_bench(ns))
         peak = device_peak_flops(r["device"], r["precision"])
@@ -113,7 +119,7 @@ def trainer_step(s: dict, args) -> dict:
         results.append(search.pop("result"))
     else:
         search.pop("result")
-    cfg = load_config(s["config"], list(args.overrides))
+    cfg = load_config(s["config"], [*s["step_overrides"], *args.overrides])
     first = results[0]
     return {"config": s["config"], "image_res": cfg.model.image_res, "precision": first["precision"],
             "zero_stage": first["zero_stage"], "optimizer": first["optimizer"], "results": results,
@@ -127,7 +133,8 @@ def switches(s: dict, args, started: float) -> dict:
 
     from . import bench
     names = [name for name, _, _ in bench.SWITCHES][:s.get("switches")]
-    ns = argparse.Namespace(config=s["config"], overrides=list(args.overrides), batch=s["switch_batch"],
+    ns = argparse.Namespace(config=s["config"], overrides=[*s["step_overrides"], *args.overrides],
+                            batch=s["switch_batch"],
                             text_len=None, steps=s["switch_steps"], warmup=1)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     pairs = [("none", "noise floor (fast vs fast)", "fast", "fast")]
@@ -192,9 +199,9 @@ def run(args) -> int:
     if not {"kill_resume", "fp16"} <= skip:
         data, tok = synth_data(out / "synth", s["synth_pairs"])
     part("kill_resume", lambda: gc.kill_resume(
-        "tiny", small_run_overrides(data, tok, s["kill_batch"], every=max(2, s["kill_steps"] // 4)),
+        "tiny", small_run_overrides(data, tok, s["kill_batch"], max(2, s["kill_steps"] // 4), s["loader_workers"]),
         out / "kill_resume", s["kill_steps"], s["kill_stop_at"]))
-    part("fp16", lambda: gc.fp16_check("tiny", small_run_overrides(data, tok, s["kill_batch"], every=1000),
+    part("fp16", lambda: gc.fp16_check("tiny", small_run_overrides(data, tok, s["kill_batch"], 1000, s["loader_workers"]),
                                        s["fp16_steps"], out / "fp16"))
     part("trainer_step", lambda: trainer_step(s, args))
     part("switches", lambda: switches(s, args, started))
