@@ -297,7 +297,9 @@ def fp16_check(config: str, overrides: list[str], steps: int, run_dir: Path) -> 
     from .tokenizer import load_tokenizer
     from .train.trainer import Trainer, make_objective
 
-    cfg = load_config(config, [*overrides, "distributed.ds_config=zero2_fp16", "train.precision=fp16",
+    # train.precision stays "auto": an explicit fp16 would replace the JSON's fp16 section
+    # (its loss-scale settings) by {"enabled": true} (train/backend.py load_ds_config)
+    cfg = load_config(config, [*overrides, "distributed.ds_config=zero2_fp16", "train.precision=auto",
                                f"train.max_steps={steps}", f"logging.run_dir={run_dir}"])
     launch = dist_lib.init_distributed(cfg.distributed.backend)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
@@ -319,6 +321,8 @@ def fp16_check(config: str, overrides: list[str], steps: int, run_dir: Path) -> 
               "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
               "all_finite": all(r["finite"] for r in rows)}
     del trainer, engine, loader, batches
+    from .data import shm
+    shm.release(run_dir)  # what the loader left in /dev/shm, as a run's end does
     free_cuda()
     return result
 
