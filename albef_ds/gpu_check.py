@@ -293,14 +293,21 @@ def fp16_check(config: str, overrides: list[str], steps: int, run_dir: Path) -> 
     2^16 and halves on each overflow)."""
     if not torch.cuda.is_available():
         return {"status": CPU_FP16_SKIP}
+    # train.precision stays "auto": an explicit fp16 would replace the JSON's fp16 section
+    # (its loss-scale settings) by {"enabled": true} (train/backend.py load_ds_config)
+    return scaled_steps(config, [*overrides, "distributed.ds_config=zero2_fp16", "train.precision=auto"],
+                        steps, run_dir)
+
+
+def scaled_steps(config: str, overrides: list[str], steps: int, run_dir: Path) -> dict:
+    """``steps`` Trainer steps on the loader of ``overrides``, the engine's loss scale read
+    before each (None where the engine has none); the loop of :func:`fp16_check`, which a
+    CPU can run in fp32."""
     from . import distributed as dist_lib
     from .tokenizer import load_tokenizer
     from .train.trainer import Trainer, make_objective
 
-    # train.precision stays "auto": an explicit fp16 would replace the JSON's fp16 section
-    # (its loss-scale settings) by {"enabled": true} (train/backend.py load_ds_config)
-    cfg = load_config(config, [*overrides, "distributed.ds_config=zero2_fp16", "train.precision=auto",
-                               f"train.max_steps={steps}", f"logging.run_dir={run_dir}"])
+    cfg = load_config(config, [*overrides, f"train.max_steps={steps}", f"logging.run_dir={run_dir}"])
     launch = dist_lib.init_distributed(cfg.distributed.backend)
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg.model.vocab_size = len(tokenizer)

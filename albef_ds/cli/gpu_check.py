@@ -7,9 +7,10 @@ In order, each part's result written as soon as it is known (a run cut short kee
 it measured): the environment; a 20-step tiny pretraining run on synth data, run through,
 stopped by SIGTERM half-way and resumed, compared bit for bit; a few fp16 steps with
 DeepSpeed's loss scaling; the Trainer's real step (``albef-ds bench``'s trainer bench) for
-albef-base at 256 px in bf16 at batch 64, 128 and the largest that fits; each fast path of
-``albef-ds bench --switches`` (read from its SWITCHES, so new switches appear here) while
-the time budget lasts. Out: ``gpu_check.json`` and ``gpu_check.md`` (the table for
+albef-base at 256 px in bf16 at batch 64 and 128; each fast path of ``albef-ds bench
+--switches`` (read from its SWITCHES, so new switches appear here) while the time budget
+lasts; last, the largest batch that fits (last: an engine that ran out of memory may not
+give all of it back). Out: ``gpu_check.json`` and ``gpu_check.md`` (the table for
 docs/benchmarks.md). Exit 0 when every part ran and the resume was exact, 1 otherwise.
 
 Without CUDA (or with ``--dry-run``) the same parts run small: the tiny config, batch 4,
@@ -28,9 +29,10 @@ from pathlib import Path
 #: the small model the kill/resume and fp16 parts train (tiny with 2 layers, as
 #: tests/train/test_pretrain.py): what they check is the engine's machinery, not the model
 SMALL_MODEL = ["model.vision_depth=2", "model.text_depth=2", "model.fusion_layer=1", "model.momentum=0.9"]
-#: what a GPU run measures, sized for about 7 minutes on an H200 (the switches stop at budget_s)
+#: what a GPU run measures, sized for about 8 minutes on an H200: the switches stop at
+#: budget_s, leaving about 2 minutes for the largest-batch search
 GPU = {"config": "albef-base", "batches": [64, 128], "max_batch": 1024, "steps": 5, "warmup": 2,
-       "step_overrides": [], "switch_batch": 32, "switch_steps": 3, "budget_s": 420,
+       "step_overrides": [], "switch_batch": 32, "switch_steps": 3, "budget_s": 330,
        "kill_steps": 20, "kill_stop_at": 12, "kill_batch": 16, "fp16_steps": 8, "synth_pairs": 640,
        "loader_workers": 1}
 #: the dry run: every part, as small as still exercises it
@@ -41,7 +43,7 @@ DRY = {"config": "tiny", "batches": [4], "max_batch": 8, "steps": 2, "warmup": 1
        "loader_workers": 0}
 
 #: the parts --skip can leave out (the environment always runs: the table's heading needs it)
-PARTS = ("kill_resume", "fp16", "trainer_step", "switches")
+PARTS = ("kill_resume", "fp16", "trainer_step", "switches", "largest_batch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -55,7 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batches", default=None, help="comma-separated batches timed (default 64,128; dry run 4)")
     p.add_argument("--max-batch", type=int, default=None, help="where the doubling search stops (default 1024)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="seconds after which the remaining switches are skipped (default 420)")
+                   help="seconds into the run after which the remaining switches are skipped (default 330)")
 
 
 def settings(args) -> tuple[dict, str | None]:
@@ -93,37 +95,52 @@ def small_run_overrides(data: Path, tok: Path, batch: int, every: int, workers: 
             "logging.progress_bar=false", "logging.tensorboard=false", f"data.num_workers={workers}", *SMALL_MODEL]
 
 
-def trainer_step(s: dict, args) -> dict:
-    """The Trainer's step at each batch, then the doubling search, through the bench."""
+def measure_step(s: dict, args, batch: int) -> dict:
+    """The Trainer's step at ``batch`` through the bench, with the executed-FLOP
+    utilisation and the peak memory (and what was allocated before: an engine an earlier
+    try left behind would show there, not as this batch's own)."""
+    import torch
+
     from .. import gpu_check as gc
-    from ..config import load_config
     from ..model_info import device_peak_flops
     from . import bench
+    ns = argparse.Namespace(config=s["config"], overrides=[*s["step_overrides"], *args.overrides,
+                                                            f"train.micro_batch_size={batch}"],
+                            data=False, batch=batch, text_len=None, warmup=s["warmup"], steps=s["steps"])
+    before = torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    r = gc.with_peak_memory(lambda: bench.trainer_bench(ns))
+    r["allocated_before_gb"] = before
+    peak = device_peak_flops(r["device"], r["precision"])
+    r["executed_util"] = r["executed_tflops"] * 1e12 / peak if peak else None
+    r.pop("losses", None)  # per-step losses of a synthetic batch: not what this report is for
+    return r
 
-    def measure(batch: int) -> dict:
-        ns = argparse.Namespace(config=s["config"], overrides=[*s["step_overrides"], *args.overrides,
-                                                                    f"train.micro_batch_size={batch}"],
-                                data=False, batch=batch, text_len=None, warmup=s["warmup"], steps=s["steps"])
-        r = gc.with_peak_memory(lambda: bench.trainer_bench(ns))
-        peak = device_peak_flops(r["device"], r["precision"])
-        r["executed_util"] = r["executed_tflops"] * 1e12 / peak if peak else None
-        r.pop("losses", None)  # per-step losses of a synthetic batch: not what this report is for
-        return r
 
+def trainer_step(s: dict, args) -> dict:
+    """The Trainer's step at each of the configured batches."""
+    from .. import gpu_check as gc
+    from ..config import load_config
     results = []
     for b in s["batches"]:
-        results.append(measure(b))
+        results.append(measure_step(s, args, b))
         gc.free_cuda()
-    search = gc.largest_batch(measure, max(s["batches"]) * 2, s["max_batch"])
-    if search["result"] is not None:
-        results.append(search.pop("result"))
-    else:
-        search.pop("result")
     cfg = load_config(s["config"], [*s["step_overrides"], *args.overrides])
     first = results[0]
     return {"config": s["config"], "image_res": cfg.model.image_res, "precision": first["precision"],
-            "zero_stage": first["zero_stage"], "optimizer": first["optimizer"], "results": results,
-            "largest_batch": search}
+            "zero_stage": first["zero_stage"], "optimizer": first["optimizer"], "results": results}
+
+
+def largest_batch(s: dict, args, step: dict) -> dict:
+    """Doubling from twice the largest configured batch until out of memory; the largest
+    that fitted joins the step's results. Run last: an engine that ran out of memory may
+    not give all of it back."""
+    from .. import gpu_check as gc
+    search = gc.largest_batch(lambda b: measure_step(s, args, b), max(s["batches"]) * 2, s["max_batch"])
+    result = search.pop("result")
+    if result is not None and "results" in step:
+        step["results"].append(result)
+    step["largest_batch"] = search
+    return search
 
 
 def switches(s: dict, args, started: float) -> dict:
@@ -205,6 +222,7 @@ def run(args) -> int:
                                        s["fp16_steps"], out / "fp16"))
     part("trainer_step", lambda: trainer_step(s, args))
     part("switches", lambda: switches(s, args, started))
+    part("largest_batch", lambda: largest_batch(s, args, report.setdefault("trainer_step", {})))
 
     kr = report.get("kill_resume", {})
     if "kill_resume" not in skip and not kr.get("ok"):

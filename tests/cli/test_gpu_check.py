@@ -165,3 +165,16 @@ def test_the_wrapper_script_parses_and_answers_help_and_missing_wheels(tmp_path)
 def test_the_cli_refuses_an_unknown_part(tmp_path):
     from albef_ds.cli import main
     assert main(["gpu-check", "--dry-run", "--out", str(tmp_path), "--skip", "everything"]) == 2
+
+
+@pytest.mark.slow
+def test_the_fp16_checks_loop_runs_in_fp32_on_a_cpu(synth_data, tmp_path):
+    """fp16 itself needs CUDA; its loop (loader, Trainer, loss-scale read, shm release) is
+    the same at fp32, which a CPU runs."""
+    from albef_ds.cli.gpu_check import small_run_overrides
+    data, tok = synth_data
+    out = gc.scaled_steps("tiny", small_run_overrides(data, tok, 4, 1000, 0), 2, tmp_path / "run")
+    assert out["status"] == "ran" and out["precision"] == "fp32" and len(out["steps"]) == 2
+    assert [r["step"] for r in out["steps"]] == [1, 2] and out["all_finite"] and out["skipped_steps"] == 0
+    if not torch.cuda.is_available():
+        assert gc.fp16_check("tiny", [], 2, tmp_path / "fp16") == {"status": gc.CPU_FP16_SKIP}
