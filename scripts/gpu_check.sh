@@ -6,7 +6,7 @@
 #
 #   scripts/gpu_check.sh [--wheels DIR] [--out DIR] [gpu-check options...]
 #   WHEELS=.whl OUT_DIR=$OUT scripts/gpu_check.sh          # in one `device` run (docs/gpu.md)
-#   scripts/gpu_check.sh --no-install --dry-run --out /tmp/gc   # here, with the venv's packages
+#   PYTHON=/work/venv/bin/python scripts/gpu_check.sh --no-install --dry-run --out /tmp/gc   # here (CPU)
 #
 # Building the wheels (here, where pip reaches PyPI; the machine runs Python 3.12 on x86-64).
 # DeepSpeed publishes a source archive only: `pip wheel` builds a pure-Python wheel from it
@@ -23,7 +23,7 @@
 # paths, which the check does not use). Versions: the ones this project's venv has.
 set -euo pipefail
 
-usage() { sed -n '2,10p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { sed -n '2,9p' "$0" | sed 's/^# \{0,1\}//'; }
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 WHEELS="${WHEELS:-$REPO/.whl}"
