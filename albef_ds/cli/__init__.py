@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "export": ("albef_ds.cli.export", "consolidate a checkpoint into our layout and ALBEF .pth"),
     "model-info": ("albef_ds.cli.model_info", "parameter counts and analytic FLOPs per part"),
     "bench": ("albef_ds.cli.bench", "time the Trainer's training step, phases, pairs/s and MFU"),
+    "gpu-check": ("albef_ds.cli.gpu_check", "a lent GPU's environment, step speed, MFU, kill/resume, fp16 (--dry-run on CPU)"),
     "demo": ("albef_ds.cli.demo", "synth data -> tiny pretraining -> zero-shot retrieval, one command"),
 }
 
