@@ -158,6 +158,12 @@ class TrainConfig:
     recipe_global_batch: Optional[int] = None
     #: "none", or "linear": lr, warmup_lr and min_lr scaled by global batch / recipe_global_batch.
     lr_scaling: str = "none"
+    #: the ranks agree on a stop signal after every N-th optimizer step (a host sync each
+    #: time: on a GPU it drains the step's queued kernels); a stop is taken within N - 1 steps.
+    stop_check_every: int = 1
+    #: the stop reduce is started without waiting and read a step later (no host sync of the
+    #: step's work); a stop is then taken within N steps (albef_ds/train/stop.py StopCheck).
+    stop_check_async: bool = False
 
 
 @dataclass
@@ -305,6 +311,7 @@ class Config:
                  f"must be 'none' or 'linear', got {t.lr_scaling!r}")
         _require(t.lr_scaling == "none" or t.recipe_global_batch, "train.lr_scaling",
                  "'linear' needs train.recipe_global_batch (the batch the lr was tuned at)")
+        _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
         _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
                  f"must be auto, bf16, fp16 or fp32, got {t.precision!r}")
         _require(t.optimizer in ("auto", "deepspeed", "apex", "torch"), "train.optimizer",
