@@ -80,6 +80,10 @@ class ModelConfig:
     mlm: bool = True
     #: compute MLM logits only at masked positions (same loss, far less work).
     mlm_masked_only: bool = True
+    #: with mlm_masked_only: pad the masked-token count up to a multiple of this (ignored
+    #: labels, same loss) so the MLM head sees a few static shapes (torch.compile,
+    #: CUDA graphs); 0: the exact count (a new shape almost every step).
+    mlm_masked_bucket: int = 0
     #: share each image's cross-attention keys/values between the fusion passes.
     share_cross_kv: bool = True
     #: vectorised ITM sampling (one multinomial) vs the reference's per-sample loop.
@@ -287,6 +291,7 @@ class Config:
         _require(0.0 < m.momentum < 1.0, "model.momentum", f"must lie in (0, 1), got {m.momentum}")
         _require(0.001 <= m.temp <= 0.5, "model.temp", f"must lie in [0.001, 0.5], got {m.temp}")
         _require(0.0 <= m.alpha <= 1.0, "model.alpha", f"must lie in [0, 1], got {m.alpha}")
+        _require(m.mlm_masked_bucket >= 0, "model.mlm_masked_bucket", f"must be >= 0, got {m.mlm_masked_bucket}")
         _require(0.0 < m.mlm_probability < 1.0, "model.mlm_probability",
                  f"must lie in (0, 1), got {m.mlm_probability}")
         m.itc_candidates = "pool" if m.itc_candidates == "global" else m.itc_candidates
