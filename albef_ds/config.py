@@ -94,6 +94,11 @@ class ModelConfig:
     foreach_ema: bool = True
     #: recompute activations in backward (both encoders), trading compute for memory.
     activation_checkpointing: bool = False
+    #: FP8 GEMMs through NVIDIA Transformer Engine (nn.Linear swapped for te.Linear under
+    #: fp8_autocast, by albef_ds/train/fast_paths.py, not the model code); needs CUDA with
+    #: compute capability >= 8.9 and the "fp8" extra. Not bit-equal to bf16: checked by
+    #: albef_ds.cli.bench.fp8_accuracy_check.
+    fp8: bool = False
 
 
 @dataclass
@@ -168,6 +173,9 @@ class TrainConfig:
     #: the stop reduce is started without waiting and read a step later (no host sync of the
     #: step's work); a stop is then taken within N steps (albef_ds/train/stop.py StopCheck).
     stop_check_async: bool = False
+    #: torch.compile of the transformer blocks: "none", "default", or "reduce-overhead"
+    #: (CUDA graphs on CUDA; pair with model.mlm_masked_bucket). albef_ds/train/fast_paths.py
+    compile: str = "none"
 
 
 @dataclass
@@ -316,6 +324,8 @@ class Config:
                  f"must be 'none' or 'linear', got {t.lr_scaling!r}")
         _require(t.lr_scaling == "none" or t.recipe_global_batch, "train.lr_scaling",
                  "'linear' needs train.recipe_global_batch (the batch the lr was tuned at)")
+        _require(t.compile in ("none", "default", "reduce-overhead"), "train.compile",
+                 f"must be none, default or reduce-overhead, got {t.compile!r}")
         _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
         _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
                  f"must be auto, bf16, fp16 or fp32, got {t.precision!r}")

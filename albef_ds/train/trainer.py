@@ -24,6 +24,7 @@ from ..objectives import Objective, StepContext
 from ..objectives.pretrain import TEMP_BOUNDS
 from ..errors import UsageError
 from . import checkpoint as ckpt_lib
+from . import fast_paths
 from . import run_dir as run_dir_lib
 from .backend import DeepSpeedBackend, clamp_master, clean_shared_memory_leftovers, full_numel
 from .ema import MomentumEMA, assemble_full
@@ -93,7 +94,8 @@ class Trainer:
         self.cfg, self.launch, self.objective, self.log = cfg, launch, objective, log
         self.rank, self.world = launch.rank, launch.world_size
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.backend = DeepSpeedBackend(build_model(cfg, log, objective), cfg, self.world, total_steps, load_universal)
+        model = fast_paths.apply(build_model(cfg, log, objective), cfg, log)
+        self.backend = DeepSpeedBackend(model, cfg, self.world, total_steps, load_universal)
         self.module = self.backend.module
         self.device = dist_lib.device()
         # Pure data parallelism: the data-parallel rank is the global rank.
@@ -121,7 +123,8 @@ class Trainer:
         # function of (seed, step, micro-step, rank), whatever else consumed the RNG.
         torch.manual_seed(ctx.seed)
         inputs = self.objective.prepare(batch, ctx)
-        out = self.backend.forward(self.objective.compute, **inputs)
+        with fast_paths.fp8_autocast(self.cfg.model.fp8):
+            out = self.backend.forward(self.objective.compute, **inputs)
         self.backend.backward(out["loss"])
         boundary = self.backend.step()
         self.running.add({k: out[k] for k in self.objective.log_keys})
