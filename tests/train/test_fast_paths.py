@@ -96,3 +96,34 @@ def test_config_checks_of_the_new_switches():
     cfg = load_config("tiny")  # defaults: today's behaviour
     assert (cfg.train.stop_check_every, cfg.train.stop_check_async, cfg.train.compile,
             cfg.model.mlm_masked_bucket, cfg.model.fp8) == (1, False, "none", 0, False)
+
+
+#: the tiny model of tests/cli/test_bench.py (its runner builds in a second)
+SMALL = ["model.image_res=32", "model.patch_size=8", "model.vision_width=32", "model.vision_depth=2",
+         "model.vision_heads=2", "model.text_width=32", "model.text_depth=2", "model.fusion_layer=1",
+         "model.text_heads=2", "model.text_intermediate=64", "model.vocab_size=100",
+         "model.max_position_embeddings=32", "model.embed_dim=16", "model.queue_size=64",
+         "model.hidden_dropout=0.0", "model.attention_dropout=0.0", "train.micro_batch_size=8",
+         "data.max_tokens=12", "model.mlm_probability=0.3"]
+#: inductor fuses and reorders float32 reductions: the same losses to rounding
+COMPILE_RTOL, COMPILE_ATOL = 1e-4, 1e-5
+
+
+def bench_runner(spec: str) -> "bench.Runner":
+    overrides, switches = bench.parse_options(spec)
+    cfg = load_config("tiny", SMALL + overrides)
+    return bench.Runner(cfg, switches, cfg.train.micro_batch_size, cfg.data.max_tokens, torch.device("cpu"))
+
+
+@pytest.mark.slow
+def test_reduce_overhead_compilation_gives_the_eager_losses_on_two_steps():
+    """Compiling on a CPU takes minutes on 2 shared cores: slow lane. On a CPU inductor runs
+    without CUDA graphs; the GPU check times the graphs themselves."""
+    eager, compiled = bench_runner("fast,model.mlm_masked_bucket=16"), \
+        bench_runner("fast,model.mlm_masked_bucket=16,compile=reduce-overhead")
+    moved = bench_runner("fast,model.mlm_masked_bucket=16,model.temp=0.08")  # mutation: a real change
+    for step in range(2):
+        a, b, c = eager.step(), compiled.step(), moved.step()
+        for k in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
+            torch.testing.assert_close(b[k], a[k], rtol=COMPILE_RTOL, atol=COMPILE_ATOL, msg=f"step {step} {k}")
+        assert not torch.allclose(c["loss_itc"], a["loss_itc"], rtol=COMPILE_RTOL, atol=COMPILE_ATOL)
