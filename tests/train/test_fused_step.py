@@ -16,7 +16,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from test_albef import make_batch, make_model, one_thread, run, small_config, stir, twin  # noqa: E402,F401
+from test_albef import make_batch, make_model, one_thread, run, small_config, stir  # noqa: E402,F401
 
 from albef_ds.train.backend import param_groups  # noqa: E402
 from albef_ds.train.ema import MomentumEMA  # noqa: E402
