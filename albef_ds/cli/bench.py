@@ -16,7 +16,11 @@ that option sets can be interleaved in one process:
 An option set is a preset name (``fast``, ``fast-bf16``, ``reference``) or comma-separated
 switches ``key=value``, presets included (``fast,compile=true``): config keys
 (``model.sdpa=false``) and bench keys (``autocast=bf16``, ``compile=true``,
-``queue_broadcast=true``, ``fused_adam=true``, ``host_sync=true``). ``--compare A B``
+``queue_broadcast=true``, ``fused_adam=true``, ``host_sync=true``; ``compile`` takes
+``true``/``default`` or ``reduce-overhead``). Each step also runs the Trainer's stop check
+(train.stop_check_every / stop_check_async: on one rank the reduce is skipped, the host
+sync kept) and, with model.fp8, the Trainer's Transformer Engine path (CUDA only: on a CPU
+``--switches`` skips it). ``--compare A B``
 builds both models and alternates their steps in one process, so machine noise hits both
 alike, and prints B's speed-up over A: the ratio of median step times and the quartiles
 of the per-step ratios of adjacent steps. ``--switches`` does that for every switch in
@@ -76,7 +80,8 @@ PRESETS = {
                  "model.itm_vectorized_sampling=false,model.foreach_ema=false,"
                  "model.activation_checkpointing=false,model.itm_negatives=local,"
                  "model.itc_candidates=local,autocast=none,compile=false,"
-                 "queue_broadcast=true,fused_adam=false,host_sync=true",
+                 "queue_broadcast=true,fused_adam=false,host_sync=true,"
+                 "train.stop_check_every=1,train.stop_check_async=false,model.mlm_masked_bucket=0,model.fp8=false",
     # Every fast path that leaves the fp32 numbers as they are (tests/test_bench.py checks
     # that it gives the reference's losses). The bench runs one rank, where the global ITM
     # candidates are the local batch: local negatives draw the same ones without
@@ -84,7 +89,8 @@ PRESETS = {
     "fast": "model.sdpa=true,model.share_cross_kv=true,model.mlm_masked_only=true,model.itm_negatives=local,"
             "model.itm_vectorized_sampling=true,model.foreach_ema=true,"
             "model.activation_checkpointing=false,autocast=none,compile=false,"
-            "queue_broadcast=false,fused_adam=true,host_sync=false",
+            "queue_broadcast=false,fused_adam=true,host_sync=false,"
+            "train.stop_check_every=10,train.stop_check_async=true",
     # ... plus bf16 autocast: different rounding, so a preset of its own.
     "fast-bf16": "fast,autocast=bf16",
 }
@@ -106,7 +112,16 @@ SWITCHES = [
     ("autocast", "none", "bf16"),
     ("model.activation_checkpointing", "false", "true"),
     ("compile", "false", "true"),
+    ("compile", "false", "reduce-overhead"),
+    ("train.stop_check_every", "1", "10"),
+    ("train.stop_check_async", "false", "true"),
+    # the head's gradients round differently (tests/objectives/test_mlm_bucket.py): not in "fast"
+    ("model.mlm_masked_bucket", "0", "64"),
+    # not the bf16 numbers (fp8_accuracy_check); CUDA with compute capability >= 8.9 only
+    ("model.fp8", "false", "true"),
 ]
+#: switches that need CUDA: ``--switches`` on a CPU reports them as skipped
+CUDA_ONLY = {"model.fp8"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -179,19 +194,6 @@ class PhaseTimer:
 LOGGED = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc", "pos_sim", "neg_sim")
 
 
-def compile_encoders(model) -> None:
-    """torch.compile each transformer block of both encoders, online and momentum, in
-    place (parameter names and the state dict unchanged). Blocks, not whole encoders: the
-    BERT is entered through ``encode_text``/``fuse``, which compiling the module would miss,
-    and the MLM head sees a data-dependent number of rows."""
-    for name in ("visual_encoder", "visual_encoder_m"):
-        for block in getattr(model, name).blocks:
-            block.compile()
-    for name in ("text_encoder", "text_encoder_m"):
-        for layer in getattr(model, name).bert.encoder.layer:
-            layer.compile()
-
-
 class Runner:
     """One option set: a model, its optimizer, and a fixed synthetic batch."""
 
@@ -201,11 +203,18 @@ class Runner:
         torch.manual_seed(cfg.train.seed)
         self.model = ALBEF(cfg.model).to(device)
         self.model.train()
+        from ..train import fast_paths
+        from ..train.stop import StopCheck, StopFlag
+        if cfg.model.fp8:  # before the optimizer: te.Linear holds new parameters
+            fast_paths.swap_linears_for_fp8(self.model)
         fused = bench["fused_adam"] == "true"
         self.optimizer = make_optimizer(self.model, cfg, device, fused)
         self.autocast = bench["autocast"]
-        if bench["compile"] == "true":
-            compile_encoders(self.model)
+        compile_mode = {"true": "default", "false": "none"}.get(bench["compile"], bench["compile"])
+        fast_paths.compile_blocks(self.model, compile_mode)
+        # the Trainer's check after each step; a flag no signal sets (the bench keeps its ^C)
+        self.stop_check = StopCheck(StopFlag(handle_signals=False), cfg.train.stop_check_every,
+                                    cfg.train.stop_check_async)
         synth = synthetic_batch(cfg, batch, text_len, device)
         self.images, self.ids, self.mask = synth["image"], synth["text_ids"], synth["text_mask"]
         from ..train.ema import MomentumEMA
@@ -242,7 +251,8 @@ class Runner:
         mlm_ids, mlm_labels = mask_inputs(self.ids, SyntheticTokens, self.cfg, gen)
         ctx = (torch.autocast(self.device.type, dtype=torch.bfloat16) if self.autocast == "bf16"
                else contextlib.nullcontext())
-        with ctx:
+        from ..train.fast_paths import fp8_autocast
+        with ctx, fp8_autocast(self.cfg.model.fp8):
             out = self.model(albef_forward, self.images, self.ids, self.mask, mlm_ids, mlm_labels,
                              alpha=self.cfg.model.alpha, generator=gen)
         with phase("backward"):
@@ -252,6 +262,8 @@ class Runner:
             self.optimizer.zero_grad(set_to_none=True)
         with phase("ema"):
             self.ema.update()
+        with phase("stop_check"):
+            self.stop_check(self.step_index, self.device)
         if self.bench["queue_broadcast"] == "true":
             with phase("queue_broadcast"):
                 broadcast_buffers(self.model)
@@ -340,7 +352,7 @@ def report(name: str, runner: Runner, times: list[float], batch: int, flops_per_
         "phases_ms": {k: 1000 * v / n for k, v in timer.totals.items()} if n else {},
         "threads": torch.get_num_threads(), "saved_activations_mb": saved / 2**20,
     }
-    if runner.bench["compile"] == "true" and runner.first_step_s is not None:
+    if runner.bench["compile"] != "false" and runner.first_step_s is not None:
         # the first step traces and compiles every block; later shapes may add a little
         result["compile_s"] = runner.first_step_s - step_s
     if peak:
@@ -412,6 +424,10 @@ def run_switches(args, device: torch.device) -> dict:
     pairs = [("none", "noise floor (fast vs fast)", "fast", "fast")]
     for name, ref_value, fast_value in SWITCHES:
         if chosen is not None and name not in chosen and name.split(".")[-1] not in chosen:
+            continue
+        if name in CUDA_ONLY and device.type != "cuda":
+            print(f"{name}: skipped (needs CUDA)", flush=True)
+            rows.append({"switch": name, "skipped": "needs CUDA"})
             continue
         pairs += [(name, *spec) for spec in switch_specs(name, ref_value, fast_value)]
     for name, label, a, b in pairs:
@@ -528,3 +544,30 @@ def _write_json(path, out: dict) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(path).write_text(json.dumps(out, indent=2))
+
+
+def fp8_accuracy_check(config: str = "tiny", overrides=(), steps: int = 5, batch: int | None = None,
+                       text_len: int | None = None, rtol: float = 0.05, device: str = "cuda") -> dict:
+    """FP8 GEMMs (model.fp8) against bf16 autocast on the first ``steps`` steps: the same
+    initial weights, inputs, masking and ITM draws, the two runners' steps interleaved.
+    Returns each step's loss terms for both, the largest relative difference per term and
+    ``ok`` (every term of every step within ``rtol``; 5 % by default: FP8's E4M3 keeps 3
+    mantissa bits, bf16 7, so the first steps' losses agree to a few per cent, while a
+    wrong scale or a broken swap moves them by far more). For ``albef-ds gpu-check``;
+    raises UsageError without CUDA >= 8.9 and transformer-engine."""
+    from ..train.fast_paths import require_fp8
+    require_fp8()
+    dev = torch.device(device)
+    runners = []
+    for spec in ("fast-bf16", "fast-bf16,model.fp8=true"):
+        o, b = parse_options(spec)
+        cfg = load_config(config, list(overrides) + o)
+        runners.append(Runner(cfg, b, batch or cfg.train.micro_batch_size, text_len or cfg.data.max_tokens, dev))
+    keys = ("loss", "loss_itc", "loss_itm", "loss_mlm")
+    rows = []
+    for step in range(steps):
+        outs = [r.step() for r in runners]
+        rows.append({name: {k: float(o[k].detach()) for k in keys} for name, o in zip(("bf16", "fp8"), outs)})
+    worst = {k: max(abs(r["fp8"][k] - r["bf16"][k]) / max(abs(r["bf16"][k]), 1e-6) for r in rows) for k in keys}
+    return {"steps": rows, "max_rel_diff": worst, "rtol": rtol, "ok": all(v <= rtol for v in worst.values()),
+            "device": torch.cuda.get_device_name(dev)}

@@ -134,13 +134,15 @@ class ALBEF(nn.Module):
 
     def mlm_logits(self, masked_ids: torch.Tensor, mask: torch.Tensor,
                    image_embeds: Optional[torch.Tensor] = None, labels: Optional[torch.Tensor] = None,
-                   image_kvs: Optional[list] = None, momentum: bool = False) -> torch.Tensor:
+                   image_kvs: Optional[list] = None, momentum: bool = False,
+                   positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Text + fusion encoder over masked ids, then the MLM head: [M, V] at the masked
-        positions when ``labels`` are given and ``mlm_masked_only`` is on, else [B, L, V]."""
+        positions when ``labels`` are given and ``mlm_masked_only`` is on, else [B, L, V];
+        [P, V] at the flat token indices ``positions`` when given."""
         encoder = self._part("text_encoder", momentum)
         hidden = encoder.bert.fuse(encoder.bert.encode_text(masked_ids, mask), mask, image_embeds, image_kvs)
         masked_only = self.cfg.mlm_masked_only and labels is not None
-        return encoder.mlm_logits(hidden, labels, masked_only=masked_only)
+        return encoder.mlm_logits(hidden, labels, masked_only=masked_only, positions=positions)
 
     # ----------------------------------------------------------------- momentum
 

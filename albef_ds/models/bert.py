@@ -361,9 +361,12 @@ class BertForMaskedLM(nn.Module):
     _init_weights = staticmethod(init_bert_weights)
 
     def mlm_logits(self, hidden: torch.Tensor, labels: Optional[torch.Tensor] = None,
-                   masked_only: bool = True) -> torch.Tensor:
+                   masked_only: bool = True, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Vocabulary logits: [M, V] at the M positions where labels != -100 when
-        ``masked_only``, else [B, L, V] everywhere."""
+        ``masked_only``, else [B, L, V] everywhere; [P, V] at the flat (row-major) token
+        indices ``positions`` when given (a static count P: see objectives/mlm.py)."""
+        if positions is not None:
+            return self.cls.predictions(hidden.reshape(-1, hidden.shape[-1])[positions])
         if masked_only:
             if labels is None:
                 raise ValueError("masked_only MLM logits need the labels")

@@ -1,7 +1,8 @@
 """Stopping on a signal: every rank agrees on one step, saves, and exits for a requeue.
 
 SIGUSR1 (SLURM's warning before the time limit), SIGTERM (scancel, preemption) and SIGINT
-set a flag; the Trainer reduces it over ranks after each optimizer step.
+set a flag; the Trainer reduces it over ranks after optimizer steps (:class:`StopCheck`:
+every step by default, every ``train.stop_check_every`` steps, or asynchronously).
 """
 from __future__ import annotations
 
@@ -33,9 +34,11 @@ class StopFlag:
     thing, so that a signal during the start-up asks for a stop too (the default action of
     SIGUSR1 would end the rank without a word)."""
 
-    def __init__(self):
+    def __init__(self, handle_signals: bool = True):
         self.requested = False
         self.signal_name = None
+        if not handle_signals:  # a flag only set by hand (the bench times the check alone)
+            return
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handler)
         _start_resource_tracker_deaf_to_sigusr1()
@@ -49,6 +52,69 @@ class StopFlag:
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item() > 0)
+
+
+class StopCheck:
+    """When the ranks agree on the stop flag (``flag``: a :class:`StopFlag`, or anything
+    with ``requested``/``agreed``). ``flag.agreed`` ends in ``.item()``: on a GPU a host
+    sync that drains the queued kernels of the step, every step.
+
+    ``every`` N: the flag is reduced only after steps that are multiples of N (the global
+    step, so every rank, and a resumed run, checks at the same steps); a stop requested
+    after step k is taken at the first multiple of N >= k: within N - 1 steps.
+    ``asynchronous``: the reduce of a check step is started without waiting
+    (``async_op``), its result copied to host memory behind a CUDA event, and read at
+    the next step, when it has long arrived: no sync of the step's work; a stop requested
+    after step k is taken within N steps. Every rank starts and reads the same reduces,
+    so all still stop at the same step."""
+
+    def __init__(self, flag, every: int = 1, asynchronous: bool = False):
+        self.flag, self.every, self.asynchronous = flag, every, asynchronous
+        self.pending = None  # (work or None, host tensor, event or None) of the started reduce
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0
+
+    def __call__(self, step: int, device: torch.device) -> bool:
+        """After optimizer step ``step``: whether every rank stops here."""
+        if not self.asynchronous:
+            return self.due(step) and self.flag.agreed(device)
+        stop = self._read() if self.pending is not None else False
+        if not stop and self.due(step):
+            self._start(device)
+        return stop
+
+    def _start(self, device: torch.device) -> None:
+        flag = torch.tensor([1.0 if self.flag.requested else 0.0], device=device)
+        work = None
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, async_op=True)
+        if flag.device.type != "cuda":
+            self.pending = (work, flag, None)  # gloo: waited (blocking) at the read, a step later
+            return
+        if work is not None:
+            work.wait()  # NCCL: the compute stream waits for the reduce; the host does not
+        # Copied to pinned host memory behind an event now, so that the read next step waits
+        # for this step's work only (long done), never for the kernels queued since.
+        host = torch.empty(1, pin_memory=True)
+        host.copy_(flag, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        self.pending = (None, host, event)
+
+    def _read(self) -> bool:
+        work, flag, event = self.pending
+        self.pending = None
+        if work is not None:
+            work.wait()
+        if event is not None:
+            event.synchronize()
+        return bool(flag[0] > 0)
+
+    def drain(self) -> None:
+        """Wait for a started reduce (before the process group is torn down)."""
+        if self.pending is not None:
+            self._read()
 
 
 def worker_ignores_stop_signals(previous_init, worker_id: int) -> None:

@@ -24,11 +24,12 @@ from ..objectives import Objective, StepContext
 from ..objectives.pretrain import TEMP_BOUNDS
 from ..errors import UsageError
 from . import checkpoint as ckpt_lib
+from . import fast_paths
 from . import run_dir as run_dir_lib
 from .backend import DeepSpeedBackend, clamp_master, clean_shared_memory_leftovers, full_numel
 from .ema import MomentumEMA, assemble_full
 from .metrics import MetricsLogger, RunningMeans, format_log_line, memory_gb, rewind_jsonl
-from .stop import EXIT_PREEMPTED, StopFlag, end_loader_workers, worker_ignores_stop_signals
+from .stop import EXIT_PREEMPTED, StopCheck, StopFlag, end_loader_workers, worker_ignores_stop_signals
 
 #: marker written in the run directory when the planned final step is reached.
 DONE_MARKER = "DONE"
@@ -93,7 +94,8 @@ class Trainer:
         self.cfg, self.launch, self.objective, self.log = cfg, launch, objective, log
         self.rank, self.world = launch.rank, launch.world_size
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
-        self.backend = DeepSpeedBackend(build_model(cfg, log, objective), cfg, self.world, total_steps, load_universal)
+        model = fast_paths.apply(build_model(cfg, log, objective), cfg, log)
+        self.backend = DeepSpeedBackend(model, cfg, self.world, total_steps, load_universal)
         self.module = self.backend.module
         self.device = dist_lib.device()
         # Pure data parallelism: the data-parallel rank is the global rank.
@@ -121,7 +123,8 @@ class Trainer:
         # function of (seed, step, micro-step, rank), whatever else consumed the RNG.
         torch.manual_seed(ctx.seed)
         inputs = self.objective.prepare(batch, ctx)
-        out = self.backend.forward(self.objective.compute, **inputs)
+        with fast_paths.fp8_autocast(self.cfg.model.fp8):
+            out = self.backend.forward(self.objective.compute, **inputs)
         self.backend.backward(out["loss"])
         boundary = self.backend.step()
         self.running.add({k: out[k] for k in self.objective.log_keys})
@@ -306,6 +309,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     start is refused), and ``resume="none"`` into a directory holding an earlier run's
     outputs is refused unless ``overwrite`` (which removes them first)."""
     stop = stop or StopFlag()
+    check = StopCheck(stop, cfg.train.stop_check_every, cfg.train.stop_check_async)
     run_dir_lib.absolute_paths(cfg)  # the saved config must work from any directory
     lock = _claim_run_dir(cfg, launch, resume, overwrite)
     try:
@@ -316,10 +320,11 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
                 for batch in loader:
                     out, boundary = trainer.train_step(batch)
                     run.after_micro_step(batch, out)
-                    if boundary and (run.after_step(stop) or trainer.step >= trainer.total_steps):
+                    if boundary and (run.after_step(check) or trainer.step >= trainer.total_steps):
                         break
                 else:
                     trainer.epoch += 1
+            check.drain()  # a reduce started at the last check step is waited for
         except BaseException:
             end_loader_workers()
             raise
@@ -416,7 +421,7 @@ class _Run:
             self.keys_log.write(json.dumps({"step": step, "micro": micro, "keys": list(batch["key"])}) + "\n")
         self.pairs_since_log += batch["image"].shape[0] * t.world
 
-    def after_step(self, stop: StopFlag) -> bool:
+    def after_step(self, stop: StopCheck) -> bool:
         """Log, evaluate, save, and agree on a stop; True when the run stops here."""
         t, cfg = self.trainer, self.cfg
         self.steps_since_log += 1
@@ -430,11 +435,12 @@ class _Run:
         saved = t.step % cfg.checkpoint.every_steps == 0 or t.step == t.total_steps
         if saved:
             t.save(self.ckpt, self.loader)
-        if t.step < t.total_steps and stop.agreed(t.device):
+        if t.step < t.total_steps and stop(t.step, t.device):
             self.stopped = True
             if not saved:
                 t.save(self.ckpt, self.loader)
-            self.log(f"stop requested ({stop.signal_name or 'another rank'}): checkpoint at step {t.step} committed")
+            self.log(f"stop requested ({stop.flag.signal_name or 'another rank'}): checkpoint at step {t.step} "
+                     f"committed")
         return self.stopped
 
     def _log_line(self) -> None:
