@@ -68,6 +68,11 @@ class ModelConfig:
     #: drew, gradients go back to their owners: bytes constant in the pool size) or
     #: "gather" (every rank's embeddings all-gathered with gradient: O(pool) bytes).
     itm_exchange: str = "rows"
+    #: fraction of ITM negatives drawn uniformly from the valid candidates instead of by
+    #: similarity (0: the paper's hard negatives only). From random init the fusion encoder
+    #: does not leave the "no match" prior on hard negatives alone; easy ones get it out
+    #: (docs/benchmarks.md, "Why ITM did not learn"). The demo recipe sets 0.5.
+    itm_random_negatives: float = 0.0
     #: ITC positives are every candidate of the same image id, ids kept in a queue too
     #: (retrieval fine-tuning); False: the diagonal only (pretraining).
     itc_id_positives: bool = False
@@ -162,6 +167,10 @@ class TrainConfig:
     warmup_lr: float = 1e-5
     warmup_steps: int = 1000
     weight_decay: float = 0.02
+    #: learning-rate multiplier of the ITM path (the ITM head and the fusion layers'
+    #: cross-attention), on top of the schedule. From random init that path leaves its
+    #: plateau sooner at a higher rate (docs/benchmarks.md); 1: the paper's single rate.
+    itm_lr_scale: float = 1.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     grad_clip: Optional[float] = None
     #: alpha rises linearly from 0 over this many epochs (paper: 1; LAVIS: 2).
@@ -316,6 +325,10 @@ class Config:
         m.itm_negatives = "pool" if m.itm_negatives == "global" else m.itm_negatives
         _require(m.itc_candidates in ("pool", "local"), "model.itc_candidates",
                  f"must be 'pool' or 'local', got {m.itc_candidates!r}")
+        _require(0.0 <= m.itm_random_negatives <= 1.0, "model.itm_random_negatives",
+                 f"must be a fraction in [0, 1], got {m.itm_random_negatives!r}")
+        _require(self.train.itm_lr_scale > 0, "train.itm_lr_scale",
+                 f"must be > 0, got {self.train.itm_lr_scale!r}")
         _require(m.itm_exchange in ("rows", "gather"), "model.itm_exchange",
                  f"must be 'rows' or 'gather', got {m.itm_exchange!r}")
         _require(m.negative_pool == "world" or (m.negative_pool.isdigit() and int(m.negative_pool) >= 1),

@@ -116,7 +116,8 @@ def enqueue(queue: torch.Tensor, ptr: torch.Tensor, feats: torch.Tensor) -> None
 
 def itm_weights(sim: torch.Tensor, pos_idx: torch.Tensor,
                 row_ids: Optional[torch.Tensor] = None,
-                cand_ids: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                cand_ids: Optional[torch.Tensor] = None,
+                uniform_mix: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling weights over in-batch candidates for hard negatives.
 
     sim: [B, C] similarities (already divided by temp); pos_idx: [B] column of each row's
@@ -124,6 +125,9 @@ def itm_weights(sim: torch.Tensor, pos_idx: torch.Tensor,
     (-inf before the softmax). Computed in fp32 (bf16 softmax can underflow to an all-zero
     row, which torch.multinomial rejects) or wider. Rows with no valid candidate fall back to uniform
     over all non-positive columns; the second return value flags them.
+
+    ``uniform_mix`` = p: each draw is, with probability p, uniform over the valid
+    candidates instead ("easy" negatives): the mixture (1 - p) * hard + p * uniform.
     """
     logits = at_least_fp32(sim.detach()).clone()
     excluded = torch.zeros_like(logits, dtype=torch.bool)
@@ -139,6 +143,9 @@ def itm_weights(sim: torch.Tensor, pos_idx: torch.Tensor,
     weights = F.softmax(logits, dim=1)
     # exp underflow can still zero a whole row with huge similarity gaps; guard it too.
     weights = torch.nan_to_num(weights, nan=0.0)
+    if uniform_mix > 0.0:
+        valid = torch.isfinite(logits).to(weights.dtype)
+        weights = (1.0 - uniform_mix) * weights + uniform_mix * valid / valid.sum(dim=1, keepdim=True)
     return weights, empty
 
 

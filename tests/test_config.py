@@ -191,3 +191,12 @@ def test_negative_pool_must_divide_the_world():
         load_config("albef-base", ["model.negative_pool=some"], world_size=8)
     assert load_config("albef-base", world_size=64).pool_size(64) == 8
     assert load_config("albef-base", world_size=2).pool_size(2) == 2
+
+
+def test_itm_recipe_switches_are_checked_and_default_to_the_paper():
+    cfg = load_config("tiny")
+    assert cfg.model.itm_random_negatives == 0.0 and cfg.train.itm_lr_scale == 1.0
+    with pytest.raises(ConfigError, match="model.itm_random_negatives"):
+        load_config("tiny", ["model.itm_random_negatives=1.5"])
+    with pytest.raises(ConfigError, match="train.itm_lr_scale"):
+        load_config("tiny", ["train.itm_lr_scale=0"])

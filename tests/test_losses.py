@@ -423,3 +423,22 @@ def test_mlm_loss_without_masked_tokens_is_zero_not_nan():
     labels[:] = IGNORE
     loss = losses.mlm_loss(logits, labels)
     assert loss.item() == 0.0
+
+
+def test_uniform_mix_of_itm_weights_is_the_stated_mixture_and_zero_mix_changes_nothing():
+    sim, pos, ids = itm_case()
+    hard = brute_force_weights(sim, pos, ids)
+    valid = (hard > 0).double()  # brute force: every allowed candidate has exp(.) > 0
+    uniform = valid / valid.sum(dim=1, keepdim=True)
+    for p in (0.25, 0.5, 1.0):
+        weights, _ = losses.itm_weights(sim, pos, ids, ids, uniform_mix=p)
+        torch.testing.assert_close(weights.double(), (1 - p) * hard + p * uniform, rtol=1e-5, atol=1e-7)
+        assert (weights[ids[:, None] == ids[None, :]] == 0).all()  # same-image pairs stay excluded
+    assert torch.equal(losses.itm_weights(sim, pos, ids, ids, uniform_mix=0.0)[0], losses.itm_weights(sim, pos, ids, ids)[0])
+    # the mixture gives every valid candidate at least p / #valid, however far its similarity
+    far = sim.clone()
+    far[:, 0] = -1e4
+    w, _ = losses.itm_weights(far, pos, uniform_mix=0.5)
+    n_valid = far.shape[1] - 1
+    assert (w[1:, 0] >= 0.5 / n_valid - 1e-7).all()
+    assert (losses.itm_weights(far, pos)[0][1:, 0] < 1e-30).all()

@@ -293,7 +293,7 @@ def make_optimizer(model, cfg: Config, device: torch.device, fused: bool):
     """fused: the Trainer's choice on this device (DeepSpeed/apex fused Adam on CUDA, torch
     foreach on CPU); otherwise the reference's plain torch AdamW."""
     from ..train.backend import build_optimizer, param_groups
-    groups = param_groups(model, cfg.train.weight_decay)
+    groups = param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.itm_lr_scale)
     if fused:
         return build_optimizer(groups, cfg, {})[0]
     return torch.optim.AdamW(groups, lr=cfg.train.lr, foreach=False)

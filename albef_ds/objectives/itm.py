@@ -25,8 +25,9 @@ def draw_negatives(model, enc: Encoded, image_ids, gather, generator) -> tuple[t
         cand_text_m = enc.text_feat_m_all if pooled else enc.text_feat_m
         cand_image_m = enc.image_feat_m_all if pooled else enc.image_feat_m
         cand_ids = (enc.ids_all if pooled else image_ids) if image_ids is not None else None
-        w_t2i, _ = losses.itm_weights(enc.text_feat @ cand_image_m.t() / temp, pos_idx, image_ids, cand_ids)
-        w_i2t, _ = losses.itm_weights(enc.image_feat @ cand_text_m.t() / temp, pos_idx, image_ids, cand_ids)
+        mix = cfg.itm_random_negatives
+        w_t2i, _ = losses.itm_weights(enc.text_feat @ cand_image_m.t() / temp, pos_idx, image_ids, cand_ids, mix)
+        w_i2t, _ = losses.itm_weights(enc.image_feat @ cand_text_m.t() / temp, pos_idx, image_ids, cand_ids, mix)
         neg_image_idx = losses.sample_negatives(w_t2i, generator, cfg.itm_vectorized_sampling)
         neg_text_idx = losses.sample_negatives(w_i2t, generator, cfg.itm_vectorized_sampling)
     return neg_image_idx, neg_text_idx

@@ -68,15 +68,33 @@ def load_ds_config(cfg: Config, world_size: int) -> dict:
     return ds
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and every other 0-D/1-D tensor."""
-    decay, no_decay = [], []
+def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
+                 itm_lr_scale: float = 1.0) -> list[dict]:
+    """AdamW groups: no weight decay on biases, norms and every other 0-D/1-D tensor. With
+    ``itm_lr_scale`` != 1 the ITM path (:func:`on_itm_path`) gets groups of its own at
+    ``lr * itm_lr_scale``; the schedule multiplies each group's own rate."""
+    groups: dict[tuple[bool, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim <= 1 or name.endswith(".bias") else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
+        no_decay = p.ndim <= 1 or name.endswith(".bias")
+        scaled = itm_lr_scale != 1.0 and on_itm_path(name)
+        groups.setdefault((scaled, no_decay), []).append(p)
+    out = []
+    for (scaled, no_decay) in sorted(groups):
+        group = {"params": groups[(scaled, no_decay)], "weight_decay": 0.0 if no_decay else weight_decay}
+        if scaled:
+            if lr is None:
+                raise ValueError("param_groups: itm_lr_scale needs the base lr")
+            group["lr"] = lr * itm_lr_scale
+        out.append(group)
+    return out
+
+
+def on_itm_path(name: str) -> bool:
+    """The parameters only image-text matching needs a fusion of: its head and the
+    cross-attention of the fusion layers (MLM uses them too)."""
+    return name.startswith("itm_head.") or ".crossattention." in name
 
 
 def build_optimizer(groups: list[dict], cfg: Config, ds: dict):
@@ -126,7 +144,8 @@ class DeepSpeedBackend:
         ds = load_ds_config(cfg, world_size)
         if load_universal:
             ds.setdefault("checkpoint", {})["load_universal"] = True
-        optimizer, self.optimizer_name = build_optimizer(param_groups(model, cfg.train.weight_decay), cfg, ds)
+        optimizer, self.optimizer_name = build_optimizer(param_groups(model, cfg.train.weight_decay, cfg.train.lr,
+                                                                   cfg.train.itm_lr_scale), cfg, ds)
         t = cfg.train
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps))

@@ -227,3 +227,30 @@ def test_temperature_clamp_reaches_the_fp32_master(ds_name, monkeypatch):
     assert read().max().item() == pytest.approx(0.6)
     clamp_master(temp, 0.001, 0.5)
     assert read().max().item() == pytest.approx(0.5)
+
+
+def test_itm_lr_scale_gives_the_itm_path_its_own_rate_through_the_schedule():
+    from albef_ds.models import ALBEF
+    from albef_ds.train.backend import on_itm_path
+    from albef_ds.train.schedule import lr_lambda
+    cfg = load_config("tiny", ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1"])
+    model = ALBEF(cfg.model)
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert len(param_groups(model, 0.02, 1e-3, 1.0)) == 2  # the paper's single rate: as before
+    groups = param_groups(model, 0.02, 1e-3, 5.0)
+    scaled = [g for g in groups if "lr" in g]
+    assert {g["lr"] for g in scaled} == {5e-3} and len(groups) == 4
+    scaled_names = {names[id(p)] for g in scaled for p in g["params"]}
+    assert "itm_head.weight" in scaled_names and any(".crossattention." in n for n in scaled_names)
+    assert all(on_itm_path(names[id(p)]) for g in scaled for p in g["params"])
+    assert not any(on_itm_path(names[id(p)]) for g in groups if "lr" not in g for p in g["params"])
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in model.parameters())
+    is_scaled = ["lr" in g for g in groups]  # the optimizer fills every group's lr in
+    opt = torch.optim.AdamW(groups, lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(100, 1e-3, 1e-5, 1e-5, 10))
+    for _ in range(30):
+        opt.step()
+        sched.step()
+    rates = {(s, round(pg["lr"] / 1e-3, 9)) for s, pg in zip(is_scaled, opt.param_groups)}
+    (plain,), (fast,) = {r for s, r in rates if not s}, {r for s, r in rates if s}
+    assert fast == pytest.approx(5 * plain) and plain < 1.0  # the schedule moved both alike
