@@ -33,3 +33,17 @@ def test_the_headline_names_which_ranking_each_figure_is_and_the_better_one():
     assert itm_line.startswith("trained, ITM re-ranked:") and "TR@1 5.90%" in itm_line
     assert verdict.startswith("better R@1 here: ITC only")
     assert headline(result(3.0, 9.0)).splitlines()[2].startswith("better R@1 here: ITM re-ranked")
+
+
+def test_the_compositional_table_and_the_itm_line_state_chance_and_the_prior():
+    from albef_ds.cli.demo import compositional_table, itm_line
+    untrained = {"n": 500, "num_candidates": 4, "chance": 25.0, "itc_acc": 24.1, "itm_acc": 26.0}
+    trained = dict(untrained, itc_acc=31.5, itm_acc=47.25)
+    lines = compositional_table(untrained, trained).splitlines()
+    assert "500 images" in lines[0] and "among 4" in lines[0]
+    assert "by ITC" in lines[1] and "by ITM" in lines[1]
+    assert lines[3].split() == ["trained", "31.50%", "47.25%"]
+    assert lines[4].split() == ["chance", "25.00%", "25.00%"]
+    assert itm_line(0.7512) == ("ITM training accuracy (last 10 % of steps): 75.1 % "
+                                "(prior, always 'no match': 66.7 %)")
+    assert itm_line(None).endswith("not logged")
