@@ -25,7 +25,7 @@ def test_presets_and_ds_configs_by_name_and_by_the_old_spellings():
 def test_a_path_elsewhere_is_never_replaced_by_a_shipped_file(tmp_path):
     with pytest.raises(ConfigError, match=r"distributed.ds_config.*other/zero2_bf16.json.*shipped: .*zero3_bf16"):
         ds_config_path("other/zero2_bf16.json")
-    with pytest.raises(ConfigError, match=r"--config: nope .*shipped: albef-base, mid, tiny"):
+    with pytest.raises(ConfigError, match=r"--config: nope .*shipped: albef-base, mid, tiny, tiny-minilm"):
         config_path("nope")
     own = tmp_path / "mine.json"
     own.write_text("{}")
