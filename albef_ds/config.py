@@ -73,6 +73,9 @@ class ModelConfig:
     #: does not leave the "no match" prior on hard negatives alone; easy ones get it out
     #: (docs/benchmarks.md, "Why ITM did not learn"). The demo recipe sets 0.5.
     itm_random_negatives: float = 0.0
+    #: > 0: ``itm_random_negatives`` applies for this many optimizer steps only, hard
+    #: negatives after (easy negatives to leave the prior, hard ones to learn binding).
+    itm_random_negatives_steps: int = 0
     #: ITC positives are every candidate of the same image id, ids kept in a queue too
     #: (retrieval fine-tuning); False: the diagonal only (pretraining).
     itc_id_positives: bool = False

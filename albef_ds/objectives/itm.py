@@ -6,6 +6,8 @@ their gradient back to the rank that encoded them (``itm_exchange: rows``).
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from .. import losses
@@ -13,10 +15,12 @@ from .itc import Encoded
 
 
 @torch.no_grad()
-def draw_negatives(model, enc: Encoded, image_ids, gather, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_negatives(model, enc: Encoded, image_ids, gather, generator,
+                   random_share: Optional[float] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(negative image index, negative text index) per row, as indices into the ITM
     candidates. Images are drawn first, as the reference does, so one generator seed
-    reproduces the reference's draws."""
+    reproduces the reference's draws. ``random_share``: the share of uniform draws
+    (default ``model.itm_random_negatives``; :func:`random_share_at` gives it by step)."""
     cfg, temp = model.cfg, model.temp
     bs = enc.image_feat.shape[0]
     pooled = cfg.itm_negatives == "pool"
@@ -25,12 +29,19 @@ def draw_negatives(model, enc: Encoded, image_ids, gather, generator) -> tuple[t
         cand_text_m = enc.text_feat_m_all if pooled else enc.text_feat_m
         cand_image_m = enc.image_feat_m_all if pooled else enc.image_feat_m
         cand_ids = (enc.ids_all if pooled else image_ids) if image_ids is not None else None
-        mix = cfg.itm_random_negatives
+        mix = cfg.itm_random_negatives if random_share is None else random_share
         w_t2i, _ = losses.itm_weights(enc.text_feat @ cand_image_m.t() / temp, pos_idx, image_ids, cand_ids, mix)
         w_i2t, _ = losses.itm_weights(enc.image_feat @ cand_text_m.t() / temp, pos_idx, image_ids, cand_ids, mix)
         neg_image_idx = losses.sample_negatives(w_t2i, generator, cfg.itm_vectorized_sampling)
         neg_text_idx = losses.sample_negatives(w_i2t, generator, cfg.itm_vectorized_sampling)
     return neg_image_idx, neg_text_idx
+
+
+def random_share_at(step: int, cfg) -> float:
+    """The share of random ITM negatives at optimizer step ``step``: ``itm_random_negatives``
+    throughout, or for the first ``itm_random_negatives_steps`` steps and hard ones after."""
+    n = cfg.itm_random_negatives_steps
+    return cfg.itm_random_negatives if n <= 0 or step < n else 0.0
 
 
 def matching(model, enc: Encoded, text_ids, text_mask, neg_image_idx, neg_text_idx, gather) -> dict:

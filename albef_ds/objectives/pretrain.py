@@ -23,17 +23,20 @@ def albef_forward(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask
                   alpha: float = 0.0, image_ids: Optional[torch.Tensor] = None, gather=SINGLE_PROCESS,
                   itm_negatives: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                   generator: Optional[torch.Generator] = None,
-                  mlm_normalizer: Optional[torch.Tensor] = None) -> dict:
+                  mlm_normalizer: Optional[torch.Tensor] = None,
+                  itm_random_share: Optional[float] = None) -> dict:
     """One ALBEF training forward (call as ``model(albef_forward, ...)`` so that engines see
     the module's forward). ``itm_negatives``: fixed (negative text index, negative image
-    index) per row into the ITM candidates; by default they are drawn. Without ``mlm_ids``
+    index) per row into the ITM candidates; by default they are drawn (``itm_random_share``
+of them uniformly: :func:`itm.random_share_at`). Without ``mlm_ids``
     or with ``model.mlm`` off, no MLM term. Returns losses and detached diagnostics."""
     with torch.no_grad():  # the reference clamps in its forward; the Trainer clamps the master too
         model.temp.clamp_(*TEMP_BOUNDS)
     enc = itc.encode(model, images, text_ids, text_mask, image_ids, gather)
     out = itc.contrastive(model, enc, image_ids, alpha, gather)
     if itm_negatives is None:
-        neg_image_idx, neg_text_idx = itm.draw_negatives(model, enc, image_ids, gather, generator)
+        neg_image_idx, neg_text_idx = itm.draw_negatives(model, enc, image_ids, gather, generator,
+                                                             itm_random_share)
     else:
         neg_text_idx, neg_image_idx = itm_negatives
     matched = itm.matching(model, enc, text_ids, text_mask, neg_image_idx, neg_text_idx, gather)
@@ -64,7 +67,8 @@ class PretrainObjective(Objective):
                 inputs["mlm_normalizer"] = mlm.global_normalizer(inputs["mlm_labels"], ctx.world_gather,
                                                                  ctx.world_size)
         inputs.update(alpha=alpha_at(ctx.step, ctx.steps_per_epoch, cfg.model.alpha, cfg.train.alpha_ramp_epochs),
-                      gather=ctx.gather, generator=ctx.generator)
+                      gather=ctx.gather, generator=ctx.generator,
+                      itm_random_share=itm.random_share_at(ctx.step, cfg.model))
         return inputs
 
     def compute(self, model, **inputs) -> dict:

@@ -72,3 +72,11 @@ def test_the_itc_only_objective_trains_through_the_trainer(synth_data, tmp_path)
     first, last = lines[0]["loss"], sum(x["loss"] for x in lines[-3:]) / 3
     assert last < first, (first, last)  # it learns (measured: see the assertion message on failure)
     assert (run / "DONE").is_file()
+
+
+def test_random_itm_negatives_apply_for_their_steps_then_hard_ones():
+    from albef_ds.objectives.itm import random_share_at
+    cfg = load_config("tiny", ["model.itm_random_negatives=1.0"]).model
+    assert [random_share_at(s, cfg) for s in (0, 599, 600, 10_000)] == [1.0] * 4  # steps 0: throughout
+    cfg = load_config("tiny", ["model.itm_random_negatives=0.5", "model.itm_random_negatives_steps=600"]).model
+    assert [random_share_at(s, cfg) for s in (0, 599, 600, 10_000)] == [0.5, 0.5, 0.0, 0.0]
