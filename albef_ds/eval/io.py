@@ -22,15 +22,20 @@ def split_path(value: str) -> Path:
     return p
 
 
+def _read_entries(path: Path, what: str):
+    """The parsed JSON of an eval file (``what`` names it in the not-found error)."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
 def read_split(path: Path, max_words: int, max_images=None):
     from ..data import clean_caption
     from .retrieval import split_from_entries
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"retrieval split not found: {path}")
-    try:
-        entries = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    entries = _read_entries(path, "retrieval split")
     if max_images:
         entries = entries[:max_images]
     for i, e in enumerate(entries):
@@ -45,12 +50,7 @@ def read_compositional(path: Path, max_words: int, max_images=None):
     :class:`~albef_ds.eval.compositional.CompositionalSet`, captions cleaned as retrieval's."""
     from ..data import clean_caption
     from .compositional import set_from_entries
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"compositional test not found: {path}")
-    try:
-        entries = json.loads(Path(path).read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    entries = _read_entries(path, "compositional test")
     if not isinstance(entries, list):
         raise ConfigError(f"{path}: expected a list of entries, got a {type(entries).__name__}")
     if max_images:

@@ -6,25 +6,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from albef_ds.config import Config
 from albef_ds.data import CLIP_MEAN, build_train_loader
 from albef_ds.tokenizer import load_tokenizer
 from data_tools.records import Pair, sha1_hex
 from data_tools.merge import merge
 from data_tools.writer import PartWriter
-
-
-def make_cfg(dirs, batch=8, res=32, workers=0, **data):
-    cfg = Config()
-    cfg.model.image_res = res
-    cfg.data.train_dirs = [str(d) for d in dirs]
-    cfg.data.num_workers = workers
-    cfg.data.max_tokens = 16
-    cfg.data.pin_memory = False
-    for k, v in data.items():
-        setattr(cfg.data, k, v)
-    cfg.train.micro_batch_size = batch
-    return cfg
+from data_helpers import make_cfg
 
 
 def test_batch_contract(synth_small):

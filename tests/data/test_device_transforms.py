@@ -19,6 +19,7 @@ from albef_ds.data.transforms import RANDAUG_OPS, TrainTransform, _apply_signed
 from albef_ds.tokenizer import load_tokenizer
 from data_tools.records import Pair, sha1_hex
 from data_tools.writer import PartWriter
+from data_helpers import make_cfg as loader_cfg
 
 #: a real photograph shipped with matplotlib (600 x 512 JPEG)
 PHOTO = os.path.join(os.path.dirname(__import__("matplotlib").__file__), "mpl-data", "sample_data", "grace_hopper.jpg")
@@ -175,17 +176,8 @@ def test_decode_on_is_checked_naming_the_key(synth_small):
 
 # ----------------------------------------------------------------------------- the loader
 
-def make_cfg(dirs, decode_on, batch=8, res=32, workers=0):
-    cfg = Config()
-    cfg.model.image_res = res
-    cfg.data.train_dirs = [str(d) for d in dirs]
-    cfg.data.num_workers = workers
-    cfg.data.max_tokens = 16
-    cfg.data.pin_memory = False
-    cfg.data.flip_swaps_left_right = True
-    cfg.data.decode_on = decode_on
-    cfg.train.micro_batch_size = batch
-    return cfg
+def make_cfg(dirs, decode_on, **kwargs):
+    return loader_cfg(dirs, flip_swaps_left_right=True, decode_on=decode_on, **kwargs)
 
 
 def _by_key(loader):
