@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared_runs import DEMO_STEPS, run_albef
+from shared_runs import DEMO_STEPS, LAUNCH_VARS, run_albef
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,6 +41,26 @@ def demo(tmp_path_factory):
     stdout = run_albef(["demo", "--out", str(out), "--train-pairs", "2000", "--test-images", "100",
                         "--steps", str(DEMO_STEPS), "--set", "logging.progress_bar=false"])
     return out, stdout, json.loads((out / "run" / "retrieval.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def no_launch_env_leaks():
+    """A test that starts a process group in the pytest process (init_distributed) leaves
+    RANK, WORLD_SIZE and MASTER_PORT in os.environ, and its TCPStore holding that port: every
+    later subprocess would inherit them, take itself for rank 0 of that world and fail to bind
+    the port (EADDRINUSE, seen in CI). Each test's launch variables are put back, and a group
+    it started is ended."""
+    import torch.distributed as dist
+    before = {name: os.environ.get(name) for name in LAUNCH_VARS}
+    had_group = dist.is_available() and dist.is_initialized()
+    yield
+    if dist.is_available() and dist.is_initialized() and not had_group:
+        dist.destroy_process_group()
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 #: whole files of multi-rank, SLURM and end-to-end runs (minutes each): outside the fast lane

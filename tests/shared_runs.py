@@ -7,6 +7,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: what a launcher exports; the library's init_distributed writes them into os.environ too
+LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
 #: pretraining steps of the short demo shared by the end-to-end tests (the ``demo`` fixture)
 DEMO_STEPS = 300
 

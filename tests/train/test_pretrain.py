@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from shared_runs import LAUNCH_VARS
+
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
 MICRO = 8
@@ -49,7 +51,6 @@ def command(ranks: int, run_dir: Path, data, tok, extra=()) -> list[str]:
 
 
 #: launch variables a launched process must not inherit from this one
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def env():

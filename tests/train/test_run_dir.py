@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shared_runs import LAUNCH_VARS
 
 REPO = Path(__file__).resolve().parents[2]
-LAUNCH_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
 
 def env():
