@@ -46,16 +46,13 @@ def demo(tmp_path_factory):
 @pytest.fixture(autouse=True)
 def no_launch_env_leaks():
     """A test that starts a process group in the pytest process (init_distributed) leaves
-    RANK, WORLD_SIZE and MASTER_PORT in os.environ, and its TCPStore holding that port: every
-    later subprocess would inherit them, take itself for rank 0 of that world and fail to bind
-    the port (EADDRINUSE, seen in CI). Each test's launch variables are put back, and a group
-    it started is ended."""
-    import torch.distributed as dist
+    RANK, WORLD_SIZE and MASTER_PORT in os.environ, that port held by its TCPStore: every
+    later subprocess would inherit them, take itself for rank 0 of that world and fail to
+    bind the port (EADDRINUSE, seen in CI). Each test's launch variables are put back. The
+    group itself stays: DeepSpeed caches groups made from it, and later in-process tests
+    reuse it (destroying it breaks them: "Group ... is not registered")."""
     before = {name: os.environ.get(name) for name in LAUNCH_VARS}
-    had_group = dist.is_available() and dist.is_initialized()
     yield
-    if dist.is_available() and dist.is_initialized() and not had_group:
-        dist.destroy_process_group()
     for name, value in before.items():
         if value is None:
             os.environ.pop(name, None)
