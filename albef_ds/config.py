@@ -76,6 +76,15 @@ class ModelConfig:
     #: > 0: ``itm_random_negatives`` applies for this many optimizer steps only, hard
     #: negatives after (easy negatives to leave the prior, hard ones to learn binding).
     itm_random_negatives_steps: int = 0
+    #: share of rows whose negative text is replaced by the row's own caption with two
+    #: words of one :attr:`itm_swap_words` group swapped ("a red circle left of a blue
+    #: square" -> "a blue circle left of a red square"), where the caption holds two
+    #: different words of a group: a negative only a model that binds words to image regions
+    #: rejects (the compositional test's distractors; NegCLIP's idea, applied to ITM).
+    itm_swap_negatives: float = 0.0
+    #: groups of interchangeable words (each one token of the tokenizer), e.g. colours and
+    #: shape names; the demo sets the synth vocabulary's
+    itm_swap_words: list = field(default_factory=list)
     #: ITC positives are every candidate of the same image id, ids kept in a queue too
     #: (retrieval fine-tuning); False: the diagonal only (pretraining).
     itc_id_positives: bool = False
@@ -330,6 +339,11 @@ class Config:
                  f"must be 'pool' or 'local', got {m.itc_candidates!r}")
         _require(0.0 <= m.itm_random_negatives <= 1.0, "model.itm_random_negatives",
                  f"must be a fraction in [0, 1], got {m.itm_random_negatives!r}")
+        _require(0.0 <= m.itm_swap_negatives <= 1.0, "model.itm_swap_negatives",
+                 f"must be a fraction in [0, 1], got {m.itm_swap_negatives!r}")
+        _require(m.itm_swap_negatives == 0.0 or any(len(set(g)) >= 2 for g in m.itm_swap_words),
+                 "model.itm_swap_words", "itm_swap_negatives > 0 needs a group of at least two words, e.g. "
+                 "[[red, blue, green], [circle, square]]")
         _require(self.train.itm_lr_scale > 0, "train.itm_lr_scale",
                  f"must be > 0, got {self.train.itm_lr_scale!r}")
         _require(m.itm_exchange in ("rows", "gather"), "model.itm_exchange",

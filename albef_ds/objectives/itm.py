@@ -2,7 +2,9 @@
 
 Negatives come from this rank's batch (``model.itm_negatives: local``, the reference) or
 from the negatives pool; pooled image embeddings travel as the drawn rows only, with
-their gradient back to the rank that encoded them (``itm_exchange: rows``).
+their gradient back to the rank that encoded them (``itm_exchange: rows``). A share of
+negative texts can instead be the row's own caption with two words swapped
+(``model.itm_swap_negatives``: :func:`swap_words`).
 """
 from __future__ import annotations
 
@@ -44,10 +46,58 @@ def random_share_at(step: int, cfg) -> float:
     return cfg.itm_random_negatives if n <= 0 or step < n else 0.0
 
 
-def matching(model, enc: Encoded, text_ids, text_mask, neg_image_idx, neg_text_idx, gather) -> dict:
+def swap_groups(tokenizer, groups: list, vocab_size: int) -> torch.Tensor:
+    """Token id -> the index of its ``model.itm_swap_words`` group (-1: in none)."""
+    group_of = torch.full((vocab_size,), -1, dtype=torch.long)
+    for g, words in enumerate(groups):
+        if isinstance(words, str) or not all(isinstance(w, str) for w in words):
+            raise ValueError(f"model.itm_swap_words[{g}] must be a list of words, got {words!r}")
+        for word in words:
+            ids = tokenizer(word, add_special_tokens=False)["input_ids"]
+            if len(ids) != 1:
+                raise ValueError(f"model.itm_swap_words: {word!r} is {len(ids)} tokens of the tokenizer "
+                                 f"({tokenizer.convert_ids_to_tokens(ids)}); each word must be one token")
+            if group_of[ids[0]] not in (-1, g):
+                raise ValueError(f"model.itm_swap_words: {word!r} is in groups {int(group_of[ids[0]])} and {g}")
+            group_of[ids[0]] = g
+    return group_of
+
+
+def swap_words(text_ids: torch.Tensor, group_of: torch.Tensor, share: float,
+               generator: Optional[torch.Generator] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids with two words swapped, which rows to use them for). A row qualifies when it
+    holds two *different* tokens of one group (two "red"s swapped would be the same
+    caption); one such pair of positions is drawn uniformly, and the row is used with
+    probability ``share``. Works on the host (the loader's CPU batch); two draws from
+    ``generator`` per call whatever the batch, so resumed runs draw the same swaps."""
+    bs = text_ids.shape[0]
+    device = generator.device if generator is not None else "cpu"
+    pick = torch.rand(bs, generator=generator, device=device).cpu()
+    use = torch.rand(bs, generator=generator, device=device).cpu() < share
+    ids = text_ids.cpu()
+    groups = group_of[ids]
+    swapped, ok = ids.clone(), torch.zeros(bs, dtype=torch.bool)
+    for row in range(bs):
+        pairs = []
+        for g in groups[row].unique().tolist():
+            if g < 0:
+                continue
+            pos = (groups[row] == g).nonzero().flatten().tolist()
+            pairs += [(i, j) for n, i in enumerate(pos) for j in pos[n + 1:] if ids[row, i] != ids[row, j]]
+        if pairs:
+            i, j = pairs[min(int(pick[row] * len(pairs)), len(pairs) - 1)]
+            swapped[row, i], swapped[row, j] = ids[row, j], ids[row, i]
+            ok[row] = True
+    return swapped.to(text_ids.device), (ok & use).to(text_ids.device)
+
+
+def matching(model, enc: Encoded, text_ids, text_mask, neg_image_idx, neg_text_idx, gather,
+             swap_ids: Optional[torch.Tensor] = None, swap_rows: Optional[torch.Tensor] = None) -> dict:
     """ITM loss and accuracy over [positives; (text, negative image); (negative text, image)]
     labelled 1, 0, 0; ``image_kvs``: the images' cross-attention keys/values when shared
-    (MLM reuses them)."""
+    (MLM reuses them). ``swap_ids``/``swap_rows`` (:func:`swap_words`): those rows' negative
+    text is their own caption with words swapped (same mask), and ``itm_swap_acc`` is the
+    accuracy on them."""
     cfg = model.cfg
     bs = enc.image_embeds.shape[0]
     image_embeds, text_embeds = enc.image_embeds, enc.text_embeds
@@ -68,6 +118,11 @@ def matching(model, enc: Encoded, text_ids, text_mask, neg_image_idx, neg_text_i
             neg_mask = text_mask[neg_text_idx]
             text_embeds_neg = text_embeds[neg_text_idx]
             neg_kvs_of = lambda kvs: [(k[neg_image_idx], v[neg_image_idx]) for k, v in kvs]  # noqa: E731
+        if swap_ids is not None:
+            # the whole batch is encoded (no host sync to pick rows); only swap_rows are used
+            text_embeds_neg = torch.where(swap_rows[:, None, None], model.encode_text(swap_ids, text_mask),
+                                          text_embeds_neg)
+            neg_mask = torch.where(swap_rows[:, None], text_mask, neg_mask)
         itm_text = torch.cat([text_embeds, text_embeds, text_embeds_neg])
         itm_mask = torch.cat([text_mask, text_mask, neg_mask])
         image_kvs = None
@@ -83,5 +138,9 @@ def matching(model, enc: Encoded, text_ids, text_mask, neg_image_idx, neg_text_i
                             torch.zeros(2 * bs, dtype=torch.long, device=fused.device)])
         loss = losses.itm_loss(logits, labels)
     with torch.no_grad():
-        acc = (logits.argmax(dim=1) == labels).to(losses.at_least_fp32(logits).dtype).mean()
-    return {"loss_itm": loss, "itm_acc": acc, "image_kvs": image_kvs}
+        right = (logits.argmax(dim=1) == labels).to(losses.at_least_fp32(logits).dtype)
+        out = {"loss_itm": loss, "itm_acc": right.mean(), "image_kvs": image_kvs}
+        if swap_ids is not None:  # 0 on a (rare) batch without swapped rows: no NaN in the log sums
+            rows = swap_rows.to(right.dtype)
+            out["itm_swap_acc"] = (right[2 * bs:] * rows).sum() / rows.sum().clamp_min(1.0)
+    return out

@@ -24,11 +24,13 @@ def albef_forward(model, images: torch.Tensor, text_ids: torch.Tensor, text_mask
                   itm_negatives: Optional[tuple[torch.Tensor, torch.Tensor]] = None,
                   generator: Optional[torch.Generator] = None,
                   mlm_normalizer: Optional[torch.Tensor] = None,
-                  itm_random_share: Optional[float] = None) -> dict:
+                  itm_random_share: Optional[float] = None,
+                  itm_swap: Optional[tuple[torch.Tensor, torch.Tensor]] = None) -> dict:
     """One ALBEF training forward (call as ``model(albef_forward, ...)`` so that engines see
     the module's forward). ``itm_negatives``: fixed (negative text index, negative image
     index) per row into the ITM candidates; by default they are drawn (``itm_random_share``
-of them uniformly: :func:`itm.random_share_at`). Without ``mlm_ids``
+of them uniformly: :func:`itm.random_share_at`); ``itm_swap``: (swapped ids, rows) of
+:func:`itm.swap_words`, those rows' negative texts. Without ``mlm_ids``
     or with ``model.mlm`` off, no MLM term. Returns losses and detached diagnostics."""
     with torch.no_grad():  # the reference clamps in its forward; the Trainer clamps the master too
         model.temp.clamp_(*TEMP_BOUNDS)
@@ -39,7 +41,9 @@ of them uniformly: :func:`itm.random_share_at`). Without ``mlm_ids``
                                                              itm_random_share)
     else:
         neg_text_idx, neg_image_idx = itm_negatives
-    matched = itm.matching(model, enc, text_ids, text_mask, neg_image_idx, neg_text_idx, gather)
+    swap_ids, swap_rows = itm_swap if itm_swap is not None else (None, None)
+    matched = itm.matching(model, enc, text_ids, text_mask, neg_image_idx, neg_text_idx, gather,
+                           swap_ids, swap_rows)
     image_kvs = matched.pop("image_kvs")
     out.update(matched)
     if model.cfg.mlm and mlm_ids is not None:
@@ -57,9 +61,22 @@ class PretrainObjective(Objective):
     log_keys = ("loss", "loss_itc", "loss_itm", "loss_mlm", "itm_acc", "pos_sim", "neg_sim", "alpha")
     progress_keys = ("loss", "loss_itc", "loss_itm", "loss_mlm")
 
+    def __init__(self, cfg, tokenizer):
+        super().__init__(cfg, tokenizer)
+        self.swap_group_of = None
+        if cfg.model.itm_swap_negatives > 0:
+            self.log_keys = (*self.log_keys, "itm_swap_acc")
+            if tokenizer is not None:  # None: a model built to load or export, never trained
+                self.swap_group_of = itm.swap_groups(tokenizer, cfg.model.itm_swap_words, len(tokenizer))
+
     def prepare(self, batch: dict, ctx: StepContext) -> dict:
         cfg = self.cfg
         inputs = images_and_texts(batch, ctx)
+        if self.swap_group_of is not None:
+            # before the MLM masking: runs without swaps keep their generator stream
+            swap_ids, rows = itm.swap_words(batch["text_ids"], self.swap_group_of, cfg.model.itm_swap_negatives,
+                                            ctx.generator)
+            inputs["itm_swap"] = (swap_ids.to(ctx.device, non_blocking=True), rows.to(ctx.device))
         if cfg.model.mlm:
             inputs["mlm_ids"], inputs["mlm_labels"] = mlm.mask_inputs(inputs["text_ids"], self.tokenizer, cfg,
                                                                       ctx.generator)
