@@ -30,6 +30,11 @@ class ModelConfig:
     vision_depth: int = 12
     vision_heads: int = 12
     vision_mlp_ratio: float = 4.0
+    #: initial ViT position embedding: "normal" (timm's, std 0.02: DeiT's, overwritten by
+    #: loaded weights) or "sincos" (MAE's fixed 2-D sine-cosine table, then trained). From
+    #: random init the tiny ViT needs ~1,500 steps before "which colour is on the left" is
+    #: readable at all with std 0.02, ~400 with the table (docs/benchmarks.md, "Binding").
+    vision_pos_init: str = "normal"
     # BERT text + fusion encoder (bert-base-uncased sizes).
     vocab_size: int = 30522
     text_width: int = 768
@@ -93,6 +98,9 @@ class ModelConfig:
     #: sits on a plateau for hundreds of steps (docs/benchmarks.md); the CPU demo's tiny
     #: model, which has no pretrained BERT, pools by mean. Weights are the same either way.
     text_pool: str = "cls"
+    #: what the ITM head reads: "cls" (the paper: the fused [CLS]) or "mean" (the mean of
+    #: the fused tokens, padding excluded). Weights are the same either way.
+    itm_pool: str = "cls"
     #: include the MLM loss (pretraining); retrieval fine-tuning trains ITC + ITM only.
     mlm: bool = True
     #: compute MLM logits only at masked positions (same loss, far less work).
@@ -353,6 +361,10 @@ class Config:
         pool = self.pool_size(world_size)
         _require(world_size % pool == 0, "model.negative_pool",
                  f"{m.negative_pool} ranks do not divide the world size {world_size}")
+        _require(m.vision_pos_init in ("normal", "sincos"), "model.vision_pos_init",
+                 f"must be 'normal' or 'sincos', got {m.vision_pos_init!r}")
+        _require(m.itm_pool in ("cls", "mean"), "model.itm_pool",
+                 f"must be 'cls' or 'mean', got {m.itm_pool!r}")
         _require(m.text_pool in ("cls", "mean"), "model.text_pool",
                  f"must be 'cls' or 'mean', got {m.text_pool!r}")
         _require(m.itm_negatives in ("pool", "local"), "model.itm_negatives",

@@ -200,3 +200,12 @@ def test_itm_recipe_switches_are_checked_and_default_to_the_paper():
         load_config("tiny", ["model.itm_random_negatives=1.5"])
     with pytest.raises(ConfigError, match="train.itm_lr_scale"):
         load_config("tiny", ["train.itm_lr_scale=0"])
+
+
+def test_binding_switches_are_checked_and_default_to_the_paper():
+    cfg = load_config("albef-base")
+    assert cfg.model.itm_pool == "cls" and cfg.model.vision_pos_init == "normal"
+    with pytest.raises(ConfigError, match="model.itm_pool"):
+        load_config("tiny", ["model.itm_pool=max"])
+    with pytest.raises(ConfigError, match="model.vision_pos_init"):
+        load_config("tiny", ["model.vision_pos_init=zeros"])

@@ -106,7 +106,7 @@ def score_candidates(model, data: CompositionalSet, load_images: Callable[[Seque
         fused = model.fuse(text_embeds, mask, image_embeds[owner])
         # log p(match), not p: the same order, without float32 rounding confident
         # probabilities to a tied 1.0
-        match = torch.log_softmax(model.itm_logits(fused).float(), dim=-1)[:, 1]
+        match = torch.log_softmax(model.itm_logits(fused, mask).float(), dim=-1)[:, 1]
         sizes = [len(data.captions[i]) for i in c]
         itc.extend(sim.cpu().split(sizes))
         itm.extend(match.cpu().split(sizes))

@@ -177,7 +177,7 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     def itm(text_idx: torch.Tensor, image_idx: torch.Tensor) -> torch.Tensor:
         fused = model.fuse(text_embeds[text_idx].to(device, dtype), mask[text_idx].to(device),
                            image_embeds[image_idx].to(device, dtype))
-        return model.itm_logits(fused)[:, 1].float().cpu()
+        return model.itm_logits(fused, mask[text_idx].to(device))[:, 1].float().cpu()
 
     # Re-rank: each rank scores its chunks of queries; zeros elsewhere, summed over ranks.
     i2t = torch.zeros(n_img, n_txt)

@@ -45,7 +45,7 @@ class ALBEF(nn.Module):
 
         self.visual_encoder = vit_lib.build_vit(
             cfg.image_res, cfg.patch_size, cfg.vision_width, cfg.vision_depth, cfg.vision_heads,
-            cfg.vision_mlp_ratio, cfg.activation_checkpointing)
+            cfg.vision_mlp_ratio, cfg.activation_checkpointing, cfg.vision_pos_init)
         self.text_encoder = BertForMaskedLM(cfg)
         self.vision_proj = nn.Linear(cfg.vision_width, cfg.embed_dim)
         self.text_proj = nn.Linear(cfg.text_width, cfg.embed_dim)
@@ -113,11 +113,16 @@ class ALBEF(nn.Module):
         """L2-normalised projection of [CLS] (``text_pool: cls``) or of the mean over the
         caption's tokens, padding excluded (``text_pool: mean``): [B, embed_dim]."""
         if self.cfg.text_pool == "mean":
-            keep = text_mask[..., None].to(text_embeds.dtype)
-            pooled = (text_embeds * keep).sum(1) / keep.sum(1).clamp_min(1)
+            pooled = self._mean_tokens(text_embeds, text_mask)
         else:
             pooled = text_embeds[:, 0]
         return F.normalize(self._part("text_proj", momentum)(pooled), dim=-1)
+
+    @staticmethod
+    def _mean_tokens(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean over the tokens ``mask`` keeps: [B, L, D] -> [B, D]."""
+        keep = mask[..., None].to(hidden.dtype)
+        return (hidden * keep).sum(1) / keep.sum(1).clamp_min(1)
 
     def cross_kv(self, image_embeds: torch.Tensor, momentum: bool = False) -> list:
         """Per-fusion-layer cross-attention keys/values of these images, computed once."""
@@ -129,7 +134,13 @@ class ALBEF(nn.Module):
         """Fusion layers: text hidden states attend to the image tokens."""
         return self._part("text_encoder", momentum).bert.fuse(text_embeds, text_mask, image_embeds, image_kvs)
 
-    def itm_logits(self, fused: torch.Tensor) -> torch.Tensor:
+    def itm_logits(self, fused: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """ITM logits [B, 2] from the fused [CLS] (``itm_pool: cls``, the paper) or the mean
+        of the fused tokens, padding excluded (``itm_pool: mean``, which needs ``mask``)."""
+        if self.cfg.itm_pool == "mean":
+            if mask is None:
+                raise ValueError("itm_pool 'mean' needs the text mask")
+            return self.itm_head(self._mean_tokens(fused, mask))
         return self.itm_head(fused[:, 0])
 
     def mlm_logits(self, masked_ids: torch.Tensor, mask: torch.Tensor,

@@ -41,14 +41,40 @@ class ImageEncoder(VisionTransformer):
 
 
 def build_vit(image_res: int, patch_size: int, width: int, depth: int, heads: int,
-              mlp_ratio: float = 4.0, activation_checkpointing: bool = False) -> ImageEncoder:
+              mlp_ratio: float = 4.0, activation_checkpointing: bool = False,
+              pos_init: str = "normal") -> ImageEncoder:
+    """``pos_init``: "normal" keeps timm's initial position embedding; "sincos" replaces the
+    patches' rows with :func:`sincos_2d` (CLS's row zero), drawn after timm's so that every
+    other initial weight is the same either way."""
     vit = ImageEncoder(
         img_size=image_res, patch_size=patch_size, embed_dim=width, depth=depth,
         num_heads=heads, mlp_ratio=mlp_ratio, qkv_bias=True, num_classes=0,
         global_pool="token", class_token=True,
         norm_layer=partial(nn.LayerNorm, eps=1e-6))
+    if pos_init == "sincos":
+        with torch.no_grad():
+            vit.pos_embed[0, 0].zero_()
+            vit.pos_embed[0, 1:].copy_(sincos_2d(width, image_res // patch_size))
+    elif pos_init != "normal":
+        raise ValueError(f"pos_init must be 'normal' or 'sincos', got {pos_init!r}")
     vit.set_grad_checkpointing(activation_checkpointing)
     return vit
+
+
+def sincos_2d(width: int, grid: int) -> torch.Tensor:
+    """MAE's 2-D sine-cosine position table, [grid * grid, width], patches in row-major
+    order: the first half of the channels encodes the row, the second the column, each as
+    sin and cos of the position times frequencies 10000^(-k / (width / 4)), k < width / 4."""
+    if width % 4:
+        raise ValueError(f"a 2-D sine-cosine table needs a width divisible by 4, got {width}")
+    quarter = width // 4
+    freq = 1.0 / 10000 ** (torch.arange(quarter, dtype=torch.float64) / quarter)
+    rows, cols = torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij")
+
+    def encode(pos: torch.Tensor) -> torch.Tensor:
+        angle = pos.flatten().double()[:, None] * freq[None]
+        return torch.cat([angle.sin(), angle.cos()], dim=1)
+    return torch.cat([encode(rows), encode(cols)], dim=1).float()
 
 
 def encode(vit: ImageEncoder, images: torch.Tensor) -> torch.Tensor:

@@ -123,7 +123,7 @@ class GroundingObjective(RetrievalObjective):
         with torch.enable_grad(), saved_cross_attention(model.text_encoder.bert, self.gradcam_layer(model)) as attn:
             image_embeds = model.encode_image(images)
             fused = model.fuse(model.encode_text(text_ids, text_mask), text_mask, image_embeds)
-            score = model.itm_logits(fused)[:, 1].sum()
+            score = model.itm_logits(fused, text_mask)[:, 1].sum()
             # autograd.grad: no parameter gradient is accumulated (the engine's hooks stay idle)
             (grads,) = torch.autograd.grad(score, attn.attention_map)
         return gradcam(attn.attention_map.detach(), grads, text_mask, (grid, grid)).detach()

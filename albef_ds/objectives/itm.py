@@ -133,7 +133,7 @@ def matching(model, enc: Encoded, text_ids, text_mask, neg_image_idx, neg_text_i
             fused = model.fuse(itm_text, itm_mask, image_kvs=itm_kvs)
         else:
             fused = model.fuse(itm_text, itm_mask, image_embeds=torch.cat([image_embeds, image_embeds_neg, image_embeds]))
-        logits = model.itm_logits(fused)
+        logits = model.itm_logits(fused, itm_mask)
         labels = torch.cat([torch.ones(bs, dtype=torch.long, device=fused.device),
                             torch.zeros(2 * bs, dtype=torch.long, device=fused.device)])
         loss = losses.itm_loss(logits, labels)

@@ -376,6 +376,65 @@ def test_mean_text_pool_averages_the_real_tokens_and_ignores_padding():
     torch.testing.assert_close(mean_out["loss_mlm"], cls_out["loss_mlm"])
 
 
+def test_mean_itm_pool_reads_the_average_of_the_real_fused_tokens():
+    """itm_pool=mean: the ITM head applied to the average of each pair's unpadded fused
+    token states (summed here one row at a time); extra padding changes nothing; itm_pool=cls
+    reads the fused [CLS]; the forward's ITM uses the choice, ITC and MLM do not see it."""
+    model = stir(make_model(small_config("model.itm_pool=mean"))).eval()
+    batch = make_batch(seed=5)
+    ids, mask = batch["text_ids"], batch["text_mask"]
+    with torch.no_grad():
+        image_embeds = model.encode_image(batch["images"])
+        fused = model.fuse(model.encode_text(ids, mask), mask, image_embeds)
+        logits = model.itm_logits(fused, mask)
+        for i in range(BATCH):
+            n = int(mask[i].sum())
+            expected = model.itm_head(sum(fused[i, j] for j in range(n)) / n)
+            torch.testing.assert_close(logits[i], expected, rtol=1e-5, atol=1e-6)
+        padded_ids = torch.cat([ids, torch.full((BATCH, 5), PAD)], 1)
+        padded_mask = torch.cat([mask, torch.zeros(BATCH, 5, dtype=mask.dtype)], 1)
+        padded = model.fuse(model.encode_text(padded_ids, padded_mask), padded_mask, image_embeds)
+        torch.testing.assert_close(model.itm_logits(padded, padded_mask), logits, rtol=1e-5, atol=1e-6)
+        with pytest.raises(ValueError, match="needs the text mask"):
+            model.itm_logits(fused)
+        cls = twin(model, itm_pool="cls").eval()
+        torch.testing.assert_close(cls.itm_logits(fused, mask), cls.itm_head(fused[:, 0]))
+        mean_out, _ = run(model, batch, backward=False)
+        cls_out, _ = run(cls, batch, backward=False)
+    assert not torch.allclose(mean_out["loss_itm"], cls_out["loss_itm"])
+    for key in ("loss_itc", "loss_mlm"):
+        torch.testing.assert_close(mean_out[key], cls_out[key])
+
+
+def test_sincos_position_init_is_the_2d_table_and_leaves_every_other_weight_alone():
+    """vision_pos_init=sincos: patch p of the g x g grid (row r = p // g, column c = p % g)
+    starts at [sin(r w_k), cos(r w_k), sin(c w_k), cos(c w_k)] blocks with w_k =
+    10000^(-k / (width / 4)) (written out here element by element), [CLS]'s row zero; every
+    other initial weight equals the default init's from the same seed."""
+    cfg = small_config("model.vision_pos_init=sincos")
+    model, normal = make_model(cfg), make_model(small_config())
+    width, g = cfg.model.vision_width, cfg.model.image_res // cfg.model.patch_size
+    quarter = width // 4
+    table = model.visual_encoder.pos_embed[0]
+    assert table.shape == (1 + g * g, width)
+    assert torch.equal(table[0], torch.zeros(width))
+    for p in range(g * g):
+        r, c = p // g, p % g
+        for k in range(quarter):
+            w = 10000 ** (-k / quarter)
+            expected = [math.sin(r * w), math.cos(r * w), math.sin(c * w), math.cos(c * w)]
+            got = [table[1 + p, k], table[1 + p, quarter + k], table[1 + p, 2 * quarter + k], table[1 + p, 3 * quarter + k]]
+            for e, v in zip(expected, got):
+                assert abs(float(v) - e) < 1e-6, (p, k)
+    assert not torch.allclose(normal.visual_encoder.pos_embed, model.visual_encoder.pos_embed)
+    # the momentum copy starts equal, and nothing else moved
+    assert torch.equal(model.visual_encoder_m.pos_embed, model.visual_encoder.pos_embed)
+    other = {k: v for k, v in model.state_dict().items() if not k.endswith("pos_embed")}
+    for k, v in normal.state_dict().items():
+        if not k.endswith("pos_embed"):
+            assert torch.equal(other[k], v), k
+
+
 @pytest.mark.parametrize("vectorized", [True, False])
 def test_sampled_negatives_are_never_the_positive_nor_the_same_image(vectorized):
     model = make_model(small_config(f"model.itm_vectorized_sampling={str(vectorized).lower()}"))
