@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -42,6 +43,11 @@ DEFAULT_TEST_IMAGES = 1000
 DEMO_OVERRIDES = ["model.queue_size=0", "model.itm_random_negatives=1.0", "train.itm_lr_scale=5"]
 #: the warm-start variant's preset (text side from all-MiniLM-L6-v2)
 WARM_CONFIG = "tiny-minilm"
+#: its defaults: a step of the width-384 text side costs ~6x the tiny one's, and ITM
+#: re-ranking of 1,000 test images ~20 minutes on 2 cores, so 500 steps and 200 images:
+#: ~25 minutes in all on an idle 2-core CPU (docs/benchmarks.md, "Warm start")
+WARM_STEPS = 500
+WARM_TEST_IMAGES = 200
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -50,8 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
     p.add_argument("--train-pairs", type=int, default=DEFAULT_TRAIN_PAIRS)
-    p.add_argument("--test-images", type=int, default=DEFAULT_TEST_IMAGES)
-    p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help="optimizer steps of pretraining")
+    p.add_argument("--test-images", type=int, default=None,
+                   help=f"test split size (default: {DEFAULT_TEST_IMAGES}; {WARM_TEST_IMAGES} with --warm-start)")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"optimizer steps of pretraining (default: {DEFAULT_STEPS}; {WARM_STEPS} with --warm-start)")
     p.add_argument("--k", type=int, default=None, help="ITM re-ranking depth (default: eval.k_test)")
     p.add_argument("--fresh", action="store_true", help="delete a previous demo run in --out first")
     p.add_argument("--warm-start", action="store_true",
@@ -177,6 +185,10 @@ def run(args) -> int:
         pretrained_tok = minilm_folder(out)
         config = WARM_CONFIG if args.config == "tiny" else args.config
         warm = [f"checkpoint.bert_init={pretrained_tok}"]
+    if args.steps is None:
+        args.steps = WARM_STEPS if args.warm_start else DEFAULT_STEPS
+    if args.test_images is None:
+        args.test_images = WARM_TEST_IMAGES if args.warm_start else DEFAULT_TEST_IMAGES
     data, tok = prepare_data(out, args.seed, args.train_pairs, args.test_images, pretrained_tok)
 
     run_dir = out / "run"
@@ -205,7 +217,8 @@ def run(args) -> int:
 
     def measure(model):
         model = model.to(device)
-        return (evaluate(model, split, load_images, tokenize, k, cfg.eval.batch_size, device=device, progress=True),
+        return (evaluate(model, split, load_images, tokenize, k, cfg.eval.batch_size, device=device,
+                         progress=sys.stderr.isatty()),
                 evaluate_compositional(model, comp, comp_images, comp_tokenize, device, cfg.eval.batch_size))
     # "untrained": the weights training started from (random init, or the warm start)
     untrained, comp_untrained = measure(build_model(cfg, log=lambda msg: None))

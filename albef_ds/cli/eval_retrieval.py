@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -93,7 +94,7 @@ def run(args) -> int:
 
     metrics = evaluate(model, split, load_images, tokenize, args.k or cfg.eval.k_test,
                        cfg.eval.batch_size, launch.rank, launch.world_size, dist_lib.all_reduce_sum, device,
-                       progress=True)
+                       progress=sys.stderr.isatty())  # a log file gets no carriage-return bars
     if launch.rank == 0:
         print(format_table({"ITC only": {k[4:]: v for k, v in metrics.items() if k.startswith("itc_")},
                             f"ITM re-rank (k={metrics['k_test']})": metrics,
