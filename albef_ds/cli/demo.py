@@ -117,31 +117,31 @@ def prepare_data(out: Path, seed: int, train_pairs: int, test_images: int,
 
 
 def results_table(untrained: dict, trained: dict, k: int) -> str:
-    """Both ways of ranking for the trained model (ITC alone, then ITM re-ranking of its
-    top k: either may be the better one), the untrained model's and chance, R@1/5/10."""
-    from ..eval.retrieval import chance_row, format_table
-
-    def itc(m: dict) -> dict:
-        return {key[4:]: v for key, v in m.items() if key.startswith("itc_")}
-    return format_table({"untrained, ITC only": itc(untrained), f"untrained, ITM re-rank k={k}": untrained,
-                         "trained, ITC only": itc(trained), f"trained, ITM re-rank k={k}": trained,
+    """Every ranking for both models (ITC alone, the top k re-ranked by ITM, and by ITM + ITC:
+    any may be the best), and chance, R@1/5/10."""
+    from ..eval.retrieval import chance_row, format_table, ranking_rows
+    return format_table({**ranking_rows(untrained, "untrained, "), **ranking_rows(trained, "trained, "),
                          "chance": chance_row(trained)})
 
 
 def headline(trained: dict) -> str:
     """R@1 both ways for each ranking, as multiples of chance, naming which ranking each
-    figure is and which of the two is the better here."""
-    def figures(prefix: str) -> str:
+    figure is and which is the best here."""
+    from ..eval.retrieval import RANKINGS
+    names = {"itc_": "ITC only", "": "ITM re-ranked", "itm_itc_": "ITM + ITC re-ranked"}
+    present = [prefix for prefix, _ in RANKINGS if f"{prefix}txt_r1" in trained]
+    lines = []
+    for prefix in present:
         tr, ir = trained[f"{prefix}txt_r1"], trained[f"{prefix}img_r1"]
-        return (f"TR@1 {tr:.2f}% = {tr / trained['chance_txt_r1']:.0f}x chance, "
-                f"IR@1 {ir:.2f}% = {ir / trained['chance_img_r1']:.0f}x chance")
-    itc_sum = trained["itc_txt_r1"] + trained["itc_img_r1"]
-    itm_sum = trained["txt_r1"] + trained["img_r1"]
-    better = "ITC only" if itc_sum > itm_sum else "ITM re-ranked" if itm_sum > itc_sum else "neither"
-    return (f"trained, ITC only:      {figures('itc_')}\n"
-            f"trained, ITM re-ranked: {figures('')} (top {trained.get('k_test', '?')} by ITC re-ranked)\n"
-            f"better R@1 here: {better} (chance: TR@1 {trained['chance_txt_r1']:.2f}%, "
-            f"IR@1 {trained['chance_img_r1']:.2f}%)")
+        how = f" (top {trained.get('k_test', '?')} by ITC re-ranked)" if prefix != "itc_" else ""
+        lines.append(f"trained, {names[prefix] + ':':22} TR@1 {tr:.2f}% = {tr / trained['chance_txt_r1']:.0f}x chance, "
+                     f"IR@1 {ir:.2f}% = {ir / trained['chance_img_r1']:.0f}x chance{how}")
+    r1 = {p: trained[f"{p}txt_r1"] + trained[f"{p}img_r1"] for p in present}
+    top = max(r1.values())
+    best = [names[p] for p in present if r1[p] == top]
+    lines.append(f"better R@1 here (TR@1 + IR@1): {best[0] if len(best) == 1 else 'tie: ' + ', '.join(best)} "
+                 f"(chance: TR@1 {trained['chance_txt_r1']:.2f}%, IR@1 {trained['chance_img_r1']:.2f}%)")
+    return "\n".join(lines)
 
 
 def compositional_table(untrained: dict, trained: dict) -> str:

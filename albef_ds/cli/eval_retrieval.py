@@ -72,7 +72,7 @@ def run(args) -> int:
     from .. import distributed as dist_lib
     from ..tokenizer import load_tokenizer
     from ..eval.io import make_io, read_split
-    from ..eval.retrieval import chance_row, evaluate, format_table
+    from ..eval.retrieval import chance_row, evaluate, format_table, ranking_rows
 
     if args.model is None and not args.untrained:
         raise UsageError("give --model PATH or --untrained --config FILE")
@@ -96,9 +96,7 @@ def run(args) -> int:
                        cfg.eval.batch_size, launch.rank, launch.world_size, dist_lib.all_reduce_sum, device,
                        progress=sys.stderr.isatty())  # a log file gets no carriage-return bars
     if launch.rank == 0:
-        print(format_table({"ITC only": {k[4:]: v for k, v in metrics.items() if k.startswith("itc_")},
-                            f"ITM re-rank (k={metrics['k_test']})": metrics,
-                            "chance": chance_row(metrics)}))
+        print(format_table({**ranking_rows(metrics), "chance": chance_row(metrics)}))
         if args.out:
             out = Path(args.out)
             out.mkdir(parents=True, exist_ok=True)

@@ -113,15 +113,28 @@ def chance_row(metrics: dict) -> dict:
 # ------------------------------------------------------------------ re-ranking
 
 def rerank(itc: torch.Tensor, k: int, itm_score: Callable[[int, torch.Tensor], torch.Tensor],
-           queries: Sequence[int]) -> torch.Tensor:
-    """Rows ``queries`` of a score matrix: the top k candidates of each (by ``itc``) get
-    ``itm_score(query, candidates)``, all others :data:`OUTSIDE_TOP_K`."""
+           queries: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each of ``queries`` (rows of ``itc``): its top k candidates by ``itc`` and
+    ``itm_score(query, candidates)`` for them: ([len(queries), k] indices, [len(queries), k,
+    ...] scores). Only the top k are kept: :func:`scatter_top_k` makes the full matrix."""
     k = min(k, itc.shape[1])
-    out = torch.full((len(queries), itc.shape[1]), OUTSIDE_TOP_K, dtype=torch.float32)
-    for row, q in enumerate(queries):
-        top = itc[q].topk(k).indices
-        out[row, top] = itm_score(q, top).float()
-    return out
+    top = torch.stack([itc[q].topk(k).indices for q in queries]) if queries else torch.zeros(0, k, dtype=torch.long)
+    scores = [itm_score(q, top[row]).float() for row, q in enumerate(queries)]
+    return top, torch.stack(scores) if scores else torch.zeros(0, k)
+
+
+def scatter_top_k(top: torch.Tensor, scores: torch.Tensor, num_candidates: int) -> torch.Tensor:
+    """The full score matrix [len(top), num_candidates]: ``scores`` at the ``top`` indices,
+    :data:`OUTSIDE_TOP_K` elsewhere (below any re-ranked candidate)."""
+    out = torch.full((top.shape[0], num_candidates), OUTSIDE_TOP_K, dtype=torch.float32)
+    return out.scatter_(1, top, scores.float())
+
+
+def itm_plus_itc(itm_logits: torch.Tensor, itc_sims: torch.Tensor, temp: float) -> torch.Tensor:
+    """The re-ranking score that adds ITC back: log p_ITM(match) + sim / temp, the sum of the
+    two heads' log-odds (up to a constant per query), so a product of the two experts. ALBEF's
+    Retrieval.py ranks the top k by the ITM logit alone; BLIP adds the cosine to it."""
+    return torch.log_softmax(itm_logits.float(), dim=-1)[..., 1] + itc_sims.float() / temp
 
 
 # ------------------------------------------------------------------ model side
@@ -136,8 +149,9 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
              k_test: int, batch_size: int = 64, rank: int = 0, world_size: int = 1,
              all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
              device: torch.device = torch.device("cpu"), progress: bool = False) -> dict:
-    """Retrieval metrics of ``model`` (an ALBEF) on ``split``: ITC alone (``itc_*`` keys)
-    and after ITM re-ranking of the top ``k_test``. ``all_reduce`` sums a tensor over ranks
+    """Retrieval metrics of ``model`` (an ALBEF) on ``split``: ITC alone (``itc_*`` keys),
+    after ITM re-ranking of the top ``k_test`` (unprefixed: the paper's), and re-ranked by
+    :func:`itm_plus_itc` (``itm_itc_*``: the same ITM forward passes). ``all_reduce`` sums a tensor over ranks
     (None in one process)."""
     from tqdm import tqdm
 
@@ -177,21 +191,50 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     def itm(text_idx: torch.Tensor, image_idx: torch.Tensor) -> torch.Tensor:
         fused = model.fuse(text_embeds[text_idx].to(device, dtype), mask[text_idx].to(device),
                            image_embeds[image_idx].to(device, dtype))
-        return model.itm_logits(fused, mask[text_idx].to(device))[:, 1].float().cpu()
+        return model.itm_logits(fused, mask[text_idx].to(device)).float().cpu()  # [k, 2]
 
     # Re-rank: each rank scores its chunks of queries; zeros elsewhere, summed over ranks.
-    i2t = torch.zeros(n_img, n_txt)
-    for c in bar(mine(chunks(n_img, batch_size)), "re-rank images"):
-        i2t[c.start:c.stop] = rerank(sims, k_test, lambda q, top: itm(top, torch.full_like(top, q)), list(c))
-    t2i = torch.zeros(n_txt, n_img)
-    sims_t = sims.t().contiguous()
-    for c in bar(mine(chunks(n_txt, batch_size)), "re-rank texts"):
-        t2i[c.start:c.stop] = rerank(sims_t, k_test, lambda q, top: itm(torch.full_like(top, q), top), list(c))
-    i2t, t2i = reduce(i2t), reduce(t2i)
-    metrics.update(recall_metrics(i2t.numpy(), t2i.numpy(), split.img2txt, split.txt2img))
+    # Only the top k of each query travel (indices as float64: exact below 2^53).
+    def rerank_all(itc: torch.Tensor, pair: Callable[[int, torch.Tensor], tuple], desc: str):
+        n_q = itc.shape[0]
+        k = min(k_test, itc.shape[1])
+        top, logits = torch.zeros(n_q, k, dtype=torch.float64), torch.zeros(n_q, k, 2)
+        for c in bar(mine(chunks(n_q, batch_size)), desc):
+            t, s = rerank(itc, k, lambda q, cand: itm(*pair(q, cand)), list(c))
+            top[c.start:c.stop], logits[c.start:c.stop] = t.double(), s
+        top, logits = reduce(top).long(), reduce(logits)
+        return top, logits, itc.gather(1, top)
+    i2t = rerank_all(sims, lambda q, top: (top, torch.full_like(top, q)), "re-rank images")
+    t2i = rerank_all(sims.t().contiguous(), lambda q, top: (torch.full_like(top, q), top), "re-rank texts")
+
+    def ranked(score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> dict:
+        return recall_metrics(scatter_top_k(i2t[0], score(i2t[1], i2t[2]), n_txt).numpy(),
+                              scatter_top_k(t2i[0], score(t2i[1], t2i[2]), n_img).numpy(),
+                              split.img2txt, split.txt2img)
+    # the paper's: the ITM logit of "match" alone
+    metrics.update(ranked(lambda logits, _: logits[..., 1]))
+    temp = float(model.temp.detach().float())  # kept within its bounds by training
+    metrics.update({f"itm_itc_{key}": v for key, v in
+                    ranked(lambda logits, itc: itm_plus_itc(logits, itc, temp)).items()})
     metrics.update(chance_metrics(split.img2txt, n_txt, n_img))
     metrics.update({"num_images": n_img, "num_texts": n_txt, "k_test": k_test})
     return metrics
+
+
+#: the rankings an evaluate() result holds: (key prefix, name)
+RANKINGS = (("itc_", "ITC only"), ("", "ITM re-rank"), ("itm_itc_", "ITM + ITC re-rank"))
+
+
+def ranking_rows(metrics: dict, label: str = "") -> dict[str, dict]:
+    """:func:`format_table` rows, one per ranking in ``metrics`` (an evaluate() result),
+    named ``label`` + the ranking (+ its depth k for the re-rankings)."""
+    rows = {}
+    for prefix, name in RANKINGS:
+        if f"{prefix}txt_r1" not in metrics:
+            continue  # a result from before that ranking existed
+        depth = "" if prefix == "itc_" else f" k={metrics.get('k_test', '?')}"
+        rows[f"{label}{name}{depth}"] = {key[len(prefix):]: v for key, v in metrics.items() if key.startswith(prefix)}
+    return rows
 
 
 def format_table(rows: dict[str, dict]) -> str:

@@ -5,10 +5,11 @@ from albef_ds.cli.demo import headline, results_table
 from albef_ds.eval.retrieval import chance_metrics
 
 
-def result(itc_r1: float, itm_r1: float) -> dict:
-    """An evaluate() result on 100 images x 5 captions with the given R@1 (both ways)."""
+def result(itc_r1: float, itm_r1: float, both_r1: float = 0.0) -> dict:
+    """An evaluate() result on 100 images x 5 captions with the given R@1 (both ways) by ITC,
+    by ITM and by ITM + ITC."""
     m = {"k_test": 16, "num_images": 100, "num_texts": 500, **chance_metrics([[0] * 5] * 100, 500, 100)}
-    for prefix, r1 in (("itc_", itc_r1), ("", itm_r1)):
+    for prefix, r1 in (("itc_", itc_r1), ("", itm_r1), ("itm_itc_", both_r1)):
         m.update({f"{prefix}txt_r1": r1, f"{prefix}img_r1": r1 / 2, f"{prefix}txt_r5": 3 * r1,
                   f"{prefix}img_r5": 1.5 * r1, f"{prefix}txt_r10": 4 * r1, f"{prefix}img_r10": 2 * r1,
                   f"{prefix}r_mean": 2 * r1})
@@ -16,9 +17,10 @@ def result(itc_r1: float, itm_r1: float) -> dict:
 
 
 def test_the_table_shows_itc_only_and_itm_reranked_rows_and_real_chance_values():
-    table = results_table(result(1.0, 1.0), result(7.6, 5.9), k=16)
-    rows = {line[:30].strip(): line[30:].split() for line in table.splitlines()[1:]}
+    table = results_table(result(1.0, 1.0, 1.0), result(7.6, 5.9, 8.1), k=16)
+    rows = {line[:32].strip(): line[32:].split() for line in table.splitlines()[1:]}
     assert rows["trained, ITC only"][0] == "7.60" and rows["trained, ITM re-rank k=16"][0] == "5.90"
+    assert rows["trained, ITM + ITC re-rank k=16"][0] == "8.10"
     assert "untrained, ITC only" in rows and "untrained, ITM re-rank k=16" in rows
     assert "nan" not in table
     chance = rows["chance"]
@@ -27,12 +29,16 @@ def test_the_table_shows_itc_only_and_itm_reranked_rows_and_real_chance_values()
 
 
 def test_the_headline_names_which_ranking_each_figure_is_and_the_better_one():
-    text = headline(result(7.6, 5.9))
-    itc_line, itm_line, verdict = text.splitlines()
+    text = headline(result(7.6, 5.9, 1.0))
+    itc_line, itm_line, both_line, verdict = text.splitlines()
     assert itc_line.startswith("trained, ITC only:") and "TR@1 7.60% = 8x chance" in itc_line
-    assert itm_line.startswith("trained, ITM re-ranked:") and "TR@1 5.90%" in itm_line
-    assert verdict.startswith("better R@1 here: ITC only")
-    assert headline(result(3.0, 9.0)).splitlines()[2].startswith("better R@1 here: ITM re-ranked")
+    assert itm_line.startswith("trained, ITM re-ranked:") and "TR@1 5.90%" in itm_line and "top 16" in itm_line
+    assert "top 16" not in itc_line
+    assert both_line.startswith("trained, ITM + ITC re-ranked:") and "TR@1 1.00%" in both_line
+    assert verdict.startswith("better R@1 here (TR@1 + IR@1): ITC only")
+    assert headline(result(3.0, 9.0, 1.0)).splitlines()[3].startswith("better R@1 here (TR@1 + IR@1): ITM re-ranked")
+    assert headline(result(3.0, 2.0, 4.0)).splitlines()[3].startswith("better R@1 here (TR@1 + IR@1): ITM + ITC")
+    assert "tie: ITC only, ITM re-ranked" in headline(result(3.0, 3.0, 1.0))
 
 
 def test_the_compositional_table_and_the_itm_line_state_chance_and_the_prior():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from albef_ds.eval.retrieval import (OUTSIDE_TOP_K, chance_metrics, evaluate, ranks_of_truth,
-                                     recall_metrics, rerank, split_from_entries)
+                                     recall_metrics, rerank, scatter_top_k, split_from_entries)
 
 
 def brute_recall(scores, truths, k):
@@ -65,7 +65,7 @@ def test_rerank_reverses_itc_order():
     itc = torch.tensor([[3.0, 2.0, 1.0, 0.0]])
     # ITM scores the reverse of ITC: within the top 3, candidate 2 now wins.
     itm = lambda q, top: -itc[q, top]  # noqa: E731
-    out = rerank(itc, 3, itm, [0])
+    out = scatter_top_k(*rerank(itc, 3, itm, [0]), 4)
     assert out[0].argmax().item() == 2
     assert out[0, 3].item() == OUTSIDE_TOP_K
     # With candidate 2 the truth, R@1 goes from 0 to 100.
@@ -79,7 +79,7 @@ def test_rerank_with_k_at_least_n_rescores_everything():
     full = torch.randn(4, 5)
     itm = lambda q, top: full[q, top]  # noqa: E731
     for k in (5, 50):
-        assert torch.equal(rerank(itc, k, itm, [0, 1, 2, 3]), full)
+        assert torch.equal(scatter_top_k(*rerank(itc, k, itm, [0, 1, 2, 3]), 5), full)
 
 
 def test_split_from_albef_entries_merges_images():
@@ -106,3 +106,50 @@ def test_evaluate_runs_on_a_model_and_reports_chance():
     assert m["chance_txt_r1"] == pytest.approx(100 * 2 / 12)
     for key in ("txt_r1", "img_r1", "itc_txt_r1", "r_mean"):
         assert 0.0 <= m[key] <= 100.0
+
+
+def test_itm_plus_itc_reranking_matches_a_plain_computation():
+    """``itm_itc_*``: the top k by ITC re-ranked by log p_ITM(match) + sim / temp, recomputed
+    here with plain forwards, one pair at a time; the paper's keys rank by the ITM logit."""
+    import sys, os
+    sys.path.insert(0, os.path.dirname(__file__))
+    from retrieval_common import fake_io
+
+    from albef_ds.config import load_config
+    from albef_ds.eval.retrieval import RetrievalSplit
+    from albef_ds.models import ALBEF
+    n, caps, k, temp = 12, 2, 6, 0.5
+    split = RetrievalSplit([f"i{i}" for i in range(n)], [f"t{i}" for i in range(n * caps)],
+                           [[i * caps + j for j in range(caps)] for i in range(n)], [t // caps for t in range(n * caps)])
+    cfg = load_config("tiny", ["model.image_res=32", "model.vocab_size=50", "model.queue_size=64"])
+    torch.manual_seed(1)
+    model = ALBEF(cfg.model).eval()
+    with torch.no_grad():
+        model.temp.fill_(temp)
+    load_images, tokenize = fake_io(32, 50)
+    m = evaluate(model, split, load_images, tokenize, k_test=k, batch_size=5)
+
+    with torch.no_grad():
+        ids, mask = tokenize(split.texts)
+        text = model.encode_text(ids, mask)
+        images = model.encode_image(load_images(range(n)))
+        sims = model.image_feat(images) @ model.text_feat(text, mask).t()
+
+        def scores(i: int, t: int) -> tuple[float, float]:
+            logits = model.itm_logits(model.fuse(text[t:t + 1], mask[t:t + 1], images[i:i + 1]), mask[t:t + 1])[0]
+            return float(logits[1]), float(torch.log_softmax(logits, -1)[1] + sims[i, t] / temp)
+        i2t = {key: torch.full(sims.shape, OUTSIDE_TOP_K) for key in ("", "itm_itc_")}
+        t2i = {key: torch.full(sims.t().shape, OUTSIDE_TOP_K) for key in ("", "itm_itc_")}
+        for i in range(n):
+            for t in sims[i].topk(k).indices.tolist():
+                i2t[""][i, t], i2t["itm_itc_"][i, t] = scores(i, t)
+        for t in range(n * caps):
+            for i in sims[:, t].topk(k).indices.tolist():
+                t2i[""][t, i], t2i["itm_itc_"][t, i] = scores(i, t)
+    for key in ("", "itm_itc_"):
+        for r in (1, 5):
+            assert m[f"{key}txt_r{r}"] == pytest.approx(brute_recall(i2t[key].tolist(), split.img2txt, r))
+            assert m[f"{key}img_r{r}"] == pytest.approx(brute_recall(t2i[key].tolist(), [[i] for i in split.txt2img], r))
+    # on this model the three rankings differ, so none could pass for another
+    figures = {key: tuple(m[f"{key}{d}_r{r}"] for d in ("txt", "img") for r in (1, 5)) for key in ("itc_", "", "itm_itc_")}
+    assert len(set(figures.values())) == 3, figures
