@@ -53,3 +53,15 @@ def test_the_compositional_table_and_the_itm_line_state_chance_and_the_prior():
     assert itm_line(0.7512) == ("ITM training accuracy (last 10 % of steps): 75.1 % "
                                 "(prior, always 'no match': 66.7 %)")
     assert itm_line(None).endswith("not logged")
+
+
+def test_the_warm_start_runs_a_smaller_demo_unless_told_otherwise():
+    import argparse
+
+    from albef_ds.cli.demo import add_arguments, run_size
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    assert run_size(p.parse_args([])) == (1000, 1000)
+    assert run_size(p.parse_args(["--warm-start"])) == (500, 200)
+    assert run_size(p.parse_args(["--warm-start", "--steps", "7", "--test-images", "30"])) == (7, 30)
+    assert run_size(p.parse_args(["--steps", "0"])) == (0, 1000)
