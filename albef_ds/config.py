@@ -33,7 +33,8 @@ class ModelConfig:
     #: initial ViT position embedding: "normal" (timm's, std 0.02: DeiT's, overwritten by
     #: loaded weights) or "sincos" (MAE's fixed 2-D sine-cosine table, then trained). From
     #: random init the tiny ViT needs ~1,500 steps before "which colour is on the left" is
-    #: readable at all with std 0.02, ~400 with the table (docs/benchmarks.md, "Binding").
+    #: readable at all with std 0.02, ~400 with the table, trained supervised
+    #: (docs/benchmarks.md, "Binding: what the tiny model binds").
     vision_pos_init: str = "normal"
     # BERT text + fusion encoder (bert-base-uncased sizes).
     vocab_size: int = 30522
