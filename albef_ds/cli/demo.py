@@ -45,7 +45,7 @@ DEMO_OVERRIDES = ["model.queue_size=0", "model.itm_random_negatives=1.0", "train
 WARM_CONFIG = "tiny-minilm"
 #: its defaults: a step of the width-384 text side costs ~6x the tiny one's, and ITM
 #: re-ranking of 1,000 test images ~20 minutes on 2 cores, so 500 steps and 200 images:
-#: ~25 minutes in all on an idle 2-core CPU (docs/benchmarks.md, "Warm start")
+#: ~21 minutes in all on an idle 2-core CPU (docs/benchmarks.md, "Warm start")
 WARM_STEPS = 500
 WARM_TEST_IMAGES = 200
 
