@@ -151,8 +151,8 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
              device: torch.device = torch.device("cpu"), progress: bool = False) -> dict:
     """Retrieval metrics of ``model`` (an ALBEF) on ``split``: ITC alone (``itc_*`` keys),
     after ITM re-ranking of the top ``k_test`` (unprefixed: the paper's), and re-ranked by
-    :func:`itm_plus_itc` (``itm_itc_*``: the same ITM forward passes). ``all_reduce`` sums a tensor over ranks
-    (None in one process)."""
+    :func:`itm_plus_itc` (``itm_itc_*``: the same ITM forward passes). ``all_reduce`` sums
+    a tensor over ranks (None in one process)."""
     from tqdm import tqdm
 
     model.eval()

@@ -6,11 +6,11 @@ from albef_ds.eval.retrieval import RetrievalSplit
 N_IMAGES, CAPTIONS = 6, 2
 
 
-def fake_split() -> RetrievalSplit:
-    texts = [f"t{i}" for i in range(N_IMAGES * CAPTIONS)]
-    img2txt = [[i * CAPTIONS + j for j in range(CAPTIONS)] for i in range(N_IMAGES)]
-    txt2img = [i // CAPTIONS for i in range(len(texts))]
-    return RetrievalSplit([f"img{i}" for i in range(N_IMAGES)], texts, img2txt, txt2img)
+def fake_split(n_images: int = N_IMAGES, captions: int = CAPTIONS) -> RetrievalSplit:
+    texts = [f"t{i}" for i in range(n_images * captions)]
+    img2txt = [[i * captions + j for j in range(captions)] for i in range(n_images)]
+    txt2img = [i // captions for i in range(len(texts))]
+    return RetrievalSplit([f"img{i}" for i in range(n_images)], texts, img2txt, txt2img)
 
 
 def fake_io(res: int, vocab: int, length: int = 10):

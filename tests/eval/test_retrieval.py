@@ -113,14 +113,12 @@ def test_itm_plus_itc_reranking_matches_a_plain_computation():
     here with plain forwards, one pair at a time; the paper's keys rank by the ITM logit."""
     import sys, os
     sys.path.insert(0, os.path.dirname(__file__))
-    from retrieval_common import fake_io
+    from retrieval_common import fake_io, fake_split
 
     from albef_ds.config import load_config
-    from albef_ds.eval.retrieval import RetrievalSplit
     from albef_ds.models import ALBEF
     n, caps, k, temp = 12, 2, 6, 0.5
-    split = RetrievalSplit([f"i{i}" for i in range(n)], [f"t{i}" for i in range(n * caps)],
-                           [[i * caps + j for j in range(caps)] for i in range(n)], [t // caps for t in range(n * caps)])
+    split = fake_split(n, caps)
     cfg = load_config("tiny", ["model.image_res=32", "model.vocab_size=50", "model.queue_size=64"])
     torch.manual_seed(1)
     model = ALBEF(cfg.model).eval()
