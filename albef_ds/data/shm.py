@@ -111,9 +111,12 @@ def reclaim(run_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> list[str]:
     return removed
 
 
-def release(run_dir: str | os.PathLike) -> None:
-    """At a normal end of the run (streaming unlinks its shared memory itself): remove this
-    node's lock files and record, which would otherwise pile up one set per job."""
+def release(run_dir: str | os.PathLike, failed: bool = False, shm_dir: Path = SHM_DIR) -> None:
+    """At the end of the run on this node (its local leader): remove this node's lock files
+    and record, which would otherwise pile up one set per job. At a normal end streaming
+    unlinks its shared memory itself; after a failure (``failed``) this process unlinks
+    its segments too (and tells its resource tracker, which would otherwise warn about
+    them at exit), so a failed job leaves nothing in /dev/shm or the run directory."""
     path = record_path(run_dir)
     try:
         record = json.loads(path.read_text())
@@ -121,7 +124,19 @@ def release(run_dir: str | os.PathLike) -> None:
         return
     if record.get("pid") != os.getpid():
         return
-    for lock in _lock_files(int(record["prefix"]), record.get("lock_root", "/tmp")):
+    prefix = int(record["prefix"])
+    if failed and _locals_of(prefix, shm_dir) in (record.get("locals"), None):
+        from multiprocessing import resource_tracker
+        for name in _segment_names(prefix):
+            try:
+                (shm_dir / name).unlink()
+            except FileNotFoundError:
+                continue
+            try:
+                resource_tracker.unregister(f"/{name}", "shared_memory")
+            except Exception:  # not registered by this process
+                pass
+    for lock in _lock_files(prefix, record.get("lock_root", "/tmp")):
         try:
             os.unlink(lock)
         except FileNotFoundError:

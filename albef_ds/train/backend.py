@@ -144,8 +144,11 @@ class DeepSpeedBackend:
         ds = load_ds_config(cfg, world_size)
         if load_universal:
             ds.setdefault("checkpoint", {})["load_universal"] = True
-        optimizer, self.optimizer_name = build_optimizer(param_groups(model, cfg.train.weight_decay, cfg.train.lr,
-                                                                   cfg.train.itm_lr_scale), cfg, ds)
+        groups = param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.itm_lr_scale)
+        # each group's (base lr, weight decay) under this config: a resume writes them back
+        # over the checkpoint's (apply_settings)
+        self.group_settings = [(g.get("lr", cfg.train.lr), g["weight_decay"]) for g in groups]
+        optimizer, self.optimizer_name = build_optimizer(groups, cfg, ds)
         t = cfg.train
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, lr_lambda(total_steps, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps))
@@ -193,6 +196,32 @@ class DeepSpeedBackend:
                                                          load_lr_scheduler_states=True)
         return None if path is None else (client_state or {})
 
+    def apply_settings(self, cfg: Config, total_steps: int) -> None:
+        """After a checkpoint loaded: DeepSpeed restored the optimizer's hyperparameters and
+        the scheduler's base rates as they were saved; this config's are written back over
+        them (base lr per group, weight decay, betas), and the current rate re-derived from
+        the schedule of this config at the resumed step."""
+        t = cfg.train
+        schedule = lr_lambda(total_steps, t.lr, t.warmup_lr, t.min_lr, t.warmup_steps)
+        scheduler = self.engine.lr_scheduler
+        groups = self.engine.optimizer.param_groups
+        if len(groups) != len(self.group_settings):
+            raise ConfigError(f"the checkpoint's optimizer has {len(groups)} parameter groups, this config "
+                              f"{len(self.group_settings)} (train.itm_lr_scale?)")
+        for i, (group, (base, decay)) in enumerate(zip(groups, self.group_settings)):
+            group.update(weight_decay=decay, betas=tuple(t.betas), initial_lr=base)
+            scheduler.base_lrs[i] = base
+            group["lr"] = base * schedule(scheduler.last_epoch)
+
+    def scalar(self, param: torch.nn.Parameter) -> float:
+        """A one-element parameter's value outside the forward: gathered first where ZeRO-3
+        partitions it (a collective: every rank calls it)."""
+        if hasattr(param, "ds_id") and param.numel() != full_numel(param):
+            import deepspeed
+            with deepspeed.zero.GatheredParameters([param]):
+                return float(param.detach().float().reshape(-1)[0])
+        return float(param.detach().float().reshape(-1)[0])
+
     def gathered_parameters(self):
         """A context in which every weight is whole on this rank (ZeRO-3 partitions gathered
         for an evaluation's forwards); a no-op below stage 3."""
@@ -211,9 +240,11 @@ def to_universal(tag_dir: Path, out: Path) -> None:
     """DeepSpeed's ds_to_universal: a checkpoint another world size can load."""
     import subprocess
     import sys
-    subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
-                    "--input_folder", str(tag_dir), "--output_folder", str(out),
-                    "--inject_missing_state"], check=True)
+    proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal",
+                           "--input_folder", str(tag_dir), "--output_folder", str(out),
+                           "--inject_missing_state"], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"ds_to_universal exited {proc.returncode}: {(proc.stderr or proc.stdout)[-800:]}")
 
 
 def consolidated_fp32_state(tag_dir: Path) -> dict:

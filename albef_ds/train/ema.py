@@ -99,6 +99,13 @@ class MomentumEMA:
                 "full": {n: m.reshape(shape).clone() for n, m, k, shape in
                          zip(self.names, self.master, self.kinds, self.shapes) if k == "full"}}
 
+    def layout(self) -> dict:
+        """Name -> [whole elements, elements per partition] of every ZeRO-3-partitioned
+        master (rank r holds [r x per partition, (r + 1) x per partition)): for the record."""
+        self._ensure_master()
+        return {n: [math.prod(shape), m.numel()] for n, m, k, shape in
+                zip(self.names, self.master, self.kinds, self.shapes) if k == "partition"}
+
     def partition_state(self) -> dict:
         """This rank's ZeRO-3 partitions of the master: name -> (offset, flat tensor)."""
         self._ensure_master()
@@ -144,16 +151,45 @@ class MomentumEMA:
 
 def assemble_full(full_state: dict, partition_states) -> dict:
     """Full fp32 momentum tensors from the shared whole tensors and every rank's ZeRO-3
-    partitions; ``partition_states`` is iterated once (pass a generator that loads one
-    rank's file at a time: one full copy in memory, never every rank's files at once)."""
+    partitions; ``partition_states`` is iterated once, in rank order (pass a generator that
+    loads one rank's file at a time: one full copy in memory, never every rank's files at
+    once). Assembled only when complete: every element of every partitioned tensor comes
+    from exactly one rank's partition, or a CheckpointError names the tensor and the rank
+    file that should have held the missing part (nothing is zero-filled)."""
+    from .checkpoint import CheckpointError, rank_file_name
     shapes = full_state["shapes"]
     out = {n: t.clone() for n, t in full_state["full"].items()}
     flats = {n: torch.zeros(math.prod(shape)) for n, shape in shapes.items() if n not in out}
-    for partitions in partition_states:
+    spans: dict[str, list] = {n: [] for n in flats}
+    for rank, partitions in enumerate(partition_states):
         for name, (offset, part) in partitions.items():
+            if name not in flats:
+                raise CheckpointError(f"{rank_file_name(rank)} holds a partition of {name}, which the momentum "
+                                      f"file holds whole or does not know: files of different checkpoints?")
             flat = flats[name]
             n = max(0, min(part.numel(), flat.numel() - offset))  # the last partition is padded
             flat[offset: offset + n] = part[:n]
+            spans[name].append((offset, offset + n, part.numel(), rank))
     for name, flat in flats.items():
+        _check_coverage(name, sorted(spans[name]), flat.numel())
         out[name] = flat.reshape(shapes[name])
     return out
+
+
+def _check_coverage(name: str, spans: list, numel: int) -> None:
+    """Spans (start, end, partition size, rank) must tile [0, numel) without gap or overlap."""
+    from .checkpoint import CheckpointError, rank_file_name
+    size = spans[0][2] if spans else None
+    pos = 0
+    for start, end, _, rank in spans:
+        if start > pos:
+            break
+        if start < pos and end > start:
+            raise CheckpointError(f"momentum master of {name}: elements {start}..{min(pos, end)} are in two rank "
+                                  f"files ({rank_file_name(rank)} and an earlier one): files of different "
+                                  f"checkpoints?")
+        pos = max(pos, end)
+    if pos < numel:
+        owner = rank_file_name(pos // size) if size else "any rank file"
+        raise CheckpointError(f"momentum master of {name}: elements {pos}.. of {numel} are in no rank file "
+                              f"({owner} should hold them); nothing was loaded")

@@ -42,7 +42,7 @@ def consolidate(tag_dir: Path, cfg: Config) -> torch.nn.Module:
     model = build_task_model(cfg)
     state = consolidated_fp32_state(tag_dir)
     momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
-    state.update(assemble_full(momentum, (f["ema_partitions"] for f in ckpt_lib.rank_files(tag_dir))))
+    state.update(assemble_full(momentum, ckpt_lib.momentum_partitions(tag_dir)))
     state.update(ckpt_lib.read_queue(tag_dir, 0))  # pool 0's queues
     missing, unexpected = model.load_state_dict(state, strict=False)
     # Tied (decoder = word embeddings) and buffer entries may be absent from DeepSpeed's

@@ -82,6 +82,14 @@ class RunDirLock:
             self._fd = None
 
 
+def lock_error(run_dir: str | os.PathLike, error: OSError) -> str:
+    """One line for a lock that could not be taken at all (not held by another run)."""
+    name = errno.errorcode.get(error.errno, str(error.errno)) if error.errno else type(error).__name__
+    hint = (": the file system does not support flock (Lustre: mount with -o flock); put logging.run_dir on "
+            "one that does" if error.errno in (errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP) else "")
+    return f"cannot lock {Path(run_dir) / LOCK_FILE}: {error.strerror or error} ({name}){hint}"
+
+
 def previous_run_outputs(run_dir: str | os.PathLike) -> list[Path]:
     """What an earlier run left in ``run_dir`` (the paths ``--overwrite`` removes)."""
     run_dir = Path(run_dir)

@@ -30,6 +30,7 @@ from .backend import DeepSpeedBackend, clamp_master, clean_shared_memory_leftove
 from .ema import MomentumEMA, assemble_full
 from .metrics import MetricsLogger, RunningMeans, format_log_line, memory_gb, rewind_jsonl
 from .stop import EXIT_PREEMPTED, StopCheck, StopFlag, end_loader_workers, worker_ignores_stop_signals
+from .watchdog import JobWatchdog, process_group_store
 
 #: marker written in the run directory when the planned final step is reached.
 DONE_MARKER = "DONE"
@@ -140,7 +141,7 @@ class Trainer:
         """What a log line holds: the objective's means since the last line, the schedule,
         throughput, and the bytes this rank received per step through our collectives."""
         values = self.running.read_and_reset()
-        values.update({"lr": self.backend.lr(), "temp": float(self.module.temp.detach()),
+        values.update({"lr": self.backend.lr(), "temp": self.backend.scalar(self.module.temp),
                        "grad_norm": self.backend.grad_norm(), "pairs_per_s": pairs / max(elapsed, 1e-9),
                        "epoch": self.epoch})
         traffic = dist_lib.TRAFFIC.take()
@@ -166,16 +167,20 @@ class Trainer:
             files[ckpt_lib.MOMENTUM_FILE] = self.ema.full_state()
         if self.rank % self.pool == 0:
             files[ckpt_lib.queue_file_name(self.pool_index)] = self.queue_state()
-        meta = {"zero_stage": self.backend.zero_stage, "pools": self.world // self.pool,
-                **ckpt_lib.run_record(self.cfg, self.world)}
+        meta = {"zero_stage": self.backend.zero_stage, "precision": self.backend.precision,
+                "pools": self.world // self.pool, "momentum_layout": self.ema.layout(),
+                **ckpt_lib.run_record(self.cfg, self.world, self.objective.tokenizer)}
         return ckpt.save(self.backend, self.step, client, files, meta)
 
     def resume(self, ckpt, tag_dir: Path, ds_dir: Path, saved_world: int, loader) -> None:
+        """Load every piece of the checkpoint, then write this config's optimizer settings
+        and schedule over the saved ones (albef_ds.train.resume_settings says which
+        changes a resume applies)."""
         client = ckpt.load(self.backend, tag_dir, ds_dir)
         self.step, self.epoch = int(client["step"]), int(client["epoch"])
         momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
         if saved_world != self.world:
-            self.ema.load_full(assemble_full(momentum, (f["ema_partitions"] for f in ckpt_lib.rank_files(tag_dir))))
+            self.ema.load_full(assemble_full(momentum, ckpt_lib.momentum_partitions(tag_dir)))
             self.log(f"resumed from {tag_dir} (world {saved_world} -> {self.world}, universal)")
         else:
             mine = ckpt_lib.read(tag_dir / ckpt_lib.rank_file_name(self.rank))
@@ -186,6 +191,7 @@ class Trainer:
             for name, value in ckpt_lib.read_queue(tag_dir, self.pool_index).items():
                 getattr(self.module, name).copy_(value)
         loader.load_state_dict(client["loader"])
+        self.backend.apply_settings(self.cfg, self.total_steps)
 
 
 def check_data(cfg: Config) -> None:
@@ -229,33 +235,12 @@ def _check_tokenizer(cfg: Config) -> None:
         raise ConfigError(f"config key 'data.tokenizer': tokenizer folder not found: {cfg.data.tokenizer}")
 
 
-def config_changes(path: Path, cfg: Config) -> list[str]:
-    """'section.key: old -> new' for every value that differs from the saved config."""
-    if not path.is_file():
-        return []
-    import yaml
-    old = yaml.safe_load(path.read_text()) or {}
-    out = []
-    for section, values in cfg.to_dict().items():
-        for key, value in values.items():
-            before = (old.get(section) or {}).get(key, value)
-            if before != value:
-                out.append(f"{section}.{key}: {before!r} -> {value!r}")
-    return out
-
-
-def save_run_config(run_dir: Path, cfg: Config, resumed: bool, log=print) -> list[str]:
-    """Write ``run_dir/config.yaml``; on a resume, first list key by key what differs from
-    the config the run was saved with (that file is about to be overwritten)."""
-    path = run_dir / "config.yaml"
-    changed = config_changes(path, cfg) if resumed else []
-    if changed:
-        log(f"note: the config differs from the run's {path} in {len(changed)} key(s); "
-            f"the run continues with the new values (config.yaml is updated):")
-        for line in changed:
-            log(f"  {line}")
-    save_config(cfg, path)
-    return changed
+def resume_note(tag_dir: Path, step: int, applied: list[str]) -> str | None:
+    """What a resume does with each setting that differs from the checkpoint's config."""
+    if not applied:
+        return None
+    return "\n".join([f"note: the config differs from the checkpoint's ({tag_dir}) in {len(applied)} key(s); "
+                      f"from step {step + 1} on:"] + [f"  {line}" for line in applied])
 
 
 def summary(cfg: Config, launch, trainer: Trainer) -> str:
@@ -307,31 +292,55 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
 
     The run directory holds this run only: rank 0 locks it for the run's life (a second
     start is refused), and ``resume="none"`` into a directory holding an earlier run's
-    outputs is refused unless ``overwrite`` (which removes them first)."""
+    outputs is refused unless ``overwrite`` (which removes them first).
+
+    A failure on any rank ends every rank within seconds (:class:`JobWatchdog`), each
+    releasing its loader workers and shared memory on the way out."""
     stop = stop or StopFlag()
     check = StopCheck(stop, cfg.train.stop_check_every, cfg.train.stop_check_async)
     run_dir_lib.absolute_paths(cfg)  # the saved config must work from any directory
-    lock = _claim_run_dir(cfg, launch, resume, overwrite)
+    release = functools.partial(release_local_resources, cfg.logging.run_dir, launch)
+    watchdog = JobWatchdog(process_group_store(), launch.rank, launch.world_size, on_exit=release).start()
+    lock = None
     try:
+        lock = _claim_run_dir(cfg, launch, resume, overwrite)
         run = _Run(cfg, launch, resume, eval_each_epoch, keep_best)
         trainer, loader = run.trainer, run.loader
-        try:
-            while trainer.step < trainer.total_steps and not run.stopped:
-                for batch in loader:
-                    out, boundary = trainer.train_step(batch)
-                    run.after_micro_step(batch, out)
-                    if boundary and (run.after_step(check) or trainer.step >= trainer.total_steps):
-                        break
-                else:
-                    trainer.epoch += 1
-            check.drain()  # a reduce started at the last check step is waited for
-        except BaseException:
-            end_loader_workers()
-            raise
-        return run.finish()
+        while trainer.step < trainer.total_steps and not run.stopped:
+            for batch in loader:
+                out, boundary = trainer.train_step(batch)
+                run.after_micro_step(batch, out)
+                if boundary and (run.after_step(check) or trainer.step >= trainer.total_steps):
+                    break
+            else:
+                trainer.epoch += 1
+        check.drain()  # a reduce started at the last check step is waited for
+        return run.finish(watchdog)
+    except BaseException as e:
+        watchdog.fail(" ".join(f"{type(e).__name__}: {e}".split())[:1000])
+        release()
+        raise
     finally:
+        watchdog.stop()
         if lock is not None:
             lock.release()
+
+
+def release_local_resources(run_dir: str, launch) -> None:
+    """What a rank that ends abnormally must give back: its loader workers (they ignore
+    SIGTERM), its DeepSpeed all-reduce buffer in /dev/shm, and (the node's local leader)
+    the streaming shared memory and lock files of this job. Best effort, never raises."""
+    for release in (end_loader_workers, lambda: clean_shared_memory_leftovers(launch)):
+        try:
+            release()
+        except Exception:
+            pass
+    if launch.local_rank == 0:
+        try:
+            from ..data import shm
+            shm.release(run_dir, failed=True)
+        except Exception:
+            pass
 
 
 def _claim_run_dir(cfg: Config, launch, resume: str, overwrite: bool):
@@ -346,6 +355,8 @@ def _claim_run_dir(cfg: Config, launch, resume: str, overwrite: bool):
                 run_dir_lib.prepare_fresh_start(cfg.logging.run_dir, overwrite)
         except UsageError as e:
             error = str(e)
+        except OSError as e:  # e.g. ENOSYS: a file system without flock (Lustre mounted without -o flock)
+            error = run_dir_lib.lock_error(cfg.logging.run_dir, e)
     error = dist_lib.broadcast_object(error)
     if error:
         if lock is not None:
@@ -370,25 +381,29 @@ class _Run:
             cfg.model.vocab_size = len(tokenizer)
         objective = make_objective(cfg, tokenizer)
 
-        self.ckpt = ckpt_lib.CheckpointManager(run_dir, cfg.checkpoint.keep_last, launch.rank, launch.world_size)
-        resume_dir = self.ckpt.resolve(resume)
-        meta = self.ckpt.meta(resume_dir) if resume_dir else None
-        universal = meta is not None and meta["world_size"] != launch.world_size
-        if meta:  # everything checked before anything is written
-            ckpt_lib.check_resumable(resume_dir, meta, cfg, launch.world_size)
-        if is_main:
-            save_run_config(run_dir, cfg, resumed=meta is not None, log=log)
+        self.ckpt = ckpt_lib.CheckpointManager(run_dir, cfg.checkpoint.keep_last, launch.rank, launch.world_size,
+                                               log=log)
+        # Verified (and every change of setting checked) before anything is written.
+        resume_dir, record = self.ckpt.resolve_with_record(resume)
+        applied = ckpt_lib.check_resumable(resume_dir, record, cfg, launch.world_size, tokenizer) if record else []
+        universal = record is not None and record["world_size"] != launch.world_size
 
         self.loader = objective.make_loader(cfg, launch.rank, launch.world_size, launch.local_world_size,
                                             launch.local_rank, str(run_dir))
         self.loader.worker_init_fn = functools.partial(worker_ignores_stop_signals, self.loader.worker_init_fn)
         per_epoch = cfg.train.steps_per_epoch or max(1, len(self.loader) // cfg.train.grad_accum_steps)
         total = cfg.train.max_steps or cfg.train.epochs * per_epoch
-        ds_dir = self.ckpt.prepare_universal(resume_dir) if universal else resume_dir
+        ds_dir = self.ckpt.prepare_universal(resume_dir, record) if universal else resume_dir
         self.trainer = t = Trainer(cfg, launch, objective, total, per_epoch, load_universal=universal, log=log)
         log(summary(cfg, launch, t))
         if resume_dir:
-            t.resume(self.ckpt, resume_dir, ds_dir, meta["world_size"], self.loader)
+            note = resume_note(resume_dir, int(record["step"]), applied)
+            if note:
+                log(note)
+            t.resume(self.ckpt, resume_dir, ds_dir, record["world_size"], self.loader)
+            dist_lib.barrier()  # the checkpoint loaded on every rank: only now is the run directory written
+        if is_main:
+            save_config(cfg, run_dir / "config.yaml")
 
         # A start without a checkpoint (--resume auto before the first save was made)
         # redoes every step: earlier lines of this directory are dropped too.
@@ -474,9 +489,11 @@ class _Run:
             self.best = values[self.evaluator.primary]
             tag_dir = t.save(self.ckpt, self.loader)
             if t.rank == 0:
-                (self.run_dir / "best.json").write_text(json.dumps({"tag": tag_dir.name, "step": t.step, **values}))
+                # atomic: every later save's pruning reads it
+                ckpt_lib.atomic_write(self.run_dir / "best.json",
+                                      json.dumps({"tag": tag_dir.name, "step": t.step, **values}), durable=True)
 
-    def finish(self) -> int:
+    def finish(self, watchdog: JobWatchdog | None = None) -> int:
         t = self.trainer
         if self.keys_log is not None:
             self.keys_log.close()
@@ -487,6 +504,8 @@ class _Run:
             (self.run_dir / DONE_MARKER).write_text(str(t.step))
             self.log(f"done: {t.step} steps; checkpoints in {self.ckpt.dir}, metrics in "
                      f"{self.run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
+        if watchdog is not None:
+            watchdog.stop()  # before the last barrier: after it rank 0 may exit, taking the store along
         dist_lib.barrier()
         clean_shared_memory_leftovers(self.launch)
         if self.launch.local_rank == 0:

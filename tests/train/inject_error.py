@@ -2,7 +2,8 @@
 ``INJECT_RANK`` (default 0), after printing the time: ``INJECT_IN=main`` (default): the
 ``INJECT_AT``-th call of the MLM masking raises in the rank's process; ``INJECT_IN=worker``:
 the ``INJECT_AT``-th sample a data-loader worker reads raises in that worker (the error
-reaches the rank through the DataLoader, as an unreadable shard's does). Launched by
+reaches the rank through the DataLoader, as an unreadable shard's does); ``INJECT_IN=resume``:
+``Trainer.resume`` raises before loading anything. Launched by
 tests/train/test_failure_paths.py."""
 import os
 import runpy
@@ -31,7 +32,18 @@ def failing_getitem(self, index):
     return real_getitem(self, index)
 
 
-if os.environ.get("INJECT_IN", "main") == "worker":
+def failing_resume(self, *args, **kwargs):
+    if os.environ.get("RANK", "0") == os.environ.get("INJECT_RANK", "0"):
+        print(f"INJECTED {time.time():.3f}", file=sys.stderr, flush=True)
+        raise RuntimeError("injected failure at resume")
+    return real_resume(self, *args, **kwargs)
+
+
+if os.environ.get("INJECT_IN") == "resume":
+    from albef_ds.train.trainer import Trainer
+    real_resume = Trainer.resume
+    Trainer.resume = failing_resume
+elif os.environ.get("INJECT_IN", "main") == "worker":
     from albef_ds.data.dataset import PairDataset
     real_getitem = PairDataset.__getitem__
     PairDataset.__getitem__ = failing_getitem

@@ -111,16 +111,21 @@ def fake_backend(fail=False):
 def test_a_crash_in_the_middle_of_a_save_never_becomes_latest(tmp_path):
     ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
     ckpt.save(fake_backend(), 4, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
-    with pytest.raises(OSError):
+    # A write that fails: one line, the partial folder removed (a full disk needs the room back).
+    with pytest.raises(CheckpointError, match=r"step_00000008 not saved: rank 0: .*disk full.*previous checkpoints"):
         ckpt.save(fake_backend(fail=True), 8, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
     assert (ckpt.dir / "latest").read_text() == "step_00000004"
     assert ckpt.resolve("auto") == ckpt.dir / "step_00000004"
-    # The interrupted save is a .partial folder, never a tag.
-    assert not (ckpt.dir / "step_00000008").exists() and (ckpt.dir / "step_00000008.partial").is_dir()
-    with pytest.raises(FileNotFoundError, match="not a complete"):
-        ckpt.resolve(str(ckpt.dir / "step_00000008.partial"))
+    assert not (ckpt.dir / "step_00000008").exists() and not (ckpt.dir / "step_00000008.partial").exists()
+    # A save killed midway leaves a .partial folder: never a tag, never resumed from.
+    partial = ckpt.dir / "step_00000008.partial"
+    partial.mkdir()
+    (partial / "mp_rank_00_model_states.pt").write_text("partial")
+    assert ckpt.resolve("auto") == ckpt.dir / "step_00000004"
+    with pytest.raises(CheckpointError, match="not a complete"):
+        ckpt.resolve(str(partial))
     # The next successful save removes it; a save at that step never mixes in its files.
-    (ckpt.dir / "step_00000008.partial" / "albef_rank00003.pt").write_text("stale, world 4")
+    (partial / "albef_rank00003.pt").write_text("stale, world 4")
     ckpt.save(fake_backend(), 8, {}, {"albef_rank00000.pt": {}})
     assert sorted(p.name for p in (ckpt.dir / "step_00000008").iterdir()) == [
         META, "albef_rank00000.pt", "mp_rank_00_model_states.pt"]
@@ -128,19 +133,38 @@ def test_a_crash_in_the_middle_of_a_save_never_becomes_latest(tmp_path):
 
 
 class FakeCollectives:
-    """Two ranks in one process: rank 0's broadcast is handed in, every rank's view too."""
+    """Rank 1 of two ranks, in one process: what rank 0 broadcasts is computed by rank 0's
+    own manager (over rank 0's view of the file system); every gather gets rank 0's answer
+    from ``rank0_answers`` (called with the gather's number and rank 1's object)."""
 
-    def __init__(self, broadcast_from_rank0, views):
-        self.broadcast_from_rank0, self.views = broadcast_from_rank0, views
+    def __init__(self, rank0_manager, rank0_answers):
+        self.rank0, self.answers, self.gathers = rank0_manager, rank0_answers, 0
 
     def barrier(self):
         pass
 
     def broadcast_object(self, obj, src=0):
-        return self.broadcast_from_rank0
+        return self.rank0_broadcasts.pop(0)
 
     def all_gather_object(self, obj):
-        return self.views(obj)
+        self.gathers += 1
+        return [self.answers(self.gathers, obj), obj]
+
+
+def _broadcasts_of(manager, resume):
+    """What rank 0 broadcasts while resolving ``resume`` alone (as if every rank agreed)."""
+    sent = []
+
+    class Record(FakeCollectives):
+        def broadcast_object(self, obj, src=0):
+            sent.append(obj)
+            return obj
+
+        def all_gather_object(self, obj):
+            return [obj, obj]
+    manager.comm = Record(None, None)
+    manager.resolve(resume)
+    return sent
 
 
 def test_ranks_that_see_different_latest_tags_cannot_load_different_steps(tmp_path):
@@ -153,22 +177,35 @@ def test_ranks_that_see_different_latest_tags_cannot_load_different_steps(tmp_pa
             ckpt.save(fake_backend(), step, {}, {})
     chosen = CheckpointManager(rank0_run, 5, 0, 1).resolve("auto")
     assert chosen.name == "step_00000008"
-    # Rank 1 is handed rank 0's path but looks at it through its own (stale) view.
-    stale_path = str(rank1_run / "checkpoints" / chosen.name)
-    rank1 = CheckpointManager(rank1_run, 5, rank=1, world_size=2,
-                              collectives=FakeCollectives((None, stale_path), lambda mine: [8, mine]))
+    # Rank 1 is handed rank 0's path and record, but looks at the path through its own
+    # (stale) view: no step 8 there (a copy of rank 0's run with step 8 gone).
+    import shutil
+    rank0_id = json.loads((chosen / META).read_text())["checkpoint_id"]
+    stale = tmp_path / "stale"
+    shutil.copytree(rank0_run, stale)
+    shutil.rmtree(stale / "checkpoints" / "step_00000008")
+    sent = _broadcasts_of(CheckpointManager(rank0_run, 5, 0, 2), "auto")
+    sent = [(e, [c.replace(str(rank0_run), str(stale)) for c in cands]) if i == 0 else (e, cands)
+            for i, (e, cands) in enumerate(sent)]
+    rank1 = CheckpointManager(stale, 5, rank=1, world_size=2,
+                              collectives=FakeCollectives(None, lambda n, mine: rank0_id))
+    rank1.comm.rank0_broadcasts = list(sent)
     with pytest.raises(CheckpointError, match=r"ranks disagree.*step 8.*\[1\] see \[None\]"):
         rank1.resolve("auto")
     # Rank 0 learns the same through the gather and stops too.
     rank0 = CheckpointManager(rank0_run, 5, rank=0, world_size=2,
-                              collectives=FakeCollectives((None, str(chosen)), lambda mine: [mine, None]))
+                              collectives=FakeCollectives(None, lambda n, mine: mine))
+    rank0.comm.all_gather_object = lambda mine: [mine, None]
+    rank0.comm.broadcast_object = lambda obj, src=0: obj
     with pytest.raises(CheckpointError, match="ranks disagree"):
         rank0.resolve("auto")
     # Agreement: every rank resumes from rank 0's choice, not from its own newest.
+    rank1_step4 = CheckpointManager(rank1_run, 5, 0, 2)
+    sent = _broadcasts_of(rank1_step4, str(rank1_run / "checkpoints" / "step_00000004"))
     agree = CheckpointManager(rank1_run, 5, rank=1, world_size=2,
-                              collectives=FakeCollectives((None, str(rank1_run / "checkpoints" / "step_00000004")),
-                                                          lambda mine: [4, mine]))
-    assert agree.resolve("auto").name == "step_00000004"
+                              collectives=FakeCollectives(None, lambda n, mine: mine))
+    agree.comm.rank0_broadcasts = list(sent)
+    assert agree.resolve(str(rank1_run / "checkpoints" / "step_00000004")).name == "step_00000004"
 
 
 def test_keep_last_prunes_old_checkpoints_but_keeps_the_best(tmp_path):

@@ -3,15 +3,19 @@
 Runs (one launch each, shared by the tests; tiny model, global batch 16 at every size):
   z2_w1/z2_w2/z2_w4   ZeRO-2, 4 steps at 1/2/4 ranks (z2_w4: 8 steps, checkpoints at 4 and 8)
   z2_w4to2            z2_w4's step-4 checkpoint resumed on 2 ranks to step 8 (universal)
-  z3_w1/z3_w2/z3_w4   ZeRO-3 (persistence threshold 100: partitioned momentum), 4 steps
+  z3_w1/z3_w2/z3_w4   ZeRO-3 (persistence threshold 0: every parameter partitioned, the
+                      temperature too), 4 steps
   z3_w2_again         z3_w2 resumed on 2 ranks to step 6, every opened file recorded
   z3_killed           4 ranks, SIGKILLed while writing its step-8 checkpoint, resumed on 2
   z3_ref              z3_killed's step-4 checkpoint resumed on 2 ranks to step 8 in a fresh
                       run directory (no kill): what z3_killed must equal
+  z3_w4_missing       a copy of z3_w4 without albef_rank00003.pt, resumed on 2 ranks: refused
+  z2_w4_fails         z2_w4 resumed on 4 ranks, rank 3 raising at resume: the job must end
 """
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,8 +34,8 @@ OURS = re.compile(r"albef_.*")
 
 
 def _ds3(root: Path) -> Path:
-    path = root / "zero3_fp32_low_threshold.json"
-    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100},
+    path = root / "zero3_fp32_no_persistent.json"
+    path.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
                                 "steps_per_print": 1000000}))
     return path
 
@@ -89,6 +93,32 @@ def runs(synth_data, tmp_path_factory):
     launch(command(2, out["z3_ref"], data, tok, z3 + [
         "--set", "train.max_steps=8", "--resume", str(out["z3_killed"] / "checkpoints" / "step_00000004")]),
         root / "z3_ref.log")
+
+    # A 4-rank ZeRO-3 checkpoint missing one rank's file, resumed on 2 ranks.
+    missing = root / "z3_w4_missing"
+    shutil.copytree(out["z3_w4"], missing)
+    (missing / "checkpoints" / "step_00000004" / "albef_rank00003.pt").unlink()
+    proc = subprocess.run(command(2, missing, data, tok, z3 + ["--set", "train.max_steps=6"]), cwd=REPO, env=env(),
+                          capture_output=True, text=True, timeout=600)
+    out["z3_w4_missing"] = (missing, proc.returncode, proc.stdout + proc.stderr)
+
+    # 4 ranks resuming z2_w4, rank 3 raising at resume; the others wait in the load's
+    # collectives. Timed from the failure to the end of every process of the launch.
+    shm_before = set(os.listdir("/dev/shm"))
+    cmd = command(4, out["z2_w4"], data, tok, z2 + ["--set", "train.max_steps=10"])
+    i = cmd.index("--module")
+    cmd[i:i + 2] = [str(REPO / "tests/train/inject_error.py")]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=dict(env(), INJECT_IN="resume", INJECT_RANK="3"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    text = proc.communicate(timeout=600)[0]
+    ended = time.time()
+    try:
+        os.killpg(proc.pid, 0)
+        left = True  # a process of the launch's session is still there
+    except ProcessLookupError:
+        left = False
+    out["z2_w4_fails"] = {"code": proc.returncode, "text": text, "ended": ended, "left": left,
+                          "new_shm": sorted(set(os.listdir("/dev/shm")) - shm_before)}
     return out
 
 
@@ -145,3 +175,23 @@ def test_a_save_killed_midway_is_never_mixed_into_a_later_save(runs):
     want = consolidate(runs["z3_ref"] / "checkpoints" / "step_00000008", cfg).state_dict()
     momentum = [k for k in want if "_m." in k]
     assert momentum and all(torch.equal(got[k], want[k]) for k in momentum)
+
+
+def test_a_zero3_checkpoint_missing_a_rank_file_is_refused_naming_it(runs):
+    """It used to resume with a quarter of the momentum master zero-filled, exit 0."""
+    missing, code, text = runs["z3_w4_missing"]
+    assert code == 2, text[-3000:]
+    assert f"{missing}/checkpoints/step_00000004/albef_rank00003.pt: missing" in text, text[-3000:]
+    assert "nothing was loaded or changed" in text and not (missing / "checkpoints" / "universal").exists()
+
+
+def test_a_rank_failing_at_resume_ends_the_4_rank_job_within_30_s(runs):
+    out = runs["z2_w4_fails"]
+    text = out["text"]
+    assert out["code"] != 0 and "injected failure at resume" in text, text[-3000:]
+    injected = float(re.search(r"INJECTED (\d+\.\d+)", text).group(1))
+    assert out["ended"] - injected < 30, f"the job ended {out['ended'] - injected:.1f} s after the failure"
+    assert "ends: another rank failed (rank 3: RuntimeError: injected failure at resume)" in text
+    assert not out["left"], "a process of the job outlived it"
+    # Nothing of the job left in /dev/shm: DeepSpeed's all-reduce buffers, streaming's segments.
+    assert out["new_shm"] == [], out["new_shm"]
