@@ -23,6 +23,7 @@ from common import VOCAB, tiny_overrides  # noqa: E402
 from albef_ds.config import load_config  # noqa: E402
 from albef_ds.distributed import TRAFFIC, init_distributed, make_pool_gather  # noqa: E402
 from albef_ds.models import ALBEF  # noqa: E402
+from albef_ds.objectives.pretrain import albef_forward  # noqa: E402
 
 BATCH, STEPS = 4, 5
 
@@ -43,8 +44,9 @@ def measure(overrides, rank, world, draws):
             owner = 1 if gather.rank == 0 else 0
         remote = owner * BATCH + torch.arange(BATCH)
         TRAFFIC.take()
-        out = model(torch.randn(BATCH, 3, 32, 32, generator=g), ids, mask, ids, torch.full_like(ids, -100),
-                    alpha=0.4, image_ids=torch.arange(BATCH) + 1000 * rank, gather=gather, generator=g,
+        out = model(albef_forward, torch.randn(BATCH, 3, 32, 32, generator=g), ids, mask, ids,
+                    torch.full_like(ids, -100), alpha=0.4, image_ids=torch.arange(BATCH) + 1000 * rank,
+                    gather=gather, generator=g,
                     itm_negatives=(remote, remote) if draws != "sampled" else None)
         out["loss"].backward()
         for k, v in TRAFFIC.take().items():
