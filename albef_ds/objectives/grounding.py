@@ -23,10 +23,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import clean_caption, make_eval_transform, swap_left_right
+from ..data import clean_caption, encode_texts, make_eval_transform, swap_left_right
 from ..data.collate import Collate
 from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
-                          require, task_train_transform, text_field, tokenize)
+                          require, task_train_transform, text_field)
 from ..errors import ConfigError
 from ..models.gradcam import gradcam, saved_cross_attention
 from .retrieval import RetrievalObjective
@@ -93,7 +93,7 @@ class GroundingObjective(RetrievalObjective):
                 text = swap_left_right(text)
             return {"image": image, "caption": text, "image_id": example["image_id"], "key": str(example["index"]),
                     "skipped": 0}
-        return build_task_loader(cfg, examples, load, Collate(self.tokenizer, d.max_tokens), rank, world)
+        return build_task_loader(cfg, examples, load, Collate(self.tokenizer, d.max_tokens, d.text_form), rank, world)
 
     # ---------------------------------------------------------------- evaluation
     def parse_eval(self, entry) -> dict:
@@ -141,7 +141,8 @@ class GroundingObjective(RetrievalObjective):
                     "example": example}
 
         def collate(samples):
-            ids, mask = tokenize(self.tokenizer, [s["text"] for s in samples], cfg.data.max_tokens)
+            ids, mask = encode_texts(self.tokenizer, [s["text"] for s in samples], cfg.data.max_tokens,
+                                     cfg.data.text_form)
             return {"image": torch.stack([s["image"] for s in samples]), "text_ids": ids, "text_mask": mask,
                     "size": [s["size"] for s in samples], "example": [s["example"] for s in samples]}
 

@@ -27,9 +27,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import make_eval_transform
+from ..data import encode_texts, make_eval_transform
 from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
-                          require, task_train_transform, text_field, tokenize)
+                          require, task_train_transform, text_field)
 from ..data.text import clean_caption
 from ..errors import ConfigError
 from ..models.decoder import BertLMHeadDecoder, answer_nll
@@ -38,7 +38,8 @@ from .classify import PRETRAINING_ONLY
 
 #: weight of a Visual Genome answer (one annotator), as the reference gives it
 VG_WEIGHT = 0.5
-#: tokens of an answer: [CLS] answer words [SEP]
+#: tokens of an answer: [CLS] answer words [SEP] (the reference pads answers to the longest
+#: and never cuts them; here a longer answer keeps its [SEP] and loses its last word pieces)
 MAX_ANSWER_TOKENS = 10
 
 
@@ -130,7 +131,8 @@ class VQAObjective(Objective):
         return load
 
     def collate(self, samples: list[dict]) -> dict:
-        q_ids, q_mask = tokenize(self.tokenizer, [s["question"] for s in samples], self.cfg.data.max_tokens)
+        d = self.cfg.data
+        q_ids, q_mask = encode_texts(self.tokenizer, [s["question"] for s in samples], d.max_tokens, d.text_form)
         answers = [a for s in samples for a in s["answers"]]
         batch = {"image": torch.stack([s["image"] for s in samples]), "question_ids": q_ids, "question_mask": q_mask,
                  "answer_counts": torch.tensor([len(s["answers"]) for s in samples], dtype=torch.int64),
@@ -138,8 +140,13 @@ class VQAObjective(Objective):
                  "question_id": [s["question_id"] for s in samples], "human": [s["human"] for s in samples],
                  "key": [s["key"] for s in samples]}
         if answers:
-            batch["answer_ids"], batch["answer_mask"] = tokenize(self.tokenizer, answers, MAX_ANSWER_TOKENS)
+            batch["answer_ids"], batch["answer_mask"] = self.encode_answers(answers)
         return batch
+
+    def encode_answers(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] answer [SEP]`` whatever data.text_form says: the reference appends [SEP]
+        to every answer (its ``eos``), the end the decoder learns to generate."""
+        return encode_texts(self.tokenizer, answers, MAX_ANSWER_TOKENS, self.cfg.data.text_form, end_with_sep=True)
 
     def make_loader(self, cfg, rank, world, local_world, local_rank, run_dir):
         examples = read_train_examples(cfg, self.parse, rank)
@@ -193,7 +200,7 @@ class VQAObjective(Objective):
         from ..eval.tasks import TaskEvaluator
         examples = read_examples(path, lambda e: self.parse(e, need_answer=False), log)[0]
         candidates = self.candidates()
-        answer_ids, answer_mask = tokenize(self.tokenizer, candidates, MAX_ANSWER_TOKENS)
+        answer_ids, answer_mask = self.encode_answers(candidates)
         k = self.cfg.task.k_test
 
         @torch.no_grad()
