@@ -141,13 +141,21 @@ def _torch_load(path: Path) -> object:
 def _read(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str]:
     """A state dict (unwrapped from {'model': …}, {'state_dict': …} or {'module': …}, a
     'module.' prefix stripped) and a name for reports."""
+    sd, source, _ = _read_with_record(path_or_state_dict)
+    return sd, source
+
+
+def _read_with_record(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str, dict]:
+    """:func:`_read`, and the plain values (str, number, bool) beside the wrapped state dict."""
     if isinstance(path_or_state_dict, Mapping):
         obj, source = path_or_state_dict, "<state dict>"
     else:
         source = str(path_or_state_dict)
         obj = _torch_load(Path(path_or_state_dict))
+    record = {}
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            record = {k: v for k, v in obj.items() if isinstance(v, (str, int, float, bool))}
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping):
@@ -155,7 +163,7 @@ def _read(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str]:
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd, source
+    return sd, source, record
 
 
 def _alias_map(module: nn.Module, prefix: str = "") -> dict[str, str]:
@@ -399,6 +407,17 @@ def read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str
     return _read(path_or_state_dict)
 
 
+def read_checkpoint(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str, dict]:
+    """:func:`read_state_dict` and the file's record: the plain values stored beside the
+    weights (ours: ``text_form``, :data:`TEXT_FORM_KEY`; the reference's: ``epoch``)."""
+    return _read_with_record(path_or_state_dict)
+
+
+#: the entry beside ``model`` in our weight files (model.pt, albef.pth) naming the text form
+#: (data.text_form) the weights were trained on
+TEXT_FORM_KEY = "text_form"
+
+
 def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
                           strict: bool = True, optional: tuple = (), ignore: tuple = (),
                           source: str | None = None) -> LoadReport:
@@ -533,11 +552,14 @@ def export_albef_state_dict(model: nn.Module, layout: str = "pretrain", keep: tu
     return out
 
 
-def save_albef_pth(model: nn.Module, path: str | os.PathLike, layout: str = "pretrain", **task_layout) -> None:
+def save_albef_pth(model: nn.Module, path: str | os.PathLike, layout: str = "pretrain",
+                   text_form: str | None = None, **task_layout) -> None:
     """Write ``{'model': export_albef_state_dict(model, layout, **task_layout)}`` as the
-    reference release does (atomically: a temporary file renamed into place)."""
+    reference release does (atomically: a temporary file renamed into place), with
+    ``text_form`` beside it when given (the reference's loaders read ``['model']`` only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": export_albef_state_dict(model, layout, **task_layout)}, tmp)
+    record = {TEXT_FORM_KEY: text_form} if text_form else {}
+    torch.save({"model": export_albef_state_dict(model, layout, **task_layout), **record}, tmp)
     os.replace(tmp, path)

@@ -91,7 +91,7 @@ SHAPE_KEYS = ("image_res", "patch_size", "vision_width", "vision_depth", "vision
 def run_record(cfg, world_size: int) -> dict:
     """What a resume must agree with, written into every checkpoint's meta."""
     return {"global_batch": cfg.global_batch(world_size), "tokenizer": cfg.data.tokenizer,
-            "model": {k: getattr(cfg.model, k) for k in SHAPE_KEYS}}
+            "text_form": cfg.data.text_form, "model": {k: getattr(cfg.model, k) for k in SHAPE_KEYS}}
 
 
 def check_resumable(tag_dir: Path, meta: dict, cfg, world_size: int) -> None:
@@ -110,6 +110,11 @@ def check_resumable(tag_dir: Path, meta: dict, cfg, world_size: int) -> None:
                 what += (f" (the tokenizer {cfg.data.tokenizer} has {cfg.model.vocab_size} tokens; the checkpoint "
                          f"was trained with {meta.get('tokenizer')})")
             problems.append(what)
+    # a meta without it was written before data.text_form existed: trained on the legacy form
+    from ..data.text import LEGACY_TEXT_FORM, text_form_problem
+    form = text_form_problem(meta.get("text_form", LEGACY_TEXT_FORM), cfg.data.text_form, "the checkpoint")
+    if form:
+        problems.append(form)
     if problems:
         raise ConfigError(f"cannot resume from {tag_dir}: " + "; ".join(problems) + "; nothing was changed")
 

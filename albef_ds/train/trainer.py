@@ -55,7 +55,9 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None):
     from .. import weights
     state = source = None
     if c.init_from:
-        state, source = weights.read_state_dict(c.init_from)
+        state, source, record = weights.read_checkpoint(c.init_from)
+        from .export import check_text_form, recorded_text_form  # trained on this run's text form?
+        check_text_form(*recorded_text_form(c.init_from, record.get(weights.TEXT_FORM_KEY)), cfg)
     task_checkpoint = objective is not None and state is not None and objective.is_task_checkpoint(state)
 
     def load(optional: tuple = (), ignore: tuple = ()) -> None:
