@@ -92,10 +92,16 @@ class VQAObjective(Objective):
     reference_text_is_bert_model = True
 
     def extend_model(self, model) -> None:
+        """The answer decoder from the text encoder's embeddings, fusion layers and MLM head;
+        its momentum copy from the MOMENTUM text encoder's, as the reference's VQA.py maps a
+        pretraining checkpoint's ``text_encoder_m`` onto ``text_decoder_m`` (the checkpoint
+        has loaded already: build_model)."""
         cfg = model.cfg
         decoder = BertLMHeadDecoder(cfg, num_layers=cfg.text_depth - cfg.fusion_layer)
         decoder.init_from_encoder(model.text_encoder)
         model.add_head("text_decoder", decoder, momentum=self.cfg.task.distill)
+        if self.cfg.task.distill:
+            model.text_decoder_m.init_from_encoder(model.text_encoder_m)
 
     # ---------------------------------------------------------------- data
     def parse(self, entry, need_answer: bool = True) -> dict:
