@@ -247,6 +247,11 @@ class CheckpointConfig:
     resume: str = "auto"
     #: a weights file to start from (reference ALBEF .pth or an export of ours).
     init_from: Optional[str] = None
+    #: load init_from even when it lacks tensors the model needs (they keep their fresh
+    #: weights, each named in the log); off: such a checkpoint is refused, naming them.
+    #: Only what the reference's own checkpoints never hold may be fresh otherwise
+    #: (docs/tasks.md, "What loads strictly").
+    allow_partial: bool = False
     #: a Hugging Face BERT folder to initialise the text/fusion encoder.
     bert_init: Optional[str] = None
     #: a timm/DeiT ViT state dict to initialise the image encoder.

@@ -212,15 +212,17 @@ def _missing(model_keys, provided: set, aliases: Mapping[str, str]) -> list:
     return out
 
 
-def _raise_if(strict: bool, report: LoadReport, what: str) -> None:
-    if strict and (report.missing or report.unexpected):
+def _raise_if(strict: bool, report: LoadReport, what: str, allow_missing: bool = False,
+              hint: str = "strict=False loads the rest and reports these") -> None:
+    missing = [] if allow_missing else report.missing
+    if strict and (missing or report.unexpected):
         parts = []
-        if report.missing:
-            parts.append(f"missing {len(report.missing)} key(s): {_names(report.missing)}")
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_names(missing)}")
         if report.unexpected:
             parts.append(f"unexpected {len(report.unexpected)} key(s): {_names(report.unexpected)}")
         raise WeightLoadError(f"{report.source}: {what} does not match the model: " + "; ".join(parts)
-                              + " (strict=False loads the rest and reports these)")
+                              + f" ({hint})")
 
 
 # ------------------------------------------------------------------------ Hugging Face BERT
@@ -420,7 +422,8 @@ TEXT_FORM_KEY = "text_form"
 
 def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
                           strict: bool = True, optional: tuple = (), ignore: tuple = (),
-                          source: str | None = None) -> LoadReport:
+                          source: str | None = None, allow_missing: bool = False,
+                          hint: str | None = None) -> LoadReport:
     """Load a checkpoint of the reference ALBEF release (its 'model' entry, or a bare state
     dict), its fine-tuned retrieval layout, or an export of ours.
 
@@ -439,6 +442,9 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
     - ``source``: the name reports give the checkpoint (when a state dict is passed).
     - ``strict``: any other missing or unexpected key is an error naming it; with
       ``strict=False`` they are reported. Shape mismatches are always errors.
+    - ``allow_missing``: strict about unexpected keys only; the missing ones keep their
+      current weights and are reported as missing (``checkpoint.allow_partial``).
+    - ``hint``: what the error adds on how to load anyway (default: the ``strict`` flag).
     """
     sd, read_source = _read(path_or_state_dict)
     source = source or read_source
@@ -509,7 +515,7 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
             report.freshly_initialised.append(key)  # retrieval checkpoints carry no MLM head
         else:
             report.missing.append(key)
-    _raise_if(strict, report, "the checkpoint")
+    _raise_if(strict, report, "the checkpoint", allow_missing, *([hint] if hint else []))
     _load_into(model, mapped)
     report.loaded = list(mapped)
     return report

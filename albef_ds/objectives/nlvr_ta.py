@@ -17,7 +17,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Objective, StepContext, images_and_texts
-from .classify import PRETRAINING_ONLY
 from .nlvr2 import make_two_image_encoders
 
 #: the similarity temperature the reference uses to weight the other images
@@ -46,8 +45,11 @@ class TextAssignmentObjective(Objective):
     reports_pretraining_flops = False
     log_keys = ("loss", "acc")
     progress_keys = ("loss", "acc")
-    #: the reference's model has no momentum copies (no distillation in this stage)
-    unused_parts = PRETRAINING_ONLY + ("visual_encoder_m", "text_encoder_m")
+    #: what the reference's model (model_pretrain_nlvr.py) does not have: momentum copies (no
+    #: distillation in this stage), the ITM and MLM heads, the queues. Its projections and
+    #: temperature it has (and the image-similarity draws read vision_proj): not optional.
+    unused_parts = ("visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m", "itm_head",
+                    "image_queue", "text_queue", "queue_ptr", "idx_queue", "text_encoder.cls", "text_encoder_m.cls")
     head_prefixes = ("ta_head",)
     reference_layout = ("temp", "visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "ta_head.")
     reference_text_is_bert_model = True
