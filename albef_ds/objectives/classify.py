@@ -132,7 +132,7 @@ class ClassificationObjective(Objective):
         dtype = next(model.parameters()).dtype
         logits = self.logits(model, batch["image"].to(device, dtype), batch["text_ids"].to(device),
                              batch["text_mask"].to(device))
-        pred = logits.float().argmax(1).cpu()
+        pred = logits.argmax(1).cpu()
         return [{"key": k, "pred": self.labels[int(p)], "label": self.labels[int(t)], "correct": int(p == t)}
                 for k, p, t in zip(batch["key"], pred, batch["label"])]
 

@@ -28,6 +28,7 @@ from ..data.collate import Collate
 from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
                           require, task_train_transform, text_field)
 from ..errors import ConfigError
+from ..losses import at_least_fp32
 from ..models.gradcam import gradcam, saved_cross_attention
 from .retrieval import RetrievalObjective
 
@@ -148,8 +149,8 @@ class GroundingObjective(RetrievalObjective):
 
         def score(model, batch, device):
             dtype = next(model.parameters()).dtype
-            maps = self.maps(model, batch["image"].to(device, dtype), batch["text_ids"].to(device),
-                             batch["text_mask"].to(device)).float().cpu()
+            maps = at_least_fp32(self.maps(model, batch["image"].to(device, dtype), batch["text_ids"].to(device),
+                                           batch["text_mask"].to(device))).cpu()
             out = []
             for m, (h, w), e in zip(maps, batch["size"], batch["example"]):
                 heat = F.interpolate(m[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0]

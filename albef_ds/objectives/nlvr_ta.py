@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import at_least_fp32
 from .base import Objective, StepContext, images_and_texts
 from .nlvr2 import make_two_image_encoders
 
@@ -27,7 +28,8 @@ def assign_images(image_feat: torch.Tensor, generator: torch.Generator) -> tuple
     """(left index, right index, label) per row: label 0/1 where the row's own image is on
     the left/right, 2 where neither is. ``image_feat``: [B, D] normalised features."""
     b = image_feat.shape[0]
-    weights = F.softmax(image_feat.float() @ image_feat.float().t() / SIMILARITY_TEMP, dim=1)
+    feat = at_least_fp32(image_feat)
+    weights = F.softmax(feat @ feat.t() / SIMILARITY_TEMP, dim=1)
     weights.fill_diagonal_(0)
     others = torch.multinomial(weights, 2, generator=generator)  # two distinct other images per row
     u = torch.rand(b, 2, generator=generator, device=image_feat.device)
@@ -75,5 +77,5 @@ class TextAssignmentObjective(Objective):
         text = model.encode_text(text_ids, text_mask)
         fused = model.fuse(text, text_mask, [image_embeds[left], image_embeds[right]])
         logits = model.ta_head(fused[:, 0])
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(at_least_fp32(logits), labels)
         return {"loss": loss, "acc": (logits.detach().argmax(1) == labels).float().mean()}

@@ -32,6 +32,7 @@ from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image
                           require, task_train_transform, text_field)
 from ..data.text import clean_caption
 from ..errors import ConfigError
+from ..losses import at_least_fp32
 from ..models.decoder import BertLMHeadDecoder, answer_nll
 from .base import Objective, StepContext, alpha_at
 from .classify import PRETRAINING_ONLY
@@ -68,7 +69,7 @@ def rank_answers(decoder, states: torch.Tensor, states_mask: torch.Tensor, answe
     q, n = states.shape[0], answer_ids.shape[0]
     k = min(k, n)
     start = answer_ids[:1, :1].expand(q, 1)
-    first = decoder(start, torch.ones_like(start), states, states_mask)[:, 0].float().softmax(-1)
+    first = at_least_fp32(decoder(start, torch.ones_like(start), states, states_mask)[:, 0]).softmax(-1)
     first = first.index_select(1, answer_ids[:, 1])  # [Q, N]: p(first token of each candidate)
     top_p, top_idx = first.topk(k, dim=1)  # [Q, k]
     ids, mask = answer_ids[top_idx.reshape(-1)], answer_mask[top_idx.reshape(-1)]
@@ -142,7 +143,8 @@ class VQAObjective(Objective):
         answers = [a for s in samples for a in s["answers"]]
         batch = {"image": torch.stack([s["image"] for s in samples]), "question_ids": q_ids, "question_mask": q_mask,
                  "answer_counts": torch.tensor([len(s["answers"]) for s in samples], dtype=torch.int64),
-                 "answer_weights": torch.tensor([w for s in samples for w in s["weights"]], dtype=torch.float32),
+                 # float64: the shares as computed (cast to the loss's dtype in compute)
+                 "answer_weights": torch.tensor([w for s in samples for w in s["weights"]], dtype=torch.float64),
                  "question_id": [s["question_id"] for s in samples], "human": [s["human"] for s in samples],
                  "key": [s["key"] for s in samples]}
         if answers:
@@ -184,9 +186,9 @@ class VQAObjective(Objective):
             with torch.no_grad():
                 states_m = self.fused_questions(model, images, question_ids, question_mask, momentum=True)
                 logits_m = model.text_decoder_m(answer_ids, answer_mask, states_m[rows], question_mask[rows])
-                soft = F.softmax(logits_m[:, :-1].float(), dim=-1)
+                soft = F.softmax(at_least_fp32(logits_m[:, :-1]), dim=-1)
         nll = answer_nll(logits, answer_ids.masked_fill(answer_mask == 0, -100), soft_targets=soft, alpha=alpha)
-        loss = (answer_weights * nll).sum() / images.shape[0]
+        loss = (answer_weights.to(nll.dtype) * nll).sum() / images.shape[0]
         return {"loss": loss, "alpha": loss.new_tensor(alpha)}
 
     # ---------------------------------------------------------------- evaluation
