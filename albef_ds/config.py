@@ -298,8 +298,8 @@ class TaskConfig:
     #: fine-tuning crops (RandomResizedCrop scale lower bound; the reference: 0.5)
     crop_scale_min: float = 0.5
     #: grounding: the fusion layer whose cross-attention Grad-CAM reads (index among the
-    #: fusion layers; None: the reference's, text layer 8 of 12 = fusion layer 2, or the
-    #: last fusion layer of a smaller model)
+    #: fusion layers; None: the reference's, text layer 8 of 12 = fusion layer 2, or the last
+    #: but one of a model with fewer fusion layers: GroundingObjective.gradcam_layer)
     gradcam_layer: Optional[int] = None
 
 

@@ -108,11 +108,19 @@ class GroundingObjective(RetrievalObjective):
 
     def gradcam_layer(self, model) -> int:
         """Absolute index of the text-encoder layer Grad-CAM reads (task.gradcam_layer
-        counts fusion layers; None: the reference's 3rd, or the last when there are fewer)."""
+        counts fusion layers; None: the reference's 3rd, or in a model with fewer than 5 fusion
+        layers the last but one).
+
+        Not the last when there is another: in the last fusion layer only [CLS]'s row of the
+        cross-attention reaches the ITM score (the layer's MLP works position by position), so
+        its Grad-CAM is [CLS]'s attention alone, where the reference's layer (3 more after it)
+        collects every text token's. Measured on the tiny model (2 fusion layers) fine-tuned on
+        the synthetic grounding task, texts as ``[CLS] words``: 42 / 38 % val accuracy on two
+        fine-tuning seeds reading fusion layer 0, 17 / 17 % (chance 27 %) reading the last."""
         fusion = model.cfg.text_depth - model.cfg.fusion_layer
         chosen = self.cfg.task.gradcam_layer
         if chosen is None:
-            chosen = min(2, fusion - 1)
+            chosen = min(2, max(0, fusion - 2))
         if not 0 <= chosen < fusion:
             raise ConfigError(f"config key 'task.gradcam_layer': {chosen} is not a fusion layer index "
                               f"(the model has {fusion} fusion layers: 0..{fusion - 1})")
