@@ -129,6 +129,8 @@ class ModelConfig:
 
 #: data.decode_on's values (see DataConfig)
 DECODE_ON = ("cpu", "device")
+#: data.text_form's values (see DataConfig; albef_ds/data/text.py encode_texts)
+TEXT_FORMS = ("cls_only", "cls_sep")
 
 
 @dataclass
@@ -143,7 +145,15 @@ class DataConfig:
     #: an HF tokenizer folder (tokenizer.json / vocab.txt); built by ``albef-data build-vocab``.
     tokenizer: Optional[str] = None
     max_words: int = 30
+    #: tokens per text, [CLS] (and [SEP]) included: longer texts lose their last word pieces,
+    #: as the reference's ``max_length`` cuts them.
     max_tokens: int = 30
+    #: how one text (caption, question, hypothesis, expression) becomes tokens: "cls_only",
+    #: ``[CLS] words`` (the reference's tokenizer: the released checkpoints were trained on
+    #: it), or "cls_sep", ``[CLS] words [SEP]`` (Hugging Face BERT's; our runs before this
+    #: setting existed). Checkpoints and exports record it; a resume, fine-tuning or
+    #: evaluation with the other form is refused (docs/tasks.md, "Text inputs").
+    text_form: str = "cls_only"
     num_workers: int = 2
     shuffle: bool = True
     shuffle_seed: int = 1234
@@ -237,6 +247,11 @@ class CheckpointConfig:
     resume: str = "auto"
     #: a weights file to start from (reference ALBEF .pth or an export of ours).
     init_from: Optional[str] = None
+    #: load init_from even when it lacks tensors the model needs (they keep their fresh
+    #: weights, each named in the log); off: such a checkpoint is refused, naming them.
+    #: Only what the reference's own checkpoints never hold may be fresh otherwise
+    #: (docs/tasks.md, "What loads strictly").
+    allow_partial: bool = False
     #: a Hugging Face BERT folder to initialise the text/fusion encoder.
     bert_init: Optional[str] = None
     #: a timm/DeiT ViT state dict to initialise the image encoder.
@@ -283,8 +298,8 @@ class TaskConfig:
     #: fine-tuning crops (RandomResizedCrop scale lower bound; the reference: 0.5)
     crop_scale_min: float = 0.5
     #: grounding: the fusion layer whose cross-attention Grad-CAM reads (index among the
-    #: fusion layers; None: the reference's, text layer 8 of 12 = fusion layer 2, or the
-    #: last fusion layer of a smaller model)
+    #: fusion layers; None: the reference's, text layer 8 of 12 = fusion layer 2, or the last
+    #: but one of a model with fewer fusion layers: GroundingObjective.gradcam_layer)
     gradcam_layer: Optional[int] = None
 
 
@@ -392,6 +407,10 @@ class Config:
         _require(m.queue_size % per_enqueue == 0, "model.queue_size",
                  f"{m.queue_size} is not a multiple of train.micro_batch_size x pool ranks "
                  f"= {t.micro_batch_size} x {pool} = {per_enqueue}")
+        _require(self.data.text_form in TEXT_FORMS, "data.text_form",
+                 f"must be one of {', '.join(TEXT_FORMS)}, got {self.data.text_form!r}")
+        _require(self.data.max_tokens >= 3, "data.max_tokens",
+                 f"must leave room for [CLS], a word piece and [SEP], got {self.data.max_tokens}")
         _require(self.data.decode_on in DECODE_ON, "data.decode_on",
                  f"must be one of {', '.join(DECODE_ON)}, got {self.data.decode_on!r}")
         if self.data.train_weights is not None:

@@ -141,13 +141,21 @@ def _torch_load(path: Path) -> object:
 def _read(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str]:
     """A state dict (unwrapped from {'model': …}, {'state_dict': …} or {'module': …}, a
     'module.' prefix stripped) and a name for reports."""
+    sd, source, _ = _read_with_record(path_or_state_dict)
+    return sd, source
+
+
+def _read_with_record(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str, dict]:
+    """:func:`_read`, and the plain values (str, number, bool) beside the wrapped state dict."""
     if isinstance(path_or_state_dict, Mapping):
         obj, source = path_or_state_dict, "<state dict>"
     else:
         source = str(path_or_state_dict)
         obj = _torch_load(Path(path_or_state_dict))
+    record = {}
     for wrapper in ("model", "state_dict", "module"):
         if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
+            record = {k: v for k, v in obj.items() if isinstance(v, (str, int, float, bool))}
             obj = obj[wrapper]
             break
     if not isinstance(obj, Mapping):
@@ -155,7 +163,7 @@ def _read(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str]:
     sd = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
     if sd and all(k.startswith("module.") for k in sd):
         sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd, source
+    return sd, source, record
 
 
 def _alias_map(module: nn.Module, prefix: str = "") -> dict[str, str]:
@@ -204,15 +212,17 @@ def _missing(model_keys, provided: set, aliases: Mapping[str, str]) -> list:
     return out
 
 
-def _raise_if(strict: bool, report: LoadReport, what: str) -> None:
-    if strict and (report.missing or report.unexpected):
+def _raise_if(strict: bool, report: LoadReport, what: str, allow_missing: bool = False,
+              hint: str = "strict=False loads the rest and reports these") -> None:
+    missing = [] if allow_missing else report.missing
+    if strict and (missing or report.unexpected):
         parts = []
-        if report.missing:
-            parts.append(f"missing {len(report.missing)} key(s): {_names(report.missing)}")
+        if missing:
+            parts.append(f"missing {len(missing)} key(s): {_names(missing)}")
         if report.unexpected:
             parts.append(f"unexpected {len(report.unexpected)} key(s): {_names(report.unexpected)}")
         raise WeightLoadError(f"{report.source}: {what} does not match the model: " + "; ".join(parts)
-                              + " (strict=False loads the rest and reports these)")
+                              + f" ({hint})")
 
 
 # ------------------------------------------------------------------------ Hugging Face BERT
@@ -399,9 +409,21 @@ def read_state_dict(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str
     return _read(path_or_state_dict)
 
 
+def read_checkpoint(path_or_state_dict: PathOrStateDict) -> tuple[StateDict, str, dict]:
+    """:func:`read_state_dict` and the file's record: the plain values stored beside the
+    weights (ours: ``text_form``, :data:`TEXT_FORM_KEY`; the reference's: ``epoch``)."""
+    return _read_with_record(path_or_state_dict)
+
+
+#: the entry beside ``model`` in our weight files (model.pt, albef.pth) naming the text form
+#: (data.text_form) the weights were trained on
+TEXT_FORM_KEY = "text_form"
+
+
 def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
                           strict: bool = True, optional: tuple = (), ignore: tuple = (),
-                          source: str | None = None) -> LoadReport:
+                          source: str | None = None, allow_missing: bool = False,
+                          hint: str | None = None) -> LoadReport:
     """Load a checkpoint of the reference ALBEF release (its 'model' entry, or a bare state
     dict), its fine-tuned retrieval layout, or an export of ours.
 
@@ -420,6 +442,9 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
     - ``source``: the name reports give the checkpoint (when a state dict is passed).
     - ``strict``: any other missing or unexpected key is an error naming it; with
       ``strict=False`` they are reported. Shape mismatches are always errors.
+    - ``allow_missing``: strict about unexpected keys only; the missing ones keep their
+      current weights and are reported as missing (``checkpoint.allow_partial``).
+    - ``hint``: what the error adds on how to load anyway (default: the ``strict`` flag).
     """
     sd, read_source = _read(path_or_state_dict)
     source = source or read_source
@@ -490,7 +515,7 @@ def load_albef_checkpoint(model: nn.Module, path_or_state_dict: PathOrStateDict,
             report.freshly_initialised.append(key)  # retrieval checkpoints carry no MLM head
         else:
             report.missing.append(key)
-    _raise_if(strict, report, "the checkpoint")
+    _raise_if(strict, report, "the checkpoint", allow_missing, *([hint] if hint else []))
     _load_into(model, mapped)
     report.loaded = list(mapped)
     return report
@@ -533,11 +558,14 @@ def export_albef_state_dict(model: nn.Module, layout: str = "pretrain", keep: tu
     return out
 
 
-def save_albef_pth(model: nn.Module, path: str | os.PathLike, layout: str = "pretrain", **task_layout) -> None:
+def save_albef_pth(model: nn.Module, path: str | os.PathLike, layout: str = "pretrain",
+                   text_form: str | None = None, **task_layout) -> None:
     """Write ``{'model': export_albef_state_dict(model, layout, **task_layout)}`` as the
-    reference release does (atomically: a temporary file renamed into place)."""
+    reference release does (atomically: a temporary file renamed into place), with
+    ``text_form`` beside it when given (the reference's loaders read ``['model']`` only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save({"model": export_albef_state_dict(model, layout, **task_layout)}, tmp)
+    record = {TEXT_FORM_KEY: text_form} if text_form else {}
+    torch.save({"model": export_albef_state_dict(model, layout, **task_layout), **record}, tmp)
     os.replace(tmp, path)

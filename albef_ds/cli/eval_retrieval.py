@@ -5,7 +5,9 @@
 
 ``--model`` takes an export directory (model.pt + config.yaml), a run directory or a
 checkpoint directory (consolidated on the fly), or a reference ALBEF ``.pth`` with
-``--config``; ``--untrained`` evaluates a freshly initialised model (the baseline).
+``--config``; ``--untrained`` evaluates a freshly initialised model (the baseline). Texts
+are tokenised in the form the model was trained on (``data.text_form``): a config that says
+otherwise is refused, naming both forms.
 
 The compositional test (``albef-data synth``'s compositional.json: each image's true
 caption among binding-swapped distractors of the same words) runs too, on rank 0, when
@@ -58,13 +60,18 @@ def load_model(args):
         if not args.config:
             raise UsageError(f"--model {path}: a weights file needs --config to build the model")
         cfg = load_config(args.config, args.overrides)
-        from ..weights import load_albef_checkpoint
+        from ..train.export import check_text_form, recorded_text_form
+        from ..weights import TEXT_FORM_KEY, load_albef_checkpoint, read_checkpoint
+        state, source, record = read_checkpoint(path)
+        check_text_form(*recorded_text_form(path, record.get(TEXT_FORM_KEY)), cfg)
         model = ALBEF(cfg.model)
-        print(load_albef_checkpoint(model, str(path), strict=False))
+        print(load_albef_checkpoint(model, state, strict=False, source=source))
         return model, cfg
-    from ..train.export import consolidate, resolve_checkpoint
+    from ..train.export import check_text_form, checkpoint_text_form, consolidate, load_saved_config, resolve_checkpoint
     tag_dir = resolve_checkpoint(str(path))
-    cfg = load_config(args.config or tag_dir.parent.parent / "config.yaml", args.overrides)
+    cfg = (load_config(args.config, args.overrides) if args.config
+           else load_saved_config(tag_dir.parent.parent / "config.yaml", args.overrides))
+    check_text_form(checkpoint_text_form(tag_dir), str(tag_dir), cfg)
     return consolidate(tag_dir, cfg), cfg
 
 

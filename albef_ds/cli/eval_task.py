@@ -51,7 +51,7 @@ def run(args) -> int:
     from .. import distributed as dist_lib
     from ..config import load_config
     from ..tokenizer import load_tokenizer
-    from ..train.export import resolve_init
+    from ..train.export import load_saved_config, resolve_init
     from ..train.trainer import build_model, make_objective
 
     launch = dist_lib.read_launch_env()
@@ -60,7 +60,10 @@ def run(args) -> int:
     model_path = Path(args.model)
     if not model_path.exists():
         raise UsageError(f"--model {model_path}: not found")
-    cfg = load_config(_config_path(model_path, args.config), [f"train.objective={args.task}", *args.overrides])
+    overrides = [f"train.objective={args.task}", *args.overrides]
+    # the model's own config.yaml: its text form as saved (build_model refuses another)
+    cfg = (load_config(args.config, overrides) if args.config
+           else load_saved_config(_config_path(model_path, None), overrides))
     if (model_path / "best.json").is_file():  # a fine-tuning run: its best checkpoint, not its last
         model_path = model_path / "checkpoints" / json.loads((model_path / "best.json").read_text())["tag"]
         if launch.rank == 0:

@@ -194,7 +194,7 @@ def build_train_loader(cfg, tokenizer, rank: int, world_size: int, epoch_seed: O
     else:
         cls = StreamingDataLoader
     return cls(dataset, batch_size=cfg.train.micro_batch_size,
-               collate_fn=Collate(tokenizer, d.max_tokens), num_workers=d.num_workers,
+               collate_fn=Collate(tokenizer, d.max_tokens, d.text_form), num_workers=d.num_workers,
                pin_memory=d.pin_memory and torch.cuda.is_available(), drop_last=True, **kwargs)
 
 

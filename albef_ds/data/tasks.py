@@ -229,13 +229,6 @@ class TaskLoader:
         self.batches_done = done // (self.batch_size * self.world)
 
 
-def tokenize(tokenizer, texts: Sequence[str], max_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Padded to exactly ``max_tokens`` (fixed shapes across ranks and steps)."""
-    enc = tokenizer(list(texts), padding="max_length", truncation=True, max_length=max_tokens,
-                    return_tensors="pt")
-    return enc["input_ids"].to(torch.int64), enc["attention_mask"].to(torch.int64)
-
-
 def build_task_loader(cfg, examples: list[dict], load: Callable, collate, rank: int, world: int) -> TaskLoader:
     d = cfg.data
     return TaskLoader(TaskDataset(examples, load, cfg.train.seed), collate, cfg.train.micro_batch_size, rank,

@@ -24,6 +24,7 @@ from typing import Callable, Sequence
 import torch
 
 from ..config import ConfigError
+from ..losses import at_least_fp32
 from .retrieval import chunks
 
 #: the kind naming each image's true caption
@@ -89,7 +90,8 @@ def score_candidates(model, data: CompositionalSet, load_images: Callable[[Seque
                      tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]],
                      device: torch.device = torch.device("cpu"), batch_size: int = 64
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Per image, the ITC and the ITM score of each of its candidates (CPU float32)."""
+    """Per image, the ITC and the ITM score of each of its candidates (CPU; float32, float64
+    for a float64 model)."""
     model.eval()
     dtype = next(model.parameters()).dtype
     itc, itm = [], []
@@ -102,11 +104,11 @@ def score_candidates(model, data: CompositionalSet, load_images: Callable[[Seque
         text_embeds = model.encode_text(ids, mask)
         text_feat = model.text_feat(text_embeds, mask)
         # features are L2-normalised: the dot product is the cosine retrieval ranks by
-        sim = (image_feat[owner].float() * text_feat.float()).sum(-1)
+        sim = (at_least_fp32(image_feat[owner]) * at_least_fp32(text_feat)).sum(-1)
         fused = model.fuse(text_embeds, mask, image_embeds[owner])
         # log p(match), not p: the same order, without float32 rounding confident
         # probabilities to a tied 1.0
-        match = torch.log_softmax(model.itm_logits(fused, mask).float(), dim=-1)[:, 1]
+        match = torch.log_softmax(at_least_fp32(model.itm_logits(fused, mask)), dim=-1)[:, 1]
         sizes = [len(data.captions[i]) for i in c]
         itc.extend(sim.cpu().split(sizes))
         itm.extend(match.cpu().split(sizes))

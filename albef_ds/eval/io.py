@@ -62,15 +62,13 @@ def make_io(cfg, split, image_root: Path, tokenizer):
     """(load_images(indices) -> tensor, tokenize(texts) -> (ids, mask)) for evaluate()."""
     from PIL import Image
 
-    from ..data import make_eval_transform
+    from ..data import encode_texts, make_eval_transform
     transform = make_eval_transform(cfg.model.image_res)
 
     def load_images(indices):
         return torch.stack([transform(Image.open(image_root / split.images[i]).convert("RGB")) for i in indices])
 
     def tokenize(texts):
-        enc = tokenizer(list(texts), padding="max_length", truncation=True,
-                        max_length=cfg.data.max_tokens, return_tensors="pt")
-        return enc["input_ids"], enc["attention_mask"]
+        return encode_texts(tokenizer, texts, cfg.data.max_tokens, cfg.data.text_form)
 
     return load_images, tokenize

@@ -9,6 +9,9 @@ Work is split over ranks in fixed chunks (chunk j on rank j mod world), so each 
 computed by the same operations whatever the world size: 2 ranks give exactly 1 rank's
 results. Ties count against the query (a wrong candidate scored equal to the best right
 one ranks ahead of it): a constant-score model must not look perfect.
+
+Embeddings, features and scores are kept in float32, or in float64 for a float64 model
+(``losses.at_least_fp32``): a float64 model is float64 end to end here.
 """
 from __future__ import annotations
 
@@ -18,6 +21,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 import torch
+
+from ..losses import at_least_fp32, at_least_fp32_dtype
 
 #: score given to pairs outside the re-ranked top k (ALBEF uses -100 as well).
 OUTSIDE_TOP_K = -100.0
@@ -119,22 +124,24 @@ def rerank(itc: torch.Tensor, k: int, itm_score: Callable[[int, torch.Tensor], t
     ...] scores). Only the top k are kept: :func:`scatter_top_k` makes the full matrix."""
     k = min(k, itc.shape[1])
     top = torch.stack([itc[q].topk(k).indices for q in queries]) if queries else torch.zeros(0, k, dtype=torch.long)
-    scores = [itm_score(q, top[row]).float() for row, q in enumerate(queries)]
+    scores = [at_least_fp32(itm_score(q, top[row])) for row, q in enumerate(queries)]
     return top, torch.stack(scores) if scores else torch.zeros(0, k)
 
 
 def scatter_top_k(top: torch.Tensor, scores: torch.Tensor, num_candidates: int) -> torch.Tensor:
     """The full score matrix [len(top), num_candidates]: ``scores`` at the ``top`` indices,
-    :data:`OUTSIDE_TOP_K` elsewhere (below any re-ranked candidate)."""
-    out = torch.full((top.shape[0], num_candidates), OUTSIDE_TOP_K, dtype=torch.float32)
-    return out.scatter_(1, top, scores.float())
+    :data:`OUTSIDE_TOP_K` elsewhere (below any re-ranked candidate); float32, or float64
+    for float64 scores."""
+    scores = at_least_fp32(scores)
+    out = torch.full((top.shape[0], num_candidates), OUTSIDE_TOP_K, dtype=scores.dtype)
+    return out.scatter_(1, top, scores)
 
 
 def itm_plus_itc(itm_logits: torch.Tensor, itc_sims: torch.Tensor, temp: float) -> torch.Tensor:
     """The re-ranking score that adds ITC back: log p_ITM(match) + sim / temp, the sum of the
     two heads' log-odds (up to a constant per query), so a product of the two experts. ALBEF's
     Retrieval.py ranks the top k by the ITM logit alone; BLIP adds the cosine to it."""
-    return torch.log_softmax(itm_logits.float(), dim=-1)[..., 1] + itc_sims.float() / temp
+    return torch.log_softmax(at_least_fp32(itm_logits), dim=-1)[..., 1] + at_least_fp32(itc_sims) / temp
 
 
 # ------------------------------------------------------------------ model side
@@ -157,6 +164,7 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
 
     model.eval()
     dtype = next(model.parameters()).dtype
+    store = at_least_fp32_dtype(dtype)  # what embeddings, features and scores are kept in
     reduce = all_reduce or (lambda t: t)
     n_img, n_txt = len(split.images), len(split.texts)
 
@@ -167,20 +175,20 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
 
     # Encode, each rank its chunks; a sum over ranks assembles the full tensors.
     ids, mask = tokenize(split.texts)
-    text_embeds = torch.zeros(n_txt, ids.shape[1], model.cfg.text_width)
-    text_feat = torch.zeros(n_txt, model.cfg.embed_dim)
+    text_embeds = torch.zeros(n_txt, ids.shape[1], model.cfg.text_width, dtype=store)
+    text_feat = torch.zeros(n_txt, model.cfg.embed_dim, dtype=store)
     for c in bar(mine(chunks(n_txt, batch_size)), "encode texts"):
         chunk_mask = mask[c.start:c.stop].to(device)
         e = model.encode_text(ids[c.start:c.stop].to(device), chunk_mask)
-        text_embeds[c.start:c.stop] = e.float().cpu()
-        text_feat[c.start:c.stop] = model.text_feat(e, chunk_mask).float().cpu()
+        text_embeds[c.start:c.stop] = e.to(store).cpu()
+        text_feat[c.start:c.stop] = model.text_feat(e, chunk_mask).to(store).cpu()
     tokens = (model.cfg.image_res // model.cfg.patch_size) ** 2 + 1
-    image_embeds = torch.zeros(n_img, tokens, model.cfg.vision_width)
-    image_feat = torch.zeros(n_img, model.cfg.embed_dim)
+    image_embeds = torch.zeros(n_img, tokens, model.cfg.vision_width, dtype=store)
+    image_feat = torch.zeros(n_img, model.cfg.embed_dim, dtype=store)
     for c in bar(mine(chunks(n_img, batch_size)), "encode images"):
         e = model.encode_image(load_images(c).to(device, dtype))
-        image_embeds[c.start:c.stop] = e.float().cpu()
-        image_feat[c.start:c.stop] = model.image_feat(e).float().cpu()
+        image_embeds[c.start:c.stop] = e.to(store).cpu()
+        image_feat[c.start:c.stop] = model.image_feat(e).to(store).cpu()
     text_embeds, text_feat = reduce(text_embeds), reduce(text_feat)
     image_embeds, image_feat = reduce(image_embeds), reduce(image_feat)
 
@@ -191,14 +199,14 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     def itm(text_idx: torch.Tensor, image_idx: torch.Tensor) -> torch.Tensor:
         fused = model.fuse(text_embeds[text_idx].to(device, dtype), mask[text_idx].to(device),
                            image_embeds[image_idx].to(device, dtype))
-        return model.itm_logits(fused, mask[text_idx].to(device)).float().cpu()  # [k, 2]
+        return model.itm_logits(fused, mask[text_idx].to(device)).to(store).cpu()  # [k, 2]
 
     # Re-rank: each rank scores its chunks of queries; zeros elsewhere, summed over ranks.
     # Only the top k of each query travel (indices as float64: exact below 2^53).
     def rerank_all(itc: torch.Tensor, pair: Callable[[int, torch.Tensor], tuple], desc: str):
         n_q = itc.shape[0]
         k = min(k_test, itc.shape[1])
-        top, logits = torch.zeros(n_q, k, dtype=torch.float64), torch.zeros(n_q, k, 2)
+        top, logits = torch.zeros(n_q, k, dtype=torch.float64), torch.zeros(n_q, k, 2, dtype=store)
         for c in bar(mine(chunks(n_q, batch_size)), desc):
             t, s = rerank(itc, k, lambda q, cand: itm(*pair(q, cand)), list(c))
             top[c.start:c.stop], logits[c.start:c.stop] = t.double(), s
@@ -213,7 +221,7 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
                               split.img2txt, split.txt2img)
     # the paper's: the ITM logit of "match" alone
     metrics.update(ranked(lambda logits, _: logits[..., 1]))
-    temp = float(model.temp.detach().float())  # kept within its bounds by training
+    temp = float(model.temp.detach())  # kept within its bounds by training
     metrics.update({f"itm_itc_{key}": v for key, v in
                     ranked(lambda logits, itc: itm_plus_itc(logits, itc, temp)).items()})
     metrics.update(chance_metrics(split.img2txt, n_txt, n_img))

@@ -6,7 +6,9 @@ albef-base) and their gradient with respect to the ITM score (the positive logit
 ``itm_head(fused[:, 0])[:, 1]``, summed over the batch), then per text:
 ``cam = attention * clamp(gradient, min=0)`` over the image patches (the image [CLS]
 dropped), zeroed at padded text positions, averaged over heads, then over the text
-positions, reshaped to the patch grid.
+positions, reshaped to the patch grid. The reference's mean over text positions counts its
+batch's padding too (``padding='longest'``): ours averages over each text's own tokens, so a
+map does not depend on how far its batch was padded (boxes rank the same: a per-text scale).
 
 Usage::
 
@@ -54,12 +56,14 @@ def gradcam(attn: torch.Tensor, grads: torch.Tensor, text_mask: torch.Tensor,
     score's gradient ``grads`` with respect to them, both [B, heads, Lt, 1 + H'*W'] (image
     [CLS] first, then the patches row by row); ``text_mask`` [B, Lt] 1/0.
 
-    As the reference, the mean over text runs over all Lt positions, padded ones counted as
-    zeros: a per-text scale, which does not change how boxes of one text rank."""
+    The mean over text runs over each text's own tokens (``text_mask``), not its padding: the
+    map is the same however long the batch is padded (the reference divides by the padded
+    length, a per-text scale that does not change how boxes of one text rank)."""
     b, _, lt, li = attn.shape
     h, w = grid
     if li != 1 + h * w:
         raise ValueError(f"{li} image tokens do not make [CLS] + a {h}x{w} grid")
     keep = text_mask[:, None, :, None].to(attn.dtype)
     cam = attn[..., 1:] * grads[..., 1:].clamp(min=0) * keep
-    return cam.mean(dim=1).mean(dim=1).reshape(b, h, w)
+    tokens = keep.sum(dim=2).clamp_min(1)  # [B, 1, 1]: real text tokens per text
+    return (cam.mean(dim=1).sum(dim=1) / tokens[:, 0]).reshape(b, h, w)

@@ -14,9 +14,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from ..data import clean_caption, make_eval_transform, swap_left_right
+from ..data import clean_caption, encode_texts, make_eval_transform, swap_left_right
 from ..data.tasks import (build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
-                          task_train_transform, tokenize)
+                          task_train_transform)
 from ..losses import distilled_cross_entropy
 from .base import Objective, StepContext, alpha_at
 
@@ -90,7 +90,8 @@ class ClassificationObjective(Objective):
         return load
 
     def collate(self, samples: list[dict]) -> dict:
-        ids, mask = tokenize(self.tokenizer, [s["text"] for s in samples], self.cfg.data.max_tokens)
+        d = self.cfg.data
+        ids, mask = encode_texts(self.tokenizer, [s["text"] for s in samples], d.max_tokens, d.text_form)
         return {"image": torch.stack([s["images"] for s in samples]), "text_ids": ids, "text_mask": mask,
                 "label": torch.tensor([s["label"] for s in samples], dtype=torch.int64),
                 "key": [s["key"] for s in samples]}
@@ -131,7 +132,7 @@ class ClassificationObjective(Objective):
         dtype = next(model.parameters()).dtype
         logits = self.logits(model, batch["image"].to(device, dtype), batch["text_ids"].to(device),
                              batch["text_mask"].to(device))
-        pred = logits.float().argmax(1).cpu()
+        pred = logits.argmax(1).cpu()
         return [{"key": k, "pred": self.labels[int(p)], "label": self.labels[int(t)], "correct": int(p == t)}
                 for k, p, t in zip(batch["key"], pred, batch["label"])]
 

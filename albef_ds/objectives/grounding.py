@@ -23,11 +23,12 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import clean_caption, make_eval_transform, swap_left_right
+from ..data import clean_caption, encode_texts, make_eval_transform, swap_left_right
 from ..data.collate import Collate
 from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
-                          require, task_train_transform, text_field, tokenize)
+                          require, task_train_transform, text_field)
 from ..errors import ConfigError
+from ..losses import at_least_fp32
 from ..models.gradcam import gradcam, saved_cross_attention
 from .retrieval import RetrievalObjective
 
@@ -93,7 +94,7 @@ class GroundingObjective(RetrievalObjective):
                 text = swap_left_right(text)
             return {"image": image, "caption": text, "image_id": example["image_id"], "key": str(example["index"]),
                     "skipped": 0}
-        return build_task_loader(cfg, examples, load, Collate(self.tokenizer, d.max_tokens), rank, world)
+        return build_task_loader(cfg, examples, load, Collate(self.tokenizer, d.max_tokens, d.text_form), rank, world)
 
     # ---------------------------------------------------------------- evaluation
     def parse_eval(self, entry) -> dict:
@@ -107,11 +108,19 @@ class GroundingObjective(RetrievalObjective):
 
     def gradcam_layer(self, model) -> int:
         """Absolute index of the text-encoder layer Grad-CAM reads (task.gradcam_layer
-        counts fusion layers; None: the reference's 3rd, or the last when there are fewer)."""
+        counts fusion layers; None: the reference's 3rd, or in a model with fewer than 5 fusion
+        layers the last but one).
+
+        Not the last when there is another: in the last fusion layer only [CLS]'s row of the
+        cross-attention reaches the ITM score (the layer's MLP works position by position), so
+        its Grad-CAM is [CLS]'s attention alone, where the reference's layer (3 more after it)
+        collects every text token's. Measured on the tiny model (2 fusion layers) fine-tuned on
+        the synthetic grounding task, texts as ``[CLS] words``: 42 / 38 % val accuracy on two
+        fine-tuning seeds reading fusion layer 0, 17 / 17 % (chance 27 %) reading the last."""
         fusion = model.cfg.text_depth - model.cfg.fusion_layer
         chosen = self.cfg.task.gradcam_layer
         if chosen is None:
-            chosen = min(2, fusion - 1)
+            chosen = min(2, max(0, fusion - 2))
         if not 0 <= chosen < fusion:
             raise ConfigError(f"config key 'task.gradcam_layer': {chosen} is not a fusion layer index "
                               f"(the model has {fusion} fusion layers: 0..{fusion - 1})")
@@ -141,14 +150,15 @@ class GroundingObjective(RetrievalObjective):
                     "example": example}
 
         def collate(samples):
-            ids, mask = tokenize(self.tokenizer, [s["text"] for s in samples], cfg.data.max_tokens)
+            ids, mask = encode_texts(self.tokenizer, [s["text"] for s in samples], cfg.data.max_tokens,
+                                     cfg.data.text_form)
             return {"image": torch.stack([s["image"] for s in samples]), "text_ids": ids, "text_mask": mask,
                     "size": [s["size"] for s in samples], "example": [s["example"] for s in samples]}
 
         def score(model, batch, device):
             dtype = next(model.parameters()).dtype
-            maps = self.maps(model, batch["image"].to(device, dtype), batch["text_ids"].to(device),
-                             batch["text_mask"].to(device)).float().cpu()
+            maps = at_least_fp32(self.maps(model, batch["image"].to(device, dtype), batch["text_ids"].to(device),
+                                           batch["text_mask"].to(device))).cpu()
             out = []
             for m, (h, w), e in zip(maps, batch["size"], batch["example"]):
                 heat = F.interpolate(m[None, None], size=(h, w), mode="bicubic", align_corners=False)[0, 0]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..losses import at_least_fp32
 from .base import Objective, StepContext, images_and_texts
-from .classify import PRETRAINING_ONLY
 from .nlvr2 import make_two_image_encoders
 
 #: the similarity temperature the reference uses to weight the other images
@@ -28,7 +28,8 @@ def assign_images(image_feat: torch.Tensor, generator: torch.Generator) -> tuple
     """(left index, right index, label) per row: label 0/1 where the row's own image is on
     the left/right, 2 where neither is. ``image_feat``: [B, D] normalised features."""
     b = image_feat.shape[0]
-    weights = F.softmax(image_feat.float() @ image_feat.float().t() / SIMILARITY_TEMP, dim=1)
+    feat = at_least_fp32(image_feat)
+    weights = F.softmax(feat @ feat.t() / SIMILARITY_TEMP, dim=1)
     weights.fill_diagonal_(0)
     others = torch.multinomial(weights, 2, generator=generator)  # two distinct other images per row
     u = torch.rand(b, 2, generator=generator, device=image_feat.device)
@@ -46,8 +47,11 @@ class TextAssignmentObjective(Objective):
     reports_pretraining_flops = False
     log_keys = ("loss", "acc")
     progress_keys = ("loss", "acc")
-    #: the reference's model has no momentum copies (no distillation in this stage)
-    unused_parts = PRETRAINING_ONLY + ("visual_encoder_m", "text_encoder_m")
+    #: what the reference's model (model_pretrain_nlvr.py) does not have: momentum copies (no
+    #: distillation in this stage), the ITM and MLM heads, the queues. Its projections and
+    #: temperature it has (and the image-similarity draws read vision_proj): not optional.
+    unused_parts = ("visual_encoder_m", "text_encoder_m", "vision_proj_m", "text_proj_m", "itm_head",
+                    "image_queue", "text_queue", "queue_ptr", "idx_queue", "text_encoder.cls", "text_encoder_m.cls")
     head_prefixes = ("ta_head",)
     reference_layout = ("temp", "visual_encoder.", "text_encoder.", "vision_proj.", "text_proj.", "ta_head.")
     reference_text_is_bert_model = True
@@ -73,5 +77,5 @@ class TextAssignmentObjective(Objective):
         text = model.encode_text(text_ids, text_mask)
         fused = model.fuse(text, text_mask, [image_embeds[left], image_embeds[right]])
         logits = model.ta_head(fused[:, 0])
-        loss = F.cross_entropy(logits.float(), labels)
+        loss = F.cross_entropy(at_least_fp32(logits), labels)
         return {"loss": loss, "acc": (logits.detach().argmax(1) == labels).float().mean()}

@@ -27,18 +27,20 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from ..data import make_eval_transform
+from ..data import encode_texts, make_eval_transform
 from ..data.tasks import (BadEntry, build_task_loader, image_root_of, open_image, read_examples, read_train_examples,
-                          require, task_train_transform, text_field, tokenize)
+                          require, task_train_transform, text_field)
 from ..data.text import clean_caption
 from ..errors import ConfigError
+from ..losses import at_least_fp32
 from ..models.decoder import BertLMHeadDecoder, answer_nll
 from .base import Objective, StepContext, alpha_at
 from .classify import PRETRAINING_ONLY
 
 #: weight of a Visual Genome answer (one annotator), as the reference gives it
 VG_WEIGHT = 0.5
-#: tokens of an answer: [CLS] answer words [SEP]
+#: tokens of an answer: [CLS] answer words [SEP] (the reference pads answers to the longest
+#: and never cuts them; here a longer answer keeps its [SEP] and loses its last word pieces)
 MAX_ANSWER_TOKENS = 10
 
 
@@ -67,7 +69,7 @@ def rank_answers(decoder, states: torch.Tensor, states_mask: torch.Tensor, answe
     q, n = states.shape[0], answer_ids.shape[0]
     k = min(k, n)
     start = answer_ids[:1, :1].expand(q, 1)
-    first = decoder(start, torch.ones_like(start), states, states_mask)[:, 0].float().softmax(-1)
+    first = at_least_fp32(decoder(start, torch.ones_like(start), states, states_mask)[:, 0]).softmax(-1)
     first = first.index_select(1, answer_ids[:, 1])  # [Q, N]: p(first token of each candidate)
     top_p, top_idx = first.topk(k, dim=1)  # [Q, k]
     ids, mask = answer_ids[top_idx.reshape(-1)], answer_mask[top_idx.reshape(-1)]
@@ -91,10 +93,16 @@ class VQAObjective(Objective):
     reference_text_is_bert_model = True
 
     def extend_model(self, model) -> None:
+        """The answer decoder from the text encoder's embeddings, fusion layers and MLM head;
+        its momentum copy from the MOMENTUM text encoder's, as the reference's VQA.py maps a
+        pretraining checkpoint's ``text_encoder_m`` onto ``text_decoder_m`` (the checkpoint
+        has loaded already: build_model)."""
         cfg = model.cfg
         decoder = BertLMHeadDecoder(cfg, num_layers=cfg.text_depth - cfg.fusion_layer)
         decoder.init_from_encoder(model.text_encoder)
         model.add_head("text_decoder", decoder, momentum=self.cfg.task.distill)
+        if self.cfg.task.distill:
+            model.text_decoder_m.init_from_encoder(model.text_encoder_m)
 
     # ---------------------------------------------------------------- data
     def parse(self, entry, need_answer: bool = True) -> dict:
@@ -130,16 +138,23 @@ class VQAObjective(Objective):
         return load
 
     def collate(self, samples: list[dict]) -> dict:
-        q_ids, q_mask = tokenize(self.tokenizer, [s["question"] for s in samples], self.cfg.data.max_tokens)
+        d = self.cfg.data
+        q_ids, q_mask = encode_texts(self.tokenizer, [s["question"] for s in samples], d.max_tokens, d.text_form)
         answers = [a for s in samples for a in s["answers"]]
         batch = {"image": torch.stack([s["image"] for s in samples]), "question_ids": q_ids, "question_mask": q_mask,
                  "answer_counts": torch.tensor([len(s["answers"]) for s in samples], dtype=torch.int64),
-                 "answer_weights": torch.tensor([w for s in samples for w in s["weights"]], dtype=torch.float32),
+                 # float64: the shares as computed (cast to the loss's dtype in compute)
+                 "answer_weights": torch.tensor([w for s in samples for w in s["weights"]], dtype=torch.float64),
                  "question_id": [s["question_id"] for s in samples], "human": [s["human"] for s in samples],
                  "key": [s["key"] for s in samples]}
         if answers:
-            batch["answer_ids"], batch["answer_mask"] = tokenize(self.tokenizer, answers, MAX_ANSWER_TOKENS)
+            batch["answer_ids"], batch["answer_mask"] = self.encode_answers(answers)
         return batch
+
+    def encode_answers(self, answers: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[CLS] answer [SEP]`` whatever data.text_form says: the reference appends [SEP]
+        to every answer (its ``eos``), the end the decoder learns to generate."""
+        return encode_texts(self.tokenizer, answers, MAX_ANSWER_TOKENS, self.cfg.data.text_form, end_with_sep=True)
 
     def make_loader(self, cfg, rank, world, local_world, local_rank, run_dir):
         examples = read_train_examples(cfg, self.parse, rank)
@@ -171,9 +186,9 @@ class VQAObjective(Objective):
             with torch.no_grad():
                 states_m = self.fused_questions(model, images, question_ids, question_mask, momentum=True)
                 logits_m = model.text_decoder_m(answer_ids, answer_mask, states_m[rows], question_mask[rows])
-                soft = F.softmax(logits_m[:, :-1].float(), dim=-1)
+                soft = F.softmax(at_least_fp32(logits_m[:, :-1]), dim=-1)
         nll = answer_nll(logits, answer_ids.masked_fill(answer_mask == 0, -100), soft_targets=soft, alpha=alpha)
-        loss = (answer_weights * nll).sum() / images.shape[0]
+        loss = (answer_weights.to(nll.dtype) * nll).sum() / images.shape[0]
         return {"loss": loss, "alpha": loss.new_tensor(alpha)}
 
     # ---------------------------------------------------------------- evaluation
@@ -193,7 +208,7 @@ class VQAObjective(Objective):
         from ..eval.tasks import TaskEvaluator
         examples = read_examples(path, lambda e: self.parse(e, need_answer=False), log)[0]
         candidates = self.candidates()
-        answer_ids, answer_mask = tokenize(self.tokenizer, candidates, MAX_ANSWER_TOKENS)
+        answer_ids, answer_mask = self.encode_answers(candidates)
         k = self.cfg.task.k_test
 
         @torch.no_grad()

@@ -172,7 +172,7 @@ def run_record(cfg, world_size: int, tokenizer=None) -> dict:
     """What a resume must agree with or account for, written into every checkpoint's record:
     the global batch, the shapes, the vocabulary and the whole config it was trained with."""
     return {"global_batch": cfg.global_batch(world_size), "tokenizer": cfg.data.tokenizer,
-            "vocabulary_sha256": vocabulary_digest(tokenizer),
+            "vocabulary_sha256": vocabulary_digest(tokenizer), "text_form": cfg.data.text_form,
             "model": {k: getattr(cfg.model, k) for k in SHAPE_KEYS}, "config": cfg.to_dict()}
 
 
@@ -194,6 +194,11 @@ def check_resumable(tag_dir: Path, meta: dict, cfg, world_size: int, tokenizer=N
                 what += (f" (the tokenizer {cfg.data.tokenizer} has {cfg.model.vocab_size} tokens; the checkpoint "
                          f"was trained with {meta.get('tokenizer')})")
             problems.append(what)
+    # a meta without it was written before data.text_form existed: trained on the legacy form
+    from ..data.text import LEGACY_TEXT_FORM, text_form_problem
+    form = text_form_problem(meta.get("text_form", LEGACY_TEXT_FORM), cfg.data.text_form, "the checkpoint")
+    if form:
+        problems.append(form)
     digest = vocabulary_digest(tokenizer)
     if not problems and digest and meta.get("vocabulary_sha256") not in (None, digest):
         problems.append(f"data.tokenizer: the vocabulary of {cfg.data.tokenizer} differs from the one the "
@@ -208,7 +213,9 @@ def check_resumable(tag_dir: Path, meta: dict, cfg, world_size: int, tokenizer=N
                             f"distributed.zero_stage / train.precision: DeepSpeed loads a checkpoint into the "
                             f"stage and precision that wrote it)")
     applied, refused = classify_changes(meta.get("config") or {}, cfg)
-    problems += [line for line in refused if not any(line.startswith(f"model.{k}:") for k in SHAPE_KEYS)]
+    # (shapes and the text form are named above, with more to say)
+    said = tuple(f"model.{k}:" for k in SHAPE_KEYS) + ("data.text_form:",)
+    problems += [line for line in refused if not line.startswith(said)]
     if problems:
         raise ConfigError(f"cannot resume from {tag_dir}: " + "; ".join(problems) + "; nothing was changed")
     return applied

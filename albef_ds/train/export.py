@@ -6,6 +6,13 @@ the rank files one at a time), the queues from pool 0's queue file. Writes ``mod
 :func:`load_exported`), ``albef.pth`` (the reference release's layout), ``config.yaml`` and a
 copy of the tokenizer folder (``tokenizer/``, which the config names by its absolute path).
 
+Text form (``data.text_form``): ``model.pt`` and ``albef.pth`` hold it beside the weights,
+``config.yaml`` names it, a checkpoint's meta records it. Whatever records none was written
+before the setting existed and was trained on the legacy form (``cls_sep``); a weights file
+with no record and no config.yaml beside it is taken for the reference release's
+(``cls_only``). Fine-tuning, evaluation and resume refuse the other form
+(:func:`check_text_form`).
+
 Exports go to ``RUN/exports/step_N/`` by default: outside ``checkpoints/``, so checkpoint
 rotation (``checkpoint.keep_last``) never deletes them.
 """
@@ -78,34 +85,91 @@ def save_exported(model, cfg: Config, out: Path, reference_pth: bool = False) ->
         shutil.copytree(tokenizer, copied)
     if copied.is_dir():
         cfg.data.tokenizer = str(copied)
+    from ..weights import TEXT_FORM_KEY
     tmp = out / "model.pt.tmp"
-    torch.save({"model": model.state_dict()}, tmp)
+    torch.save({"model": model.state_dict(), TEXT_FORM_KEY: cfg.data.text_form}, tmp)
     tmp.replace(out / "model.pt")
     save_config(cfg, out / "config.yaml")
     if reference_pth:
         from ..objectives import reference_layout
         from ..weights import save_albef_pth
-        save_albef_pth(model, out / "albef.pth", **reference_layout(cfg))
+        save_albef_pth(model, out / "albef.pth", text_form=cfg.data.text_form, **reference_layout(cfg))
     return out
 
 
 def export_checkpoint(tag_dir: Path, cfg: Config, out: Path | None = None) -> Path:
     """Consolidate ``tag_dir`` and save it (model.pt, albef.pth, config, tokenizer) into
-    ``out`` (default ``RUN/exports/<tag>``)."""
+    ``out`` (default ``RUN/exports/<tag>``), with the text form the checkpoint records."""
+    cfg = copy.deepcopy(cfg)
+    cfg.data.text_form = checkpoint_text_form(tag_dir)
     return save_exported(consolidate(tag_dir, cfg), cfg, out or default_export_dir(tag_dir), reference_pth=True)
 
 
+# ------------------------------------------------------------------ text form records
+
+def checkpoint_text_form(tag_dir: Path) -> str:
+    """The text form a checkpoint's meta records (the legacy form when it records none)."""
+    from ..data.text import LEGACY_TEXT_FORM
+    return CheckpointManager.meta(Path(tag_dir)).get("text_form", LEGACY_TEXT_FORM)
+
+
+def saved_text_form(config_yaml: Path) -> str:
+    """``data.text_form`` as a saved config.yaml (a run's, an export's) names it; the legacy
+    form when it names none (saved before the setting existed)."""
+    import yaml
+
+    from ..data.text import LEGACY_TEXT_FORM
+    saved = yaml.safe_load(Path(config_yaml).read_text()) or {}
+    return (saved.get("data") or {}).get("text_form", LEGACY_TEXT_FORM)
+
+
+def load_saved_config(config_yaml: Path, overrides: list[str] | None = None) -> Config:
+    """A run's or export's own config.yaml with ``overrides``; its text form as saved (the
+    legacy form when it names none), unless an override sets one."""
+    cfg = load_config(config_yaml, overrides)
+    if not any(o.split("=", 1)[0].strip() == "data.text_form" for o in overrides or []):
+        cfg.data.text_form = saved_text_form(config_yaml)
+    return cfg
+
+
+def recorded_text_form(weights: str | Path, in_file: str | None) -> tuple[str, str]:
+    """(the text form ``weights`` was trained on, how we know) from the file's own record
+    (``in_file``: its ``text_form`` entry, :func:`albef_ds.weights.read_checkpoint`), else the
+    config.yaml beside it (an export's), else the reference release's."""
+    from ..data.text import REFERENCE_TEXT_FORM
+    beside = Path(weights).parent / "config.yaml"
+    if in_file:
+        return in_file, str(weights)
+    if beside.is_file():
+        return saved_text_form(beside), f"{weights} (by {beside})"
+    return REFERENCE_TEXT_FORM, f"{weights} (no text form recorded: taken for a reference release)"
+
+
+def check_text_form(recorded: str, what: str, cfg: Config) -> None:
+    """ConfigError, one line naming both forms, when ``what`` was trained on another text
+    form than ``cfg.data.text_form``."""
+    from ..config import ConfigError
+    from ..data.text import text_form_problem
+    problem = text_form_problem(recorded, cfg.data.text_form, what)
+    if problem:
+        raise ConfigError(problem)
+
+
 def load_exported(directory: str | Path):
-    """(model, cfg) from an export directory. A tokenizer path that no longer exists (the
-    export was moved or copied to another machine) falls back to the export's own copy."""
+    """(model, cfg) from an export directory, the config's text form the one the export
+    records. A tokenizer path that no longer exists (the export was moved or copied to
+    another machine) falls back to the export's own copy."""
     directory = Path(directory)
-    cfg = load_config(directory / "config.yaml")
+    cfg = load_saved_config(directory / "config.yaml")
     own = directory / EXPORT_TOKENIZER
     if own.is_dir() and not (cfg.data.tokenizer and Path(cfg.data.tokenizer).is_dir()):
         cfg.data.tokenizer = str(own.absolute())
     from ..objectives import build_task_model
+    from ..weights import TEXT_FORM_KEY
     model = build_task_model(cfg)
-    model.load_state_dict(torch.load(directory / "model.pt", map_location="cpu", weights_only=False)["model"])
+    saved = torch.load(directory / "model.pt", map_location="cpu", weights_only=False)
+    model.load_state_dict(saved["model"])
+    cfg.data.text_form = saved.get(TEXT_FORM_KEY, cfg.data.text_form)
     return model, cfg
 
 

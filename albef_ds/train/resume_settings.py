@@ -71,10 +71,12 @@ REFUSED: dict[str, str] = {
     **{f"data.{k}": ORDER for k in ("train_dirs", "train_weights", "shuffle", "shuffle_seed",
                                      "num_canonical_nodes")},
     "task.train_files": ORDER,
+    "data.text_form": "the checkpoint was trained on texts of that form (albef_ds/data/text.py)",
     "train.objective": "another objective has other heads and state: fine-tune from an export instead "
                        "(checkpoint.init_from)",
     "train.optimizer": "the optimizer's state in the checkpoint belongs to the optimizer that wrote it",
     **{f"checkpoint.{k}": INIT_ONLY for k in ("init_from", "bert_init", "vit_init")},
+    "checkpoint.allow_partial": INIT_ONLY,
 }
 
 

@@ -56,7 +56,9 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None):
     from .. import weights
     state = source = None
     if c.init_from:
-        state, source = weights.read_state_dict(c.init_from)
+        state, source, record = weights.read_checkpoint(c.init_from)
+        from .export import check_text_form, recorded_text_form  # trained on this run's text form?
+        check_text_form(*recorded_text_form(c.init_from, record.get(weights.TEXT_FORM_KEY)), cfg)
     task_checkpoint = objective is not None and state is not None and objective.is_task_checkpoint(state)
 
     def load(optional: tuple = (), ignore: tuple = ()) -> None:
@@ -64,8 +66,13 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None):
         # stage): they start as copies of the weights it does hold.
         no_momentum = not any(k.split(".")[0].endswith("_m") for k in state)
         momentum = tuple(m for _, m in model.momentum_pairs) if no_momentum else ()
-        log(str(weights.load_albef_checkpoint(model, state, source=source, optional=optional + momentum,
-                                              ignore=ignore)))
+        report = weights.load_albef_checkpoint(model, state, source=source, optional=optional + momentum,
+                                               ignore=ignore, allow_missing=c.allow_partial,
+                                               hint="checkpoint.allow_partial=true loads it, those tensors fresh")
+        log(str(report))
+        if c.allow_partial:  # every one named, not the report's folded list
+            log(f"checkpoint.allow_partial: {len(report.missing)} tensor(s) missing from the checkpoint started "
+                f"fresh: {', '.join(report.missing) or 'none'}")
         if no_momentum:
             model.copy_params_to_momentum()
             log("note: the checkpoint holds no momentum copies: they start as copies of the online weights")
@@ -75,9 +82,11 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None):
     if objective is not None:
         objective.extend_model(model)
     if task_checkpoint:
-        # a reference task checkpoint lacks the parts the task does not use (and an NLVR2
-        # text-assignment checkpoint the classifier, which starts fresh)
-        load(optional=tuple(objective.unused_parts) + tuple(model.task_heads),
+        # Strict: only what the reference's task checkpoints never hold may be missing (the
+        # objective's unused_parts); a checkpoint holding none of the task's heads (NLVR2's
+        # text-assignment stage: the two-image encoder, no classifier) starts them fresh.
+        has_heads = any(k.split(".")[0] in objective.head_prefixes for k in state)
+        load(optional=tuple(objective.unused_parts) + (() if has_heads else tuple(model.task_heads)),
              ignore=tuple(objective.ignored_checkpoint_parts))
     if c.bert_init:
         log(str(weights.load_hf_bert(model, c.bert_init)))

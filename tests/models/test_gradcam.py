@@ -83,7 +83,7 @@ def hand_gradcam(attn, grads, mask, grid):
                 for t in range(lt):
                     if mask[i, t]:
                         total += attn[i, h, t, 1 + patch] * max(grads[i, h, t, 1 + patch].item(), 0.0)
-            out[i, patch] = total / (heads * lt)
+            out[i, patch] = total / (heads * int(mask[i].sum()))  # the text's own tokens
     return out.view(b, *grid)
 
 

@@ -58,7 +58,8 @@ def test_switching_the_itm_path_groups_on_resume_is_refused():
 
 def test_check_resumable_refuses_a_changed_zero_stage_and_vocabulary(tmp_path):
     cfg = load_config("tiny", ["distributed.ds_config=zero3_bf16"])
-    record = {"global_batch": cfg.global_batch(1), "zero_stage": 2, "precision": "bf16", "config": cfg.to_dict()}
+    record = {"global_batch": cfg.global_batch(1), "zero_stage": 2, "precision": "bf16", "config": cfg.to_dict(),
+              "text_form": cfg.data.text_form}
     with pytest.raises(ConfigError, match=r"ZeRO stage 2 in the checkpoint, 3 here"):
         ckpt_lib.check_resumable(tmp_path, record, cfg, 1)
 
