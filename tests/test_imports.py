@@ -124,3 +124,27 @@ def test_the_checker_finds_a_cycle_and_a_program_import():
 def test_relative_imports_are_resolved():
     assert "albef_ds.train.trainer" in imports_of(REPO / "albef_ds" / "cli" / "pretrain.py")  # from ..train.trainer
     assert "albef_ds.objectives.itc" in imports_of(REPO / "albef_ds" / "objectives" / "pretrain.py")  # from . import itc
+
+
+def _uses_sys_path(path: Path) -> bool:
+    return any(isinstance(n, ast.Attribute) and n.attr == "path" and isinstance(n.value, ast.Name)
+               and n.value.id == "sys" for n in ast.walk(ast.parse(path.read_text(), str(path))))
+
+
+def test_test_modules_import_only_the_support_package_and_never_touch_sys_path():
+    """Helpers live in tests/support; a test module imported by another (its fixtures and
+    module-level state run twice, under two names) or a ``sys.path`` edit fails here."""
+    offenders = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        if "support" in path.relative_to(REPO / "tests").parts:
+            continue
+        for target in imports_of(path):
+            if target.startswith("tests.") and not target.startswith("tests.support") or \
+                    target.split(".")[0].startswith("test_"):
+                offenders.append(f"{path.relative_to(REPO)} imports {target}")
+        if _uses_sys_path(path):
+            offenders.append(f"{path.relative_to(REPO)} edits sys.path")
+    for path in sorted((REPO / "tests" / "support").rglob("*.py")):
+        if _uses_sys_path(path) or any(t.split(".")[-1].startswith("test_") for t in imports_of(path)):
+            offenders.append(f"{path.relative_to(REPO)} imports a test module or edits sys.path")
+    assert not offenders, "\n".join(offenders)

@@ -22,7 +22,7 @@ OPTIMIZER_GROUPS = "applied: written into the optimizer's parameter groups after
 PATH_ONLY = "applied (a path or where output goes)"
 SHAPE = "sets a parameter's or buffer's shape"
 INIT_ONLY = "sets initial weights only, and the checkpoint's weights replace them"
-ORDER = "the loader's sample order and position are part of the checkpoint (start a new run to change it)"
+ORDER = "the loader's sample order and position are part of the checkpoint; start a new run to change it"
 
 APPLIED: dict[str, str] = {
     # model: what each step computes

@@ -14,6 +14,8 @@ import torch
 from albef_ds.cli import bench
 from albef_ds.config import load_config
 
+from tests.support.launch import in_process
+
 REPO = Path(__file__).resolve().parents[2]
 
 #: the tiny preset shrunk further; dropout 0 so that both option sets compute the same
@@ -103,14 +105,13 @@ def test_speedup_is_the_ratio_of_median_step_times():
 
 def test_bench_cli_compare_short_mode_writes_parsable_json(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "-m", "albef_ds", "bench", "--config", "tiny", "--device", "cpu",
+    cmd = ["bench", "--config", "tiny", "--device", "cpu",
            "--engine-free", "--compare", "reference", "fast", "--steps", "1", "--warmup", "0", "--json", str(out)]
     for o in SMALL:
         cmd += ["--set", o]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "fast / reference" in proc.stdout
+    code, output = in_process(cmd)
+    assert code == 0, output[-3000:]
+    assert "fast / reference" in output
     result = json.loads(out.read_text())
     names = [r["options"] for r in result["results"]]
     assert names == ["reference", "fast"]

@@ -16,7 +16,9 @@ import pytest
 
 # The demo run itself is the session fixture ``demo`` (tests/conftest.py): the downstream
 # task tests (tests/objectives/test_tasks_end_to_end.py) fine-tune from the same run.
-from shared_runs import DEMO_STEPS as STEPS, run_albef as run  # noqa: E402
+from tests.support.launch import DEMO_STEPS as STEPS, run_albef as run
+
+pytestmark = pytest.mark.slow
 
 
 def test_demo_runs_end_to_end_and_reports_against_chance(demo):

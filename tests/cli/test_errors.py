@@ -1,28 +1,7 @@
 """A misconfigured ``albef-ds`` command prints one line naming the key or file and exits 2,
-with no traceback. One interpreter runs every case (each through ``albef_ds.cli.main``),
-in a subprocess so the stop handlers it installs stay out of pytest."""
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-REPO = Path(__file__).resolve().parents[2]
-
-DRIVER = r"""
-import contextlib, io, json, sys
-from albef_ds.cli import main
-results = []
-for argv in json.loads(sys.argv[1]):
-    err = io.StringIO()
-    with contextlib.redirect_stderr(err):
-        try:
-            rc = main(argv)
-        except SystemExit as e:  # argparse's own usage errors
-            rc = e.code
-    results.append({"argv": argv, "rc": rc, "stderr": err.getvalue()})
-print(json.dumps(results))
-"""
+with no traceback. Every case runs through ``albef_ds.cli.main`` in this process
+(tests/support/launch.py's in_process puts back the stop handlers it installs)."""
+from tests.support.launch import in_process
 
 
 def test_misconfigured_commands_print_one_line_and_exit_2(synth_data, tmp_path):
@@ -47,13 +26,9 @@ def test_misconfigured_commands_print_one_line_and_exit_2(synth_data, tmp_path):
                                         "--set", f"data.train_dirs=[{data / 'train'}]",
                                         "--set", f"data.tokenizer={tok}"], "data.val_dir"),
     }
-    proc = subprocess.run([sys.executable, "-c", DRIVER, json.dumps([argv for argv, _ in cases.values()])],
-                          cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    results = json.loads(proc.stdout.strip().splitlines()[-1])
-    for (name, (_, needle)), r in zip(cases.items(), results):
-        lines = [x for x in r["stderr"].splitlines() if x.startswith("albef-ds ")]
-        assert r["rc"] == 2, (name, r)
-        assert len(lines) == 1 and needle in lines[0], (name, r["stderr"])
-        assert "Traceback" not in r["stderr"], (name, r["stderr"])
+    for name, (argv, needle) in cases.items():
+        rc, output = in_process(argv)
+        lines = [x for x in output.splitlines() if x.startswith("albef-ds ")]
+        assert rc == 2, (name, rc, output[-2000:])
+        assert len(lines) == 1 and needle in lines[0], (name, output)
+        assert "Traceback" not in output, (name, output)

@@ -2,20 +2,10 @@
 named), prints ITC and ITM accuracy beside chance and writes them with --out; a missing
 file is one line and exit 2."""
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 from data_tools.cli import main as albef_data
 
-REPO = Path(__file__).resolve().parents[2]
-
-
-def albef_ds(*argv):
-    # a subprocess: the CLI installs signal handlers that should stay out of pytest
-    return subprocess.run([sys.executable, "-m", "albef_ds", *argv], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=dict(os.environ, OMP_NUM_THREADS="1"))
+from tests.support.launch import in_process
 
 
 def test_eval_retrieval_reports_the_compositional_test(tmp_path):
@@ -25,9 +15,9 @@ def test_eval_retrieval_reports_the_compositional_test(tmp_path):
     assert albef_data(["build-vocab", str(data / "captions.txt"), "--out", str(tok), "--vocab-size", "200"]) == 0
     base = ["eval-retrieval", "--untrained", "--config", "tiny", "--set", f"data.tokenizer={tok}",
             "--split", str(data / "test.json")]
-    p = albef_ds(*base, "--max-images", "8", "--out", str(tmp_path / "out"))
-    assert p.returncode == 0, p.stderr[-3000:]
-    assert "compositional test: 8 images, true caption among 4 candidates" in p.stdout, p.stdout
+    code, output = in_process([*base, "--max-images", "8", "--out", str(tmp_path / "out")])
+    assert code == 0, output[-3000:]
+    assert "compositional test: 8 images, true caption among 4 candidates" in output, output
     m = json.loads((tmp_path / "out" / "compositional.json").read_text())
     assert m["n"] == 8 and m["chance"] == 25.0
     for key in ("itc_acc", "itm_acc", "itc_vs_colour_swap", "itm_vs_relation_swap"):
@@ -35,6 +25,6 @@ def test_eval_retrieval_reports_the_compositional_test(tmp_path):
     assert (tmp_path / "out" / "retrieval.json").is_file()
 
     missing = tmp_path / "nope.json"
-    p = albef_ds(*base, "--compositional", str(missing))
-    lines = [x for x in p.stderr.splitlines() if x.startswith("albef-ds ")]
-    assert p.returncode == 2 and len(lines) == 1 and str(missing) in lines[0], p.stderr[-3000:]
+    code, output = in_process([*base, "--compositional", str(missing)])
+    lines = [x for x in output.splitlines() if x.startswith("albef-ds ")]
+    assert code == 2 and len(lines) == 1 and str(missing) in lines[0], output[-3000:]

@@ -1,10 +1,4 @@
-import os
-import sys
-
 import pytest
-
-# data_helpers.py and loader_worker.py sit beside the tests (no __init__.py here).
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")

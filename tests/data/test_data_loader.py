@@ -11,7 +11,7 @@ from albef_ds.tokenizer import load_tokenizer
 from data_tools.records import Pair, sha1_hex
 from data_tools.merge import merge
 from data_tools.writer import PartWriter
-from data_helpers import make_cfg
+from tests.support.loaders import make_cfg
 
 
 def test_batch_contract(synth_small):

@@ -1,11 +1,14 @@
 """Which shards a node reads: streaming's own partition and shuffle code over a simulated
 CC12M-sized index (no data), with the loader's defaults."""
 import numpy as np
+import pytest
 from streaming.base.partition import get_partitions
 from streaming.base.shuffle import get_shuffle
 
 from albef_ds.config import DataConfig
 from albef_ds.data.dataset import DEFAULT_CANONICAL_NODES
+
+pytestmark = pytest.mark.slow
 
 #: CC12M converted at ~1,160 pairs per shard (the project's converter default shard size).
 SHARDS, PER_SHARD = 9538, 1160

@@ -2,36 +2,33 @@
 dataset; a reader restored from a mid-epoch state delivers exactly the unseen samples,
 with the same augmentation and captions as an uninterrupted run."""
 import json
-import socket
 import subprocess
 import sys
 
 import pyarrow.parquet as pq
 import pytest
 
-from data_helpers import WORKER, subprocess_env
+from albef_ds.distributed import free_port
+
+from tests.support.launch import REPO, env as env_for
+
+pytestmark = pytest.mark.slow
 
 BATCH = 8
 STOP = 5  # batches per rank before the "preemption"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(tmp_path, name, data_dir, tok, world=2, set_local_world=True, extra=()):
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(world):
-        env = dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        rank_env = dict(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         if set_local_world:
-            env["LOCAL_WORLD_SIZE"] = world
+            rank_env["LOCAL_WORLD_SIZE"] = world
         out = tmp_path / f"{name}_rank{rank}.json"
         procs.append((out, subprocess.Popen(
-            [sys.executable, WORKER, "--dir", str(data_dir), "--tokenizer", str(tok), "--out", str(out),
-             "--batch", str(BATCH), "--workers", "1", *extra], env=subprocess_env(**env))))
+            [sys.executable, "-m", "tests.support.drivers.loader_worker", "--dir", str(data_dir), "--tokenizer", str(tok), "--out", str(out),
+             "--batch", str(BATCH), "--workers", "1", *extra], cwd=REPO, env=env_for(**rank_env))))
     results = []
     for out, p in procs:
         assert p.wait(timeout=180) == 0, f"rank process failed ({name})"

@@ -3,10 +3,13 @@ import json
 import subprocess
 import sys
 
+import pytest
 from streaming.base.constant import SHM_TO_CLEAN
 from streaming.base.shared.prefix import _pack_locals
 
 from albef_ds.data import shm
+
+pytestmark = pytest.mark.slow
 
 
 def _segments(shm_dir, prefix, locals_):

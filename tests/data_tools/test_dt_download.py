@@ -13,7 +13,7 @@ import threading
 
 import pytest
 
-import dt_fixtures as F
+import tests.support.formats as F
 from data_tools import download as D
 from data_tools.cli import EXIT_NOTHING_KEPT, main
 
@@ -62,6 +62,7 @@ def _download(*args):
 
 
 @needs_img2dataset
+@pytest.mark.slow
 def test_cc3m_url_list_downloads_counts_404s_and_converts_byte_exact(server, tmp_path, capsys):
     root, base = server
     served = _serve_images(root, base)
@@ -98,6 +99,7 @@ def test_cc3m_url_list_downloads_counts_404s_and_converts_byte_exact(server, tmp
 
 
 @needs_img2dataset
+@pytest.mark.slow
 def test_cc12m_order_by_column_options_and_resume(server, tmp_path, capsys):
     root, base = server
     served = _serve_images(root, base, n=3)
@@ -121,6 +123,7 @@ def test_cc12m_order_by_column_options_and_resume(server, tmp_path, capsys):
 
 
 @needs_img2dataset
+@pytest.mark.slow
 def test_nothing_downloaded_exits_non_zero_with_a_hint(server, tmp_path, capsys):
     _, base = server
     (tmp_path / "list.csv").write_text("url,caption\n" + "".join(f"{base}/no_{i}.jpg,c {i}\n" for i in range(4)))

@@ -6,7 +6,7 @@ import os
 import pyarrow.parquet as pq
 import pytest
 
-import dt_fixtures as F
+import tests.support.formats as F
 from data_tools.cli import main
 
 

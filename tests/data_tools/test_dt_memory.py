@@ -9,7 +9,11 @@ import sys
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-import dt_fixtures as F
+import pytest
+
+import tests.support.formats as F
+
+pytestmark = pytest.mark.slow
 
 #: allowed growth of peak RSS from 10k to 100k rows. Everything that grows with the input
 #: (images, captions, manifest rows) would add well over this: 90k extra rows of ~0.9 KB

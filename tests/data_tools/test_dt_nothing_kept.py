@@ -3,7 +3,7 @@ keeps something, a resumed one, and an array task without units still exit 0."""
 import json
 import tarfile
 
-import dt_fixtures as F
+import tests.support.formats as F
 from data_tools.cli import EXIT_NOTHING_KEPT, main
 
 

@@ -8,7 +8,9 @@ import sys
 import tarfile
 import time
 
-import dt_fixtures as F
+import pytest
+
+import tests.support.formats as F
 from data_tools.cli import main
 from data_tools.merge import list_parts
 
@@ -30,6 +32,7 @@ def webdataset(root, n_tars, per_tar, size=128):
     return expected
 
 
+@pytest.mark.slow
 def test_sigkill_midway_then_rerun_gives_each_pair_exactly_once(tmp_path):
     n_tars = 30
     expected = webdataset(str(tmp_path / "wds"), n_tars=n_tars, per_tar=60)

@@ -8,7 +8,7 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image, ImageDraw
 
-import dt_fixtures as F
+import tests.support.formats as F
 from data_tools.cli import main
 
 

@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from tests.support.retrieval import fake_io, fake_split
 from albef_ds.eval.retrieval import (OUTSIDE_TOP_K, chance_metrics, evaluate, ranks_of_truth,
                                      recall_metrics, rerank, scatter_top_k, split_from_entries)
 
@@ -91,10 +92,6 @@ def test_split_from_albef_entries_merges_images():
 
 
 def test_evaluate_runs_on_a_model_and_reports_chance():
-    import sys, os
-    sys.path.insert(0, os.path.dirname(__file__))
-    from retrieval_common import fake_io, fake_split
-
     from albef_ds.config import load_config
     from albef_ds.models import ALBEF
     cfg = load_config("tiny", ["model.image_res=32", "model.vocab_size=50", "model.queue_size=64",
@@ -111,10 +108,6 @@ def test_evaluate_runs_on_a_model_and_reports_chance():
 def test_itm_plus_itc_reranking_matches_a_plain_computation():
     """``itm_itc_*``: the top k by ITC re-ranked by log p_ITM(match) + sim / temp, recomputed
     here with plain forwards, one pair at a time; the paper's keys rank by the ITM logit."""
-    import sys, os
-    sys.path.insert(0, os.path.dirname(__file__))
-    from retrieval_common import fake_io, fake_split
-
     from albef_ds.config import load_config
     from albef_ds.models import ALBEF
     n, caps, k, temp = 12, 2, 6, 0.5

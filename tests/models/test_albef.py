@@ -5,7 +5,6 @@ Every check compares against something computed apart from the path under test: 
 weights run with the switch the other way, a closed form, or the model's component
 methods assembled by hand here.
 """
-import dataclasses
 import math
 
 import pytest
@@ -18,109 +17,8 @@ from albef_ds.models import ALBEF, MOMENTUM_PAIRS
 from albef_ds.objectives.pretrain import albef_forward
 from albef_ds.train.ema import MomentumEMA
 
-PAD, CLS, SEP, MASK = 0, 2, 3, 4
-VOCAB = 100
-BATCH, LENGTH = 8, 12
-#: image of each pair: pairs 0/4 and 1/7 show the same image.
-IMAGE_IDS = [10, 11, 12, 13, 10, 14, 15, 11]
-#: fixed ITM negatives (never the positive, never the same image): text for each image,
-#: image for each text.
-NEG_TEXT = torch.tensor([(i + 1) % BATCH for i in range(BATCH)])
-NEG_IMAGE = torch.tensor([(i + 3) % BATCH for i in range(BATCH)])
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """These models are tiny: a second intra-op thread buys nothing, and when the 2 CPU
-    cores are shared with other jobs OpenMP's spinning threads make steps 10x slower."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def small_config(*overrides: str):
-    """The tiny preset shrunk further for speed; dropout 0 so that runs are comparable."""
-    return load_config("tiny", [
-        "model.image_res=32", "model.patch_size=8", "model.vision_width=32", "model.vision_depth=2",
-        "model.vision_heads=2", "model.text_width=32", "model.text_depth=4", "model.fusion_layer=2",
-        "model.text_heads=2", "model.text_intermediate=64", f"model.vocab_size={VOCAB}",
-        "model.max_position_embeddings=32", "model.embed_dim=16", "model.queue_size=32",
-        "model.hidden_dropout=0.0", "model.attention_dropout=0.0", f"train.micro_batch_size={BATCH}",
-        *overrides])
-
-
-def make_model(cfg, seed=0) -> ALBEF:
-    torch.manual_seed(seed)
-    return ALBEF(cfg.model)
-
-
-def twin(model: ALBEF, **changes) -> ALBEF:
-    """A second model built with some config fields changed, carrying the same weights,
-    queues and pointer."""
-    other = ALBEF(dataclasses.replace(model.cfg, **changes))
-    other.load_state_dict(model.state_dict())
-    return other
-
-
-def stir(model: ALBEF, seed=0) -> ALBEF:
-    """Make results sensitive to what the tests compare: at BERT's init (std 0.02) the fused
-    text barely depends on the image, so large random cross-attention weights make the
-    image matter; momentum weights are moved off the online ones so mixing the two fails."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "crossattention" in name and p.dim() == 2 and p.requires_grad:
-                p.copy_(0.3 * torch.randn(p.shape, generator=g))
-        for name, _, p_m in model.momentum_named_params():
-            scale = 0.3 if "crossattention" in name and p_m.dim() == 2 else 0.02
-            p_m.add_(scale * torch.randn(p_m.shape, generator=g))
-    return model
-
-
-def make_batch(res=32, seed=0, mlm_probability=0.3, repeat_images=True):
-    """8 synthetic pairs; with ``repeat_images`` pairs 0/4 and 1/7 show the same image."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(5, VOCAB, (BATCH, LENGTH), generator=g)
-    mask = torch.ones(BATCH, LENGTH, dtype=torch.long)
-    for i in range(BATCH):
-        n = 5 + i % 7  # tokens incl. CLS and SEP, then padding
-        ids[i, 0], ids[i, n - 1] = CLS, SEP
-        ids[i, n:] = PAD
-        mask[i, n:] = 0
-    mlm_ids, mlm_labels = losses.mask_tokens(ids, VOCAB, mask_token_id=MASK, pad_token_id=PAD,
-                                             cls_token_id=CLS, probability=mlm_probability, generator=g)
-    assert (mlm_labels != losses.IGNORE_INDEX).sum() >= 4
-    images = torch.randn(BATCH, 3, res, res, generator=g)
-    image_ids = torch.arange(BATCH)
-    if repeat_images:
-        image_ids = torch.tensor(IMAGE_IDS)
-        images[4], images[7] = images[0], images[1]
-    return dict(images=images, text_ids=ids, text_mask=mask, mlm_ids=mlm_ids, mlm_labels=mlm_labels,
-                image_ids=image_ids)
-
-
-def run(model, batch, alpha=0.4, negatives=(NEG_TEXT, NEG_IMAGE), backward=True):
-    """One forward (+ backward) from a zero gradient; returns (outputs, {name: grad})."""
-    model.zero_grad(set_to_none=True)
-    out = model(albef_forward, **batch, alpha=alpha, itm_negatives=negatives)
-    grads = {}
-    if backward:
-        out["loss"].backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out, grads
-
-
-def assert_same_results(a, b, rtol=1e-5, atol=1e-6):
-    (out_a, grads_a), (out_b, grads_b) = a, b
-    for key in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
-        torch.testing.assert_close(out_a[key], out_b[key], rtol=rtol, atol=atol, msg=key)
-    assert grads_a.keys() == grads_b.keys()
-    assert len(grads_a) > 50
-    for name in grads_a:
-        torch.testing.assert_close(grads_a[name], grads_b[name], rtol=rtol, atol=atol,
-                                   msg=lambda m, n=name: f"{n}: {m}")
-
+from tests.support.tiny import (BATCH, LENGTH, NEG_IMAGE, NEG_TEXT, PAD, VOCAB, assert_same_results,  # noqa: F401
+                                forward_backward, make_batch, make_model, one_thread, small_config, stir, twin)
 
 # ----------------------------------------------------------------- switches change nothing
 
@@ -129,7 +27,7 @@ def test_masked_positions_only_mlm_head_gives_the_loss_of_the_full_head(alpha):
     masked_only = stir(make_model(small_config("model.mlm_masked_only=true")))
     full = twin(masked_only, mlm_masked_only=False)
     batch = make_batch()
-    a, b = run(masked_only, batch, alpha), run(full, batch, alpha)
+    a, b = forward_backward(masked_only, batch, alpha), forward_backward(full, batch, alpha)
     assert a[0]["loss_mlm"].item() > 1.0  # a real loss, not a degenerate zero
     assert_same_results(a, b)
 
@@ -155,7 +53,7 @@ def test_shared_cross_attention_kv_gives_the_same_losses_and_gradients(itm_negat
     model = stir(make_model(small_config("model.share_cross_kv=true", f"model.itm_negatives={itm_negatives}")))
     other = twin(model, share_cross_kv=False)
     batch = make_batch(seed=1)
-    assert_same_results(run(model, batch), run(other, batch))
+    assert_same_results(forward_backward(model, batch), forward_backward(other, batch))
 
 
 def test_sdpa_and_explicit_attention_give_the_same_losses_and_gradients():
@@ -163,7 +61,7 @@ def test_sdpa_and_explicit_attention_give_the_same_losses_and_gradients():
     other = twin(model, sdpa=False)
     assert not any(getattr(m, "sdpa", False) for m in other.modules())
     batch = make_batch(seed=2)
-    assert_same_results(run(model, batch), run(other, batch), rtol=1e-4, atol=1e-6)
+    assert_same_results(forward_backward(model, batch), forward_backward(other, batch), rtol=1e-4, atol=1e-6)
 
 
 # ----------------------------------------------------------------- momentum (EMA)
@@ -238,7 +136,7 @@ def test_momentum_weights_get_no_gradient_and_temp_is_clamped():
     batch = make_batch(seed=3)
     with torch.no_grad():
         model.temp.fill_(3.0)
-    run(model, batch)
+    forward_backward(model, batch)
     assert model.temp.item() == pytest.approx(0.5)
     for _, m in MOMENTUM_PAIRS:
         for name, p in getattr(model, m).named_parameters():
@@ -249,7 +147,7 @@ def test_momentum_weights_get_no_gradient_and_temp_is_clamped():
     assert not missing and model.temp.grad is not None and len(trainable) > 50
     with torch.no_grad():
         model.temp.fill_(1e-5)
-    run(model, batch, backward=False)
+    forward_backward(model, batch, backward=False)
     assert model.temp.item() == pytest.approx(0.001)
 
 
@@ -262,7 +160,7 @@ def test_queue_after_forward_holds_the_returned_momentum_features(start):
     model.queue_ptr.fill_(start)
     image_queue, text_queue = model.image_queue.clone(), model.text_queue.clone()
     batch = make_batch(seed=4)
-    out, _ = run(model, batch, backward=False)
+    out, _ = forward_backward(model, batch, backward=False)
     written = slice(start, start + BATCH)
     assert torch.equal(model.image_queue[:, written], out["image_feat_m_all"].t())
     assert torch.equal(model.text_queue[:, written], out["text_feat_m_all"].t())
@@ -293,7 +191,7 @@ def test_forward_losses_equal_the_components_assembled_by_hand(alpha):
     model = stir(make_model(small_config("model.share_cross_kv=false", "model.mlm_masked_only=false")))
     batch = make_batch(seed=5)
     image_queue, text_queue = model.image_queue.clone(), model.text_queue.clone()
-    out, _ = run(model, batch, alpha=alpha, backward=False)
+    out, _ = forward_backward(model, batch, alpha=alpha, backward=False)
     ids, mask, labels = batch["text_ids"], batch["text_mask"], batch["mlm_labels"]
     with torch.no_grad():
         temp = model.temp
@@ -334,7 +232,7 @@ def test_queue_size_zero_is_in_batch_contrast_only():
     features alone (cross-entropy against the diagonal at alpha 0), and a step runs."""
     model = make_model(small_config("model.queue_size=0"))
     batch = make_batch(seed=4, repeat_images=False)
-    out, grads = run(model, batch, alpha=0.0)
+    out, grads = forward_backward(model, batch, alpha=0.0)
     ids, mask = batch["text_ids"], batch["text_mask"]
     with torch.no_grad():
         image = model.image_feat(model.encode_image(batch["images"]))
@@ -370,8 +268,8 @@ def test_mean_text_pool_averages_the_real_tokens_and_ignores_padding():
         cls = twin(model, text_pool="cls").eval()
         states = cls.encode_text(ids, mask)
         torch.testing.assert_close(cls.text_feat(states, mask), F.normalize(cls.text_proj(states[:, 0]), dim=-1))
-        mean_out, _ = run(model, batch, backward=False)
-        cls_out, _ = run(cls, batch, backward=False)
+        mean_out, _ = forward_backward(model, batch, backward=False)
+        cls_out, _ = forward_backward(cls, batch, backward=False)
     assert not torch.allclose(mean_out["loss_itc"], cls_out["loss_itc"])
     torch.testing.assert_close(mean_out["loss_mlm"], cls_out["loss_mlm"])
 
@@ -399,8 +297,8 @@ def test_mean_itm_pool_reads_the_average_of_the_real_fused_tokens():
             model.itm_logits(fused)
         cls = twin(model, itm_pool="cls").eval()
         torch.testing.assert_close(cls.itm_logits(fused, mask), cls.itm_head(fused[:, 0]))
-        mean_out, _ = run(model, batch, backward=False)
-        cls_out, _ = run(cls, batch, backward=False)
+        mean_out, _ = forward_backward(model, batch, backward=False)
+        cls_out, _ = forward_backward(cls, batch, backward=False)
     assert not torch.allclose(mean_out["loss_itm"], cls_out["loss_itm"])
     for key in ("loss_itc", "loss_mlm"):
         torch.testing.assert_close(mean_out[key], cls_out[key])

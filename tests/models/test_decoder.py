@@ -10,8 +10,8 @@ import torch
 
 from albef_ds.models.bert import BertForMaskedLM, BertLayer
 from albef_ds.models.decoder import BertLMHeadDecoder, answer_nll
-# pytest puts tests/models on sys.path (no __init__.py).
-from test_bert_vs_hf import TOL, assert_close_tokens, batch, hf_config, model_cfg, randomise
+
+from tests.support.hf import TOL, assert_close_tokens, batch, hf_config, model_cfg, randomise
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.bert import modeling_bert as hf_bert  # noqa: E402

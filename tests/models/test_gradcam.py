@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from albef_ds.models import ALBEF
 from albef_ds.models.gradcam import gradcam, saved_cross_attention
-from test_bert_vs_hf import batch, model_cfg, randomise
+from tests.support.hf import batch, model_cfg, randomise
 
 GRID = (2, 2)  # image_res 32, patch 16: [CLS] + 2x2 patches
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from albef_ds.models.bert import BertForMaskedLM, BertModel, additive_mask, replicate_fusion_layers
-from test_bert_vs_hf import TOL, assert_close_tokens, batch, model_cfg, randomise
+from tests.support.hf import TOL, assert_close_tokens, batch, model_cfg, randomise
 
 
 def pretrained_pair(sdpa=True):

@@ -15,9 +15,10 @@ from albef_ds import losses
 from albef_ds.config import ModelConfig
 from albef_ds.models.bert import BertSelfAttention
 from albef_ds.objectives.pretrain import albef_forward
-# pytest puts tests/models on sys.path (no __init__.py): the tiny model and batch of the
-# ALBEF tests, and their one-thread fixture (autouse, so importing it applies it here too).
-from test_albef import make_batch, make_model, one_thread, small_config, stir  # noqa: F401
+
+# the tiny model and batch of the ALBEF tests, and their one-thread fixture (autouse, so
+# importing it applies it here too)
+from tests.support.tiny import make_batch, make_model, one_thread, small_config, stir  # noqa: F401
 
 IGNORE = -100
 

@@ -9,7 +9,7 @@ import torch
 
 from albef_ds.models.gradcam import saved_cross_attention
 from albef_ds.objectives.grounding import GroundingObjective
-from test_reference_layouts import randomise, small_cfg
+from tests.support.layouts import randomise, small_cfg
 
 
 def default_layer(text_depth, fusion_layer):

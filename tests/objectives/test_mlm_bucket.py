@@ -5,17 +5,15 @@ a padding row that leaked into the loss is caught.
 Gradients: the padding rows' gradients are exact zeros, but the MLM head's weight and bias
 gradients are sums over rows, which the CPU kernels block differently for another row
 count: equal to float32 rounding (GRAD_RTOL), not bit for bit (measured: the head's bias)."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from test_albef import make_batch, make_model, one_thread, run, small_config, stir, twin  # noqa: E402,F401
+from tests.support.tiny import (forward_backward, make_batch, make_model, one_thread, small_config,  # noqa: F401
+                                stir, twin)
 
-from albef_ds import losses  # noqa: E402
-from albef_ds.objectives import mlm  # noqa: E402
+from albef_ds import losses
+from albef_ds.objectives import mlm
 
 
 #: float32 rounding of a sum over a different number of rows (see above)
@@ -49,7 +47,7 @@ def test_a_padded_masked_count_gives_the_unpadded_losses_and_gradients_bit_for_b
     exact = stir(make_model(small_config("model.mlm_masked_only=true", "model.mlm_masked_bucket=0")))
     padded = twin(exact, mlm_masked_bucket=bucket)
     batch = make_batch()
-    a, b = run(exact, batch, alpha), run(padded, batch, alpha)
+    a, b = forward_backward(exact, batch, alpha), forward_backward(padded, batch, alpha)
     assert a[0]["loss_mlm"].item() > 1.0
     assert_identical(a, b, grads_exact=False)
 
@@ -67,7 +65,7 @@ def test_a_padding_row_counted_in_the_loss_is_caught(monkeypatch):
         return positions, torch.where(padded_labels == losses.IGNORE_INDEX, 5, padded_labels)
 
     monkeypatch.setattr(mlm, "bucketed_positions", leaky)
-    a, b = run(exact, batch, 0.4), run(padded, batch, 0.4)
+    a, b = forward_backward(exact, batch, 0.4), forward_backward(padded, batch, 0.4)
     assert not torch.equal(a[0]["loss_mlm"], b[0]["loss_mlm"])
     with pytest.raises(AssertionError):  # and the gradient tolerance is far tighter than the change
         assert_identical((b[0] | {"loss_mlm": a[0]["loss_mlm"], "loss": a[0]["loss"]}, b[1]), a, grads_exact=False)
@@ -77,4 +75,4 @@ def test_the_bucket_is_ignored_with_the_full_vocabulary_head():
     full = stir(make_model(small_config("model.mlm_masked_only=false")))
     bucketed = twin(full, mlm_masked_bucket=64)
     batch = make_batch()
-    assert_identical(run(full, batch, 0.4), run(bucketed, batch, 0.4))
+    assert_identical(forward_backward(full, batch, 0.4), forward_backward(bucketed, batch, 0.4))

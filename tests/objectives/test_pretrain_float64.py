@@ -9,15 +9,12 @@ position. A float32 detour anywhere (attention softmax, a loss's .float()) leave
 of ~1e-7, far above the 1e-10 asserted."""
 import copy
 import math
-import sys
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from test_albef import make_batch, make_model, small_config  # noqa: E402
+from tests.support.tiny import make_batch, make_model, small_config
 
-from albef_ds.objectives.pretrain import albef_forward  # noqa: E402
+from albef_ds.objectives.pretrain import albef_forward
 
 ALPHA = 0.4
 NEG_TEXT = torch.tensor([3, 2, 5, 0, 7, 6, 1, 4])

@@ -2,7 +2,6 @@
 NLVR2's text-assignment stage): our task models export exactly their keys and shapes (the
 lists in tests/fixtures were read from the reference code itself), and a checkpoint in
 that layout loads strictly into the task model and exports back unchanged."""
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +12,7 @@ from albef_ds.objectives import reference_layout
 from albef_ds.train.trainer import build_model, make_objective
 from albef_ds.weights import WeightLoadError, export_albef_state_dict
 
-FIXTURES = Path(__file__).parent.parent / "fixtures"
-TASKS = ("ve", "nlvr2", "vqa", "grounding", "nlvr_ta")
-
-
-def fixture_layout(task: str) -> dict:
-    rows = {}
-    for line in (FIXTURES / f"albef_{task}_keys.txt").read_text().splitlines():
-        if line.strip() and not line.startswith("#"):
-            name, shape = line.split()
-            rows[name] = () if shape == "scalar" else tuple(int(s) for s in shape.split("x"))
-    return rows
-
+from tests.support.layouts import TASKS, fixture_layout, randomise, small_cfg
 
 @pytest.mark.parametrize("task", TASKS)
 def test_export_has_exactly_the_reference_keys_and_shapes(task):
@@ -37,23 +25,6 @@ def test_export_has_exactly_the_reference_keys_and_shapes(task):
     want = fixture_layout(task)
     assert sorted(set(want) - set(ours)) == [] and sorted(set(ours) - set(want)) == []
     assert {k: ours[k] for k in want if ours[k] != want[k]} == {}
-
-
-def small_cfg(task: str, tmp_path=None, init=None):
-    overrides = ["model.image_res=32", "model.patch_size=16", "model.vision_width=32", "model.vision_depth=1",
-                 "model.vision_heads=2", "model.text_width=32", "model.text_depth=4", "model.fusion_layer=2",
-                 "model.text_heads=2", "model.text_intermediate=64", "model.vocab_size=60", "model.embed_dim=16",
-                 "model.queue_size=64", "train.micro_batch_size=4", f"train.objective={task}"]
-    if init:
-        overrides.append(f"checkpoint.init_from={init}")
-    return load_config("tiny", overrides)
-
-
-@torch.no_grad()
-def randomise(model, seed):
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.copy_(torch.randn(p.shape, generator=g) * 0.1)
 
 
 @pytest.mark.parametrize("task", TASKS)

@@ -13,7 +13,7 @@ from albef_ds.models import ALBEF
 from albef_ds.objectives import reference_layout
 from albef_ds.train.trainer import build_model, make_objective
 from albef_ds.weights import WeightLoadError, export_albef_state_dict
-from test_reference_layouts import fixture_layout, randomise, small_cfg
+from tests.support.layouts import fixture_layout, randomise, small_cfg
 
 #: (task, a tensor its checkpoint holds, in the reference layout): one per head and per part
 #: that the old loading let start fresh

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from albef_ds.objectives.grounding import GroundingObjective
 from albef_ds.objectives.nlvr_ta import assign_images
 from albef_ds.train.trainer import build_model, make_objective
-from test_reference_layouts import randomise, small_cfg
+from tests.support.layouts import randomise, small_cfg
 
 RTOL = 1e-10
 

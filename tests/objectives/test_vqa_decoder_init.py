@@ -12,7 +12,7 @@ import torch
 from albef_ds.train.export import resolve_init, save_exported
 from albef_ds.train.trainer import build_model, make_objective
 from albef_ds.weights import export_albef_state_dict
-from test_reference_layouts import randomise, small_cfg
+from tests.support.layouts import randomise, small_cfg
 
 FUSION = 2  # small_cfg: text_depth 4, fusion_layer 2 -> a 2-layer decoder
 

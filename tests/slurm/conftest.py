@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from slurm_local import (SlurmCluster, daemon_pids, free_ports_env, new_state_dir, process_alive,
-                         read_env_file, run_cluster_script)
+from tests.support.slurm import (SlurmCluster, daemon_pids, free_ports_env, new_state_dir, process_alive,
+                                 read_env_file, run_cluster_script)
 
 
 def pytest_configure(config):
@@ -60,3 +60,24 @@ def slurm_cluster():
                     f"still alive: {left}):\n{proc.stdout}\n{proc.stderr}", pytrace=False)
     if not env_dir:
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def synth(synth_data, tmp_path_factory):
+    """(root, data, tok): the session's synth shards and vocabulary, and a folder for the
+    jobs' run directories that the cluster's jobs can reach."""
+    data, tok = synth_data
+    root = tmp_path_factory.mktemp("slurm_runs")
+    os.chmod(root, 0o755)
+    return root, data, tok
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(slurm_cluster, synth):
+    """slurm/pretrain.sbatch, 2 ranks (one per node), STEPS steps, uninterrupted: the
+    reference sample log of every job of tests/slurm (a global batch of 2 x MICRO)."""
+    from tests.support.slurm import submit_pretrain, wait_done
+    t0 = time.monotonic()
+    job, run_dir = submit_pretrain(slurm_cluster, synth, "uninterrupted")
+    info = wait_done(slurm_cluster, job, run_dir, timeout=300)
+    return job, run_dir, info, time.monotonic() - t0

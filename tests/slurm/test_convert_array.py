@@ -13,9 +13,9 @@ import sys
 import pytest
 from PIL import Image
 
-from slurm_local import REPO
+from tests.support.slurm import REPO
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(300)]
 
 
 def _write_json_input(root, n=30):

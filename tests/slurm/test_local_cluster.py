@@ -9,10 +9,10 @@ import time
 
 import pytest
 
-from slurm_local import (daemon_pids, free_ports_env, new_state_dir, process_alive,
+from tests.support.slurm import (daemon_pids, free_ports_env, new_state_dir, process_alive,
                          read_env_file, run_cluster_script, wait_until)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(180)]
 
 
 def test_both_nodes_idle(slurm_cluster):

@@ -14,83 +14,21 @@ tests/slurm/private_shm.sh (its own /dev/shm, as on separate hosts; see that fil
 from __future__ import annotations
 
 import collections
-import hashlib
 import json
-import os
 import re
-import subprocess
-import sys
 import time
 from datetime import datetime
 from pathlib import Path
 
 import pytest
 
-from slurm_local import REPO, wait_until
+from tests.support.runs import keys
+from tests.support.slurm import (CKPT_EVERY, MICRO, REPO, STEPS, job_env, job_log, submit_pretrain, wait_done,
+                                 wait_until)
 
-pytestmark = [pytest.mark.slurm, pytest.mark.timeout(600)]
+pytestmark = [pytest.mark.slow, pytest.mark.slurm, pytest.mark.timeout(600)]
 
-STEPS = 16
-MICRO = 8
-CKPT_EVERY = 4
 KILL_WAIT = 30  # the local cluster's KillWait (asserted in test_local_cluster)
-
-
-def _cli(argv):
-    exe = Path(sys.executable).parent / argv[0]
-    proc = subprocess.run([str(exe), *argv[1:]], capture_output=True, text=True, cwd=REPO,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pretrain_sbatch")
-    os.chmod(root, 0o755)
-    data, tok = root / "data", root / "tok"
-    _cli(["albef-data", "synth", "--out", str(data), "--seed", "0", "--num-train", "640",
-          "--num-val", "40", "--num-test", "40", "--no-progress"])
-    _cli(["albef-data", "build-vocab", str(data / "captions.txt"), "--out", str(tok), "--vocab-size", "300"])
-    return root, data, tok
-
-
-def _job_env(run_dir: Path, data: Path, tok: Path) -> dict:
-    bin_dir = os.path.dirname(sys.executable)
-    extra = [f"data.train_dirs=[{data / 'train'}]", f"data.tokenizer={tok}",
-             f"train.max_steps={STEPS}", f"train.micro_batch_size={MICRO}", "train.lr=1e-3",
-             "train.warmup_steps=2", "model.vision_depth=2", "model.text_depth=2", "model.fusion_layer=1",
-             "logging.log_every=1", f"checkpoint.every_steps={CKPT_EVERY}", "checkpoint.keep_last=10",
-             "logging.log_sample_keys=true", "logging.progress_bar=false", "logging.tensorboard=false"]
-    # DeepSpeed JIT-builds its CPU shm op (~60 s on 2 cores): one build dir per environment
-    # (inside it when writable: CI's throw-away venv takes it along), so that builds for
-    # other environments on this host (same ~/.cache path, other flags) do not invalidate ours.
-    if os.access(sys.prefix, os.W_OK):
-        ext = os.path.join(sys.prefix, "var", "albef-torch-extensions")
-    else:
-        ext = f"/tmp/albef-torch-ext-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"
-    return {
-        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
-        "DEVICE": "cpu", "CONFIG": "tiny", "DS_CONFIG": "ds_configs/zero2_fp32.json",
-        "RUN_DIR": str(run_dir), "EXTRA_ARGS": " ".join(f"--set {e}" for e in extra),
-        "ALBEF_DS": f"{REPO / 'tests' / 'slurm' / 'private_shm.sh'} {bin_dir}/albef-ds",
-        "PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": ext,
-    }
-
-
-def _submit(cluster, synth, name: str) -> tuple[str, Path]:
-    root, data, tok = synth
-    run_dir = root / name
-    run_dir.mkdir()
-    job = cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
-                         f"--job-name=albef-{name}", f"--output={run_dir}/slurm-%j.out",
-                         str(REPO / "slurm" / "pretrain.sbatch"),
-                         env=_job_env(run_dir, data, tok), cwd=root)
-    return job, run_dir
-
-
-def _log(run_dir: Path, job: str) -> str:
-    f = run_dir / "logs" / f"pretrain-{job}.log"
-    return f.read_text(errors="replace") if f.exists() else ""
 
 
 def _steps_logged(run_dir: Path) -> int:
@@ -103,36 +41,25 @@ def _raw_keys(run_dir: Path, rank: int) -> list:
     return [((r["step"], r["micro"]), r["keys"]) for r in rows]
 
 
-def _keys(run_dir: Path, rank: int) -> dict:
-    """(step, micro) -> keys, last occurrence wins (a resumed run appends)."""
-    return dict(_raw_keys(run_dir, rank))
-
-
 def _stamp(text: str, pattern: str) -> float:
     m = re.search(r"\[pretrain (\S+)Z\] " + pattern, text)
     assert m, (pattern, text[-3000:])
     return datetime.fromisoformat(m.group(1)).timestamp()
 
 
-def _wait_done(cluster, job: str, run_dir: Path, timeout: float = 240) -> dict:
-    info = cluster.wait_job(job, timeout=timeout)
-    assert info["JobState"] == "COMPLETED", (info, _log(run_dir, job)[-5000:])
-    return info
-
-
 def _wait_for_progress(cluster, job: str, run_dir: Path, steps: int):
     """A complete checkpoint exists and at least `steps` steps were logged."""
     def ready():
         state = cluster.job_state(job)
-        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, _log(run_dir, job)[-3000:])
+        assert state in ("PENDING", "RUNNING", "CONFIGURING"), (state, job_log(run_dir, job)[-3000:])
         return (run_dir / "checkpoints" / "latest").exists() and _steps_logged(run_dir) >= steps
-    wait_until(ready, timeout=240, poll=0.2, what=f"a checkpoint and {steps} steps")
+    wait_until(ready, timeout=240, poll=0.5, what=f"a checkpoint and {steps} steps")
 
 
 def _restart(cluster, job: str, run_dir: Path):
     """The job is back to PENDING (requeued, Restarts=1): start it now (skips ~120 s)."""
     info = cluster.wait_job(job, states={"PENDING"}, timeout=90)
-    assert int(info["Restarts"]) == 1, (info, _log(run_dir, job)[-3000:])
+    assert int(info["Restarts"]) == 1, (info, job_log(run_dir, job)[-3000:])
     cluster.start_requeued_now(job)
 
 
@@ -143,22 +70,22 @@ def _assert_same_samples(run_dir: Path, ref_dir: Path) -> dict:
     out = {}
     for rank in (0, 1):
         raw = _raw_keys(run_dir, rank)
-        got, ref = _keys(run_dir, rank), _keys(ref_dir, rank)
+        got, ref = keys(run_dir, rank), keys(ref_dir, rank)
         assert sorted(got) == sorted(ref) == [(s, 0) for s in range(STEPS)], (rank, sorted(got))
         diff = [sk for sk in ref if got[sk] != ref[sk]]
         assert not diff, (rank, diff[:5])
         repeated = len(raw) - len(got)
         assert repeated == 0, f"rank {rank}: {repeated} (step, micro) ran twice"
         out[rank] = repeated
-    everything = collections.Counter(k for r in (0, 1) for ks in _keys(run_dir, r).values() for k in ks)
-    reference = collections.Counter(k for r in (0, 1) for ks in _keys(ref_dir, r).values() for k in ks)
+    everything = collections.Counter(k for r in (0, 1) for ks in keys(run_dir, r).values() for k in ks)
+    reference = collections.Counter(k for r in (0, 1) for ks in keys(ref_dir, r).values() for k in ks)
     assert everything == reference
     assert sum(everything.values()) == len(everything) == STEPS * 2 * MICRO  # 0 repeated, 0 skipped
     return out
 
 
 def _assert_finished(run_dir: Path, job: str, restarts: int):
-    text = _log(run_dir, job)
+    text = job_log(run_dir, job)
     assert (run_dir / "DONE").read_text() == str(STEPS)
     metrics = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert sorted(set(metrics)) == list(range(1, STEPS + 1)), metrics
@@ -169,21 +96,13 @@ def _assert_finished(run_dir: Path, job: str, restarts: int):
     return text
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(slurm_cluster, synth):
-    t0 = time.monotonic()
-    job, run_dir = _submit(slurm_cluster, synth, "uninterrupted")
-    info = _wait_done(slurm_cluster, job, run_dir, timeout=300)
-    return job, run_dir, info, time.monotonic() - t0
-
-
 def test_two_ranks_one_per_node_complete_all_steps(uninterrupted):
     job, run_dir, info, elapsed = uninterrupted
     assert info["NodeList"] == "n[1-2]" and int(info["Restarts"]) == 0, info
     text = _assert_finished(run_dir, job, restarts=0)
     assert "scontrol requeue" not in text
     for rank in (0, 1):
-        assert sorted(_keys(run_dir, rank)) == [(s, 0) for s in range(STEPS)]
+        assert sorted(keys(run_dir, rank)) == [(s, 0) for s in range(STEPS)]
     # where each rank ran: the per-node TMPDIR holds its streaming file locks
     assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{STEPS:08d}"
     print(f"uninterrupted {STEPS}-step job: {elapsed:.1f}s")
@@ -195,7 +114,7 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, synth, uni
     c = slurm_cluster
     root, data, tok = synth
     run_dir = root / "usr1"
-    env = _job_env(run_dir, data, tok)
+    env = job_env(run_dir, data, tok)
     pretrain_args = env.pop("EXTRA_ARGS").split()
     for name in ("RUN_DIR", "CONFIG", "DS_CONFIG", "DEVICE"):
         env.pop(name)
@@ -211,7 +130,7 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, synth, uni
     c.run("scancel", "--signal=USR1", "--batch", job)
     _restart(c, job, run_dir)
     assert c.job_state(eval_job) == "PENDING"  # the requeue did not release the dependency
-    info = _wait_done(c, job, run_dir)
+    info = wait_done(c, job, run_dir)
     assert int(info["Restarts"]) == 1, info
     text = _assert_finished(run_dir, job, restarts=1)
     stop = re.search(r"stop requested \((?:SIGUSR1|another rank)\): checkpoint at step (\d+) committed", text)
@@ -235,12 +154,12 @@ def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, synth, uni
 def test_external_requeue_sigterm_saves_within_killwait_and_resumes(slurm_cluster, synth, uninterrupted):
     c = slurm_cluster
     t0 = time.monotonic()
-    job, run_dir = _submit(c, synth, "sigterm")
+    job, run_dir = submit_pretrain(c, synth, "sigterm")
     _wait_for_progress(c, job, run_dir, steps=CKPT_EVERY + 2)
     t_requeue = time.time()
     c.run("scontrol", "requeue", job)
     _restart(c, job, run_dir)
-    info = _wait_done(c, job, run_dir)
+    info = wait_done(c, job, run_dir)
     assert int(info["Restarts"]) == 1, info
     text = _assert_finished(run_dir, job, restarts=1)
     stop = re.search(r"stop requested \((?:SIGTERM|another rank)\): checkpoint at step (\d+) committed", text)
@@ -273,7 +192,7 @@ def test_deepspeed_launcher_variant_usr1_requeues_and_resumes(slurm_cluster, syn
     root, data, tok = synth
     run_dir = root / "deepspeed"
     run_dir.mkdir()
-    env = _job_env(run_dir, data, tok)
+    env = job_env(run_dir, data, tok)
     env.pop("ALBEF_DS")
     env["NUM_RANKS"] = "2"
     t0 = time.monotonic()
@@ -283,9 +202,9 @@ def test_deepspeed_launcher_variant_usr1_requeues_and_resumes(slurm_cluster, syn
     _wait_for_progress(c, job, run_dir, steps=CKPT_EVERY + 2)
     c.run("scancel", "--signal=USR1", "--batch", job)
     _restart(c, job, run_dir)
-    info = _wait_done(c, job, run_dir)
+    info = wait_done(c, job, run_dir)
     assert int(info["Restarts"]) == 1, info
-    text = _log(run_dir, job)
+    text = job_log(run_dir, job)
     assert (run_dir / "DONE").read_text() == str(STEPS)
     assert text.count("world size 2 on 1 node(s) (deepspeed/torchrun)") == 2, text[-3000:]
     stop = re.search(r"stop requested \((?:SIGTERM|another rank)\): checkpoint at step (\d+) committed", text)

@@ -1,4 +1,4 @@
-"""Two real ranks (deepspeed launcher, gloo on CPU) against one process.
+"""Two and four real ranks (gloo on CPU, started as a launcher starts them) against one process.
 
 - 2 ranks x B give the gradients (after DeepSpeed's averaging) of 1 rank x 2B, with
   dropout 0, fixed ITM negatives and MLM masks, and the MLM loss normalised by the global
@@ -11,19 +11,19 @@
   the gradient reaches the other rank's image encoder.
 - Retrieval evaluation split over 2 ranks gives exactly the numbers of 1 rank.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import GLOBAL_BATCH, fixed_inputs, tiny_cfg  # noqa: E402
+from albef_ds.models import ALBEF
+from albef_ds.objectives.pretrain import albef_forward
 
-from albef_ds.models import ALBEF  # noqa: E402
-from albef_ds.objectives.pretrain import albef_forward  # noqa: E402
+from tests.support.launch import albef_command, call
+from tests.support.retrieval import fake_io, fake_split
+from tests.support.tiny import GLOBAL_BATCH, fixed_inputs, tiny_cfg
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
 #: fp32 sums in another order (gathers, all-reduce of gradients): relative tolerance.
@@ -37,16 +37,6 @@ GRAD_FLOOR = 1e-3
 MUTATION_MARGIN = 100
 
 
-def deepspeed_launch(script_args: list[str], cwd: Path, timeout: int = 300, num: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(num),
-           "--master_port", str(29500 + os.getpid() % 1000)] + script_args
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
-
-
 #: world sizes of the real launches: every multi-rank assertion holds at each.
 WORLDS = (2, 4)
 
@@ -57,7 +47,7 @@ def launches(tmp_path_factory):
     out = {}
     for world in WORLDS:
         d = tmp_path_factory.mktemp(f"dist{world}")
-        deepspeed_launch([str(REPO / "tests/train/dist_driver.py"), "--out", str(d)], cwd=REPO, num=world)
+        call(albef_command(world, ["--out", str(d)], module="tests.support.drivers.dist_driver"))
         out[world] = [torch.load(d / f"rank{r}.pt", weights_only=False) for r in range(world)]
     return out
 
@@ -170,9 +160,6 @@ def test_global_negatives_cross_ranks_and_skip_same_image(ranks):
 
 
 def test_retrieval_on_two_ranks_equals_one_rank(ranks):
-    sys.path.insert(0, str(REPO / "tests/eval"))
-    from retrieval_common import fake_io, fake_split
-
     from albef_ds.eval.retrieval import evaluate
     cfg = tiny_cfg(1)
     torch.manual_seed(0)

@@ -1,7 +1,6 @@
 """Engine set-up, schedules and checkpoint bookkeeping, without launching ranks."""
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +11,8 @@ from albef_ds.train.backend import load_ds_config, param_groups
 from albef_ds.train.trainer import check_data_dirs
 from albef_ds.objectives.base import alpha_at
 from albef_ds.train.schedule import lr_at
+
+from tests.support.checkpoints import FakeCollectives, broadcasts_of, fake_backend
 
 
 def test_ds_config_filled_from_our_config():
@@ -88,26 +89,6 @@ def test_lr_warmup_then_cosine_and_alpha_ramp():
     assert alpha_at(500, 50, 0.4, 1.0) == pytest.approx(0.4)
 
 
-class FakeEngine:
-    def __init__(self, fail=False):
-        self.fail = fail
-
-    def save_checkpoint(self, save_dir, tag, client_state, save_latest):
-        assert save_latest is False  # DeepSpeed must never write its own 'latest'
-        (Path(save_dir) / tag).mkdir(parents=True, exist_ok=True)
-        (Path(save_dir) / tag / "mp_rank_00_model_states.pt").write_text("partial")
-        if self.fail:
-            raise OSError("disk full (simulated crash in the middle of a save)")
-
-
-def fake_backend(fail=False):
-    """The real backend's save path (save_latest=False, the universal info) over a fake engine."""
-    from albef_ds.train.backend import DeepSpeedBackend
-    backend = object.__new__(DeepSpeedBackend)
-    backend.engine = FakeEngine(fail)
-    return backend
-
-
 def test_a_crash_in_the_middle_of_a_save_never_becomes_latest(tmp_path):
     ckpt = CheckpointManager(tmp_path, keep_last=2, rank=0, world_size=1)
     ckpt.save(fake_backend(), 4, {"global_batch": 8}, {"albef_rank00000.pt": {"rng": None}})
@@ -132,41 +113,6 @@ def test_a_crash_in_the_middle_of_a_save_never_becomes_latest(tmp_path):
     assert not list(ckpt.dir.glob("*.partial"))
 
 
-class FakeCollectives:
-    """Rank 1 of two ranks, in one process: what rank 0 broadcasts is computed by rank 0's
-    own manager (over rank 0's view of the file system); every gather gets rank 0's answer
-    from ``rank0_answers`` (called with the gather's number and rank 1's object)."""
-
-    def __init__(self, rank0_manager, rank0_answers):
-        self.rank0, self.answers, self.gathers = rank0_manager, rank0_answers, 0
-
-    def barrier(self):
-        pass
-
-    def broadcast_object(self, obj, src=0):
-        return self.rank0_broadcasts.pop(0)
-
-    def all_gather_object(self, obj):
-        self.gathers += 1
-        return [self.answers(self.gathers, obj), obj]
-
-
-def _broadcasts_of(manager, resume):
-    """What rank 0 broadcasts while resolving ``resume`` alone (as if every rank agreed)."""
-    sent = []
-
-    class Record(FakeCollectives):
-        def broadcast_object(self, obj, src=0):
-            sent.append(obj)
-            return obj
-
-        def all_gather_object(self, obj):
-            return [obj, obj]
-    manager.comm = Record(None, None)
-    manager.resolve(resume)
-    return sent
-
-
 def test_ranks_that_see_different_latest_tags_cannot_load_different_steps(tmp_path):
     """Rank 1's view of the file system lacks step 8 (a caching shared file system): rank 0's
     choice is broadcast, rank 1 cannot see it, and every rank stops with the same error."""
@@ -184,7 +130,7 @@ def test_ranks_that_see_different_latest_tags_cannot_load_different_steps(tmp_pa
     stale = tmp_path / "stale"
     shutil.copytree(rank0_run, stale)
     shutil.rmtree(stale / "checkpoints" / "step_00000008")
-    sent = _broadcasts_of(CheckpointManager(rank0_run, 5, 0, 2), "auto")
+    sent = broadcasts_of(CheckpointManager(rank0_run, 5, 0, 2), "auto")
     sent = [(e, [c.replace(str(rank0_run), str(stale)) for c in cands]) if i == 0 else (e, cands)
             for i, (e, cands) in enumerate(sent)]
     rank1 = CheckpointManager(stale, 5, rank=1, world_size=2,
@@ -201,7 +147,7 @@ def test_ranks_that_see_different_latest_tags_cannot_load_different_steps(tmp_pa
         rank0.resolve("auto")
     # Agreement: every rank resumes from rank 0's choice, not from its own newest.
     rank1_step4 = CheckpointManager(rank1_run, 5, 0, 2)
-    sent = _broadcasts_of(rank1_step4, str(rank1_run / "checkpoints" / "step_00000004"))
+    sent = broadcasts_of(rank1_step4, str(rank1_run / "checkpoints" / "step_00000004"))
     agree = CheckpointManager(rank1_run, 5, rank=1, world_size=2,
                               collectives=FakeCollectives(None, lambda n, mine: mine))
     agree.comm.rank0_broadcasts = list(sent)
@@ -235,6 +181,7 @@ def test_rotation_never_deletes_the_checkpoint_just_written(tmp_path):
     assert ckpt.complete_tags() == ["step_00000002", "step_00000003"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("ds_name", ["zero2_bf16.json", "zero3_bf16.json"])
 def test_temperature_clamp_reaches_the_fp32_master(ds_name, monkeypatch):
     """The master is set past the bound (as a large step would); clamp_master brings the

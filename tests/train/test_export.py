@@ -3,11 +3,21 @@ prunes), with the tokenizer, and a config of absolute paths: an export evaluates
 directory after every checkpoint is gone."""
 import json
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_run_dir import call, pretrain  # noqa: E402
+import pytest
+
+from tests.support.launch import in_process
+from tests.support.runs import small_run_args
+
+pytestmark = pytest.mark.slow
+
+
+def call(args, log: Path, cwd: Path) -> tuple[int, str]:
+    """``albef-ds ARGS`` on one rank, in-process, from ``cwd`` (relative paths resolve there)."""
+    code, text = in_process(args, log, cwd=cwd)
+    assert code == 0, text[-4000:]
+    return code, text
 
 
 def test_an_export_survives_rotation_and_evaluates_from_another_directory(synth_data, tmp_path):
@@ -20,14 +30,14 @@ def test_an_export_survives_rotation_and_evaluates_from_another_directory(synth_
     tok_copy = tmp_path / "tok_copy"  # removed below: the export must carry its own
     shutil.copytree(tok, tok_copy)
     rel_data, rel_tok = Path(os.path.relpath(data, start_dir)), Path(os.path.relpath(tok_copy, start_dir))
-    call(pretrain("run", rel_data, rel_tok, steps=4), tmp_path / "train.log", cwd=start_dir)
+    call(small_run_args("run", rel_data, rel_tok, steps=4), tmp_path / "train.log", cwd=start_dir)
     run = start_dir / "run"
     import yaml
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["data"]["tokenizer"] == str(tok_copy) and saved["data"]["train_dirs"] == [str(data / "train")]
     assert saved["logging"]["run_dir"] == str(run)
 
-    _, text = call([sys.executable, "-m", "albef_ds", "export", "run"], tmp_path / "export.log", cwd=start_dir)
+    _, text = call(["export", "run"], tmp_path / "export.log", cwd=start_dir)
     export = run / "exports" / "step_00000004"
     assert {"model.pt", "albef.pth", "config.yaml", "tokenizer"} <= {p.name for p in export.iterdir()}
     assert yaml.safe_load((export / "config.yaml").read_text())["data"]["tokenizer"] == str(export / "tokenizer")
@@ -42,7 +52,7 @@ def test_an_export_survives_rotation_and_evaluates_from_another_directory(synth_
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     rel_export = os.path.relpath(export, elsewhere)
-    _, text = call([sys.executable, "-m", "albef_ds", "eval-retrieval", "--model", rel_export,
+    _, text = call(["eval-retrieval", "--model", rel_export,
                     "--split", str(data / "test.json"), "--max-images", "10", "--k", "4",
                     "--out", "eval"], tmp_path / "eval.log", cwd=elsewhere)
     result = json.loads((elsewhere / "eval" / "retrieval.json").read_text())

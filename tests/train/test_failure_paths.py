@@ -5,29 +5,26 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_pretrain import REPO, command, env, launch  # noqa: E402
+from tests.support.launch import albef_command, call, env, in_process
+from tests.support.runs import pretrain_args
+
+pytestmark = pytest.mark.slow
 
 #: from the moment of the failure to the end of the whole launch (a hang would take the
 #: subprocess timeout); generous for 2 shared cores and the deepspeed launcher's kill.
 ENDS_WITHIN_S = 30
 
 
-def _with_wrapper(cmd: list[str], script: Path) -> list[str]:
-    cmd = list(cmd)
-    if "--module" in cmd:
-        i = cmd.index("--module")
-        cmd[i:i + 2] = [str(script)]
-    else:
-        i = cmd.index("albef_ds")
-        cmd[i - 1:i + 1] = [str(script)]
-    return cmd
+def command(ranks: int, run_dir: Path, data: Path, tok: Path, extra=(), steps: int = 20,
+            module: str = "albef_ds") -> list[str]:
+    """The session recipe (tests/support/runs.py) in ``run_dir`` as a launch of its own."""
+    return albef_command(ranks, pretrain_args(run_dir, data, tok, ranks, steps, extra), module=module,
+                         launcher="deepspeed")
 
 
 @pytest.mark.parametrize("ranks, where", [(1, "worker"), (2, "worker"), (1, "main")])
@@ -36,11 +33,10 @@ def test_an_error_in_the_loop_with_loader_workers_ends_the_job_within_seconds(sy
     its workers ignore SIGTERM and multiprocessing joins them at exit (measured: alive after
     90 s and a SIGTERM). With 2 ranks the error is on rank 1; the launcher must end rank 0."""
     data, tok = synth_data
-    cmd = _with_wrapper(command(ranks, tmp_path / "run", data, tok, ["--set", "data.num_workers=2"]),
-                        REPO / "tests/train/inject_error.py")
-    proc = subprocess.run(cmd, cwd=REPO, env=dict(env(), INJECT_AT="40" if where == "worker" else "3",
-                                                  INJECT_IN=where, INJECT_RANK=str(ranks - 1)),
-                          capture_output=True, text=True, timeout=300)
+    cmd = command(ranks, tmp_path / "run", data, tok, ["--set", "data.num_workers=2"],
+                  module="tests.support.drivers.inject_error")
+    proc = subprocess.run(cmd, env=env(INJECT_AT="40" if where == "worker" else "3", INJECT_IN=where,
+                                       INJECT_RANK=str(ranks - 1)), capture_output=True, text=True, timeout=300)
     ended = time.time()
     out = proc.stdout + proc.stderr
     assert proc.returncode != 0, out[-3000:]
@@ -59,10 +55,11 @@ def test_a_truncated_shard_is_named_at_start_up_and_ends_the_job(synth_data, tmp
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
     start = time.time()
-    proc = subprocess.run(command(ranks, tmp_path / "run", bad, tok), cwd=REPO, env=env(),
-                          capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+    if ranks == 1:  # in-process: the same start-up path as a launch of its own
+        code, out = in_process(pretrain_args(tmp_path / "run", bad, tok, 1, 20))
+    else:
+        code, out = call(command(ranks, tmp_path / "run", bad, tok), ok=False, timeout=300)
+    assert code != 0
     assert f"shard {shard}" in out and "truncated" in out, out[-3000:]
     assert time.time() - start < 120
 
@@ -74,15 +71,15 @@ def _digest(run: Path) -> dict:
 
 
 @pytest.fixture(scope="module")
-def four_steps(synth_data, tmp_path_factory):
-    """A 1-rank run with a step-4 checkpoint, and a second, smaller vocabulary."""
-    data, tok = synth_data
+def four_steps(runs, tmp_path_factory):
+    """A copy of the session's 1-rank run (z2_w1: a step-4 checkpoint), and a second,
+    smaller vocabulary."""
     root = tmp_path_factory.mktemp("refused")
     run = root / "run"
-    launch(command(1, run, data, tok, ["--set", "train.max_steps=4"]), root / "run.log")
+    shutil.copytree(runs.get("z2_w1").dir, run)
     other_tok = root / "tok150"
-    subprocess.run([str(Path(sys.executable).parent / "albef-data"), "build-vocab", str(data / "captions.txt"),
-                    "--out", str(other_tok), "--vocab-size", "150"], check=True, capture_output=True, timeout=300)
+    from albef_ds.tokenizer import build_vocab
+    build_vocab([str(runs.data / "captions.txt")], other_tok, vocab_size=150)
     return run, other_tok
 
 
@@ -94,12 +91,10 @@ def test_a_refused_resume_names_both_values_and_changes_nothing(synth_data, four
     extra = ["--set", "train.max_steps=8"]
     if change == "tokenizer":
         extra += ["--set", f"data.tokenizer={other_tok}"]
-    cmd = command(1, run, data, tok, extra)
     if change == "batch":
-        cmd[cmd.index("train.micro_batch_size=16")] = "train.micro_batch_size=8"
-    proc = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode != 0
+        extra += ["--set", "train.micro_batch_size=8"]
+    code, out = in_process(pretrain_args(run, data, tok, 1, 20, extra))
+    assert code != 0
     from albef_ds.tokenizer import load_tokenizer
     if change == "tokenizer":
         old, new = len(load_tokenizer(str(tok))), len(load_tokenizer(str(other_tok)))
@@ -146,7 +141,7 @@ def test_a_killed_jobs_shared_memory_is_reclaimed_by_its_own_run_only(synth_data
     procs = []
     try:
         def start(name, extra):
-            p = subprocess.Popen(command(1, tmp_path / name, data, tok, extra), cwd=REPO, env=env(),
+            p = subprocess.Popen(command(1, tmp_path / name, data, tok, extra), env=env(),
                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
             procs.append(p)
             return p
@@ -162,9 +157,9 @@ def test_a_killed_jobs_shared_memory_is_reclaimed_by_its_own_run_only(synth_data
         x_prefix = json.loads(record_path(tmp_path / "x").read_text())["prefix"]
         x_live = sorted(p.name for p in SHM_DIR.glob(f"{x_prefix:06}_*"))
         assert x_prefix != y_prefix and x_live
-        again = subprocess.run(command(1, tmp_path / "y", data, tok, ["--set", "train.max_steps=2"]), cwd=REPO,
-                               env=env(), capture_output=True, text=True, timeout=300)
-        assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+        # a process of its own: in the pytest process, the rerun's own segments (which may
+        # reuse Y's freed prefix and so Y's names) outlive the run until garbage collection
+        call(command(1, tmp_path / "y", data, tok, steps=2))
         assert not any((SHM_DIR / n).exists() for n in y_left), "run Y's leftovers are still there"
         assert all((SHM_DIR / n).exists() for n in x_live), "run X's live shared memory was touched"
         assert x.poll() is None, "run X died"

@@ -2,24 +2,20 @@
 no transformer-engine here), its nn.Linear -> te.Linear swap emulated with a stand-in
 te.Linear (same math: losses and gradients bit for bit, names and ties kept); the compile
 modes are accepted and "none" leaves the model as it is."""
-import os
-import subprocess
-import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from test_albef import make_batch, make_model, one_thread, run, small_config, stir, twin  # noqa: E402,F401
+from tests.support.launch import in_process
+from tests.support.tiny import (forward_backward, make_batch, make_model, one_thread, small_config,  # noqa: F401
+                                stir, twin)
 
-from albef_ds.cli import bench  # noqa: E402
-from albef_ds.config import ConfigError, load_config  # noqa: E402
-from albef_ds.errors import UsageError  # noqa: E402
-from albef_ds.train import fast_paths  # noqa: E402
+from albef_ds.cli import bench
+from albef_ds.config import ConfigError, load_config
+from albef_ds.errors import UsageError
+from albef_ds.train import fast_paths
 
-REPO = Path(__file__).resolve().parents[2]
 
 
 def test_fp8_without_cuda_and_transformer_engine_is_a_one_line_usage_error():
@@ -37,12 +33,10 @@ def test_fp8_without_cuda_and_transformer_engine_is_a_one_line_usage_error():
 
 
 def test_the_bench_with_fp8_on_a_cpu_exits_2_with_the_line():
-    proc = subprocess.run([sys.executable, "-m", "albef_ds", "bench", "--config", "tiny", "--engine-free",
-                           "--options", "fast,model.fp8=true", "--steps", "1", "--warmup", "0"],
-                          cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env=dict(os.environ, OMP_NUM_THREADS="1"))
-    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert fast_paths.FP8_ERROR in proc.stderr and "Traceback" not in proc.stderr
+    code, output = in_process(["bench", "--config", "tiny", "--engine-free", "--options", "fast,model.fp8=true",
+                               "--steps", "1", "--warmup", "0"])
+    assert code == 2, output[-2000:]
+    assert fast_paths.FP8_ERROR in output and "Traceback" not in output
 
 
 class StandInLinear(torch.nn.Linear):
@@ -67,7 +61,7 @@ def test_the_fp8_swap_keeps_names_ties_and_the_losses(monkeypatch):
     assert sum(isinstance(m, StandInLinear) for m in swapped.modules()) == n
     assert all(not p.requires_grad for _, _, p in swapped.momentum_named_params())
     batch = make_batch()
-    (out_a, grads_a), (out_b, grads_b) = run(plain, batch), run(swapped, batch)
+    (out_a, grads_a), (out_b, grads_b) = forward_backward(plain, batch), forward_backward(swapped, batch)
     for k in ("loss", "loss_itc", "loss_itm", "loss_mlm"):
         assert torch.equal(out_a[k], out_b[k]), k
     assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)

@@ -9,17 +9,15 @@
   way), ADAM_RTOL; a different learning rate is caught. DeepSpeed's FusedAdam builds on
   CUDA only: the GPU check times it (bench switch fused_adam).
 """
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "models"))
-from test_albef import make_batch, make_model, one_thread, run, small_config, stir  # noqa: E402,F401
+from tests.support.tiny import (forward_backward, make_batch, make_model, one_thread, small_config,  # noqa: F401
+                                stir)
 
-from albef_ds.train.backend import param_groups  # noqa: E402
-from albef_ds.train.ema import MomentumEMA  # noqa: E402
+from albef_ds.train.backend import param_groups
+from albef_ds.train.ema import MomentumEMA
 
 #: fused vs foreach AdamW, 3 steps on fixed gradients (float32 rounding of the update)
 ADAM_RTOL, ADAM_ATOL = 1e-5, 1e-7
@@ -49,7 +47,7 @@ def adamw_after(fused: bool, lr: float = 1e-3):
     small model): the update alone, elementwise, without the chaos of retraining on it."""
     torch.manual_seed(0)
     model = stir(make_model(small_config()))
-    _, grads = run(model, make_batch())
+    _, grads = forward_backward(model, make_batch())
     opt = torch.optim.AdamW(param_groups(model, 0.02), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                             fused=fused, foreach=not fused)
     for step in range(3):

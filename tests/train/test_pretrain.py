@@ -1,134 +1,65 @@
 """``albef-ds pretrain`` end to end: real DeepSpeed engines, 2 CPU ranks, synth shards.
 
-Runs (one launch each, shared by the tests below):
-  zero2   ZeRO-2 fp32, 20 steps, uninterrupted: the reference trajectory.
-  killed  the same, SIGKILLed after its step-8 checkpoint, then ``--resume auto``.
-  zero1   ZeRO-1 bf16, 20 steps.
-  zero3   ZeRO-3 fp32 with a persistence threshold of 100 elements (partitioned EMA path).
-  one     1 rank resuming zero2's step-12 checkpoint (universal checkpoint), same global batch.
+Runs (the session's table, tests/support/runs.py, shared with the other tests):
+  zero2   z2_w2: ZeRO-2 fp32, 20 steps, uninterrupted: the reference trajectory.
+  killed  the same, SIGKILLed after its step-8 checkpoint, then ``--resume auto`` (here).
+  zero1   z1_w2: ZeRO-1 bf16, 20 steps.
+  zero3   z3_w2: ZeRO-3 fp32 with a persistence threshold of 100 elements (partitioned EMA path).
+  one     z2_w2_to1: 1 rank resuming zero2's step-12 checkpoint (universal), same global batch.
 """
 import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
 
-from shared_runs import LAUNCH_VARS
+from tests.support.launch import albef_command, call, env
+from tests.support.runs import keys, per_step
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
 STEPS = 20
 MICRO = 8
 #: fp32 ZeRO-2 and ZeRO-3 sum gradients in different orders; 20 steps stay this close.
 ZERO3_TOL = 1e-4
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def command(ranks: int, run_dir: Path, data, tok, extra=()) -> list[str]:
-    args = ["pretrain", "--config", "tiny", "--run-dir", str(run_dir),
-            "--set", f"data.train_dirs=[{data / 'train'}]", "--set", f"data.tokenizer={tok}",
-            "--set", f"train.max_steps={STEPS}", "--set", f"train.micro_batch_size={MICRO * 2 // ranks}",
-            "--set", "train.lr=1e-3", "--set", "train.warmup_steps=2", "--set", "model.momentum=0.9",
-            "--set", "model.vision_depth=2", "--set", "model.text_depth=2", "--set", "model.fusion_layer=1",
-            "--set", "logging.log_every=1", "--set", "checkpoint.every_steps=4",
-            "--set", "checkpoint.keep_last=10", "--set", "logging.log_sample_keys=true",
-            "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false", *extra]
-    if ranks == 1:
-        return [sys.executable, "-m", "albef_ds", *args]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(ranks),
-            "--master_port", str(free_port()), "--module", "albef_ds", *args]
-
-
-#: launch variables a launched process must not inherit from this one
-
-
-def env():
-    out = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    return dict(out, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-
-
-def launch(cmd, log: Path):
-    with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT, timeout=600)
-    if proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}:\n{log.read_text()[-5000:]}")
-
-
-def per_step(run_dir: Path) -> dict:
-    """step -> last logged metrics line (a resumed run appends)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[row["step"]] = row
-    return out
-
-
-def keys(run_dir: Path, rank: int) -> dict:
-    """(step, micro) -> sample keys consumed by that rank (last occurrence wins)."""
-    out = {}
-    for line in (run_dir / f"sample_keys_rank{rank}.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        out[(row["step"], row["micro"])] = row["keys"]
-    return out
-
-
-@pytest.fixture(scope="module")
-def runs(synth_data, tmp_path_factory):
-    data, tok = synth_data
-    root = tmp_path_factory.mktemp("pretrain")
-    out = {}
-    out["zero2"] = root / "zero2"
-    launch(command(2, out["zero2"], data, tok, ["--set", "distributed.ds_config=ds_configs/zero2_fp32.json"]),
-           root / "zero2.log")
-
-    # Killed after the step-8 checkpoint is complete, then resumed (TensorBoard on: its
-    # curves must read as one run).
-    out["killed"] = root / "killed"
-    cmd = command(2, out["killed"], data, tok, ["--set", "distributed.ds_config=ds_configs/zero2_fp32.json",
-                                                "--set", "logging.tensorboard=true"])
-    with open(root / "killed.log", "w") as f:
-        proc = subprocess.Popen(cmd, cwd=REPO, env=env(), stdout=f, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-        marker = out["killed"] / "checkpoints" / "step_00000008" / "albef_meta.json"
+def kill_after_the_step_8_checkpoint(runs):
+    """z2_w2's run again (TensorBoard on: its curves must read as one run), SIGKILLed once
+    its step-8 checkpoint is committed, then resumed with --resume auto."""
+    run_dir = runs.root / "z2_w2_killed"
+    cmd = albef_command(2, runs.args("z2_w2", run_dir, ["--set", "logging.tensorboard=true"]))
+    with open(runs.root / "z2_w2_killed.log", "w") as f:
+        proc = subprocess.Popen(cmd, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+        marker = run_dir / "checkpoints" / "step_00000008" / "albef_meta.json"
         deadline = time.time() + 300
         while not marker.exists() and proc.poll() is None and time.time() < deadline:
             time.sleep(0.05)
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-    out["killed_at"] = max(per_step(out["killed"]))
-    launch(cmd + ["--resume", "auto"], root / "resumed.log")
+    killed_at = max(per_step(run_dir))
+    call(cmd + ["--resume", "auto"], runs.root / "z2_w2_resumed.log")
+    return run_dir, killed_at
 
-    out["zero1"] = root / "zero1"
-    launch(command(2, out["zero1"], data, tok, ["--set", "distributed.ds_config=ds_configs/zero1_bf16.json"]),
-           root / "zero1.log")
 
-    ds3 = root / "zero3_fp32_low_threshold.json"
-    ds3.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100},
-                               "steps_per_print": 1000000}))
-    out["zero3"] = root / "zero3"
-    launch(command(2, out["zero3"], data, tok, ["--set", f"distributed.ds_config={ds3}"]), root / "zero3.log")
-
-    out["one"] = root / "one"
-    launch(command(1, out["one"], data, tok,
-                   ["--set", "distributed.ds_config=ds_configs/zero2_fp32.json", "--set", "train.max_steps=16",
-                    "--resume", str(out["zero2"] / "checkpoints" / "step_00000012")]), root / "one.log")
-    out["logs"] = root
+@pytest.fixture(scope="module")
+def runs_by_role(runs):
+    killed, killed_at = runs.once("z2_w2_killed", kill_after_the_step_8_checkpoint)
+    out = {"zero2": runs.get("z2_w2").dir, "zero1": runs.get("z1_w2").dir, "zero3": runs.get("z3_w2").dir,
+           "one": runs.get("z2_w2_to1").dir, "killed": killed, "killed_at": killed_at}
+    out["logs"] = {role: runs.get(name).log.read_text() for role, name in
+                   (("zero2", "z2_w2"), ("zero3", "z3_w2"), ("one", "z2_w2_to1"))}
+    out["logs"]["resumed"] = (runs.root / "z2_w2_resumed.log").read_text()
     return out
 
 
 @pytest.mark.parametrize("name", ["zero1", "zero2", "zero3"])
-def test_each_zero_stage_trains_20_steps_and_writes_a_loadable_checkpoint(runs, name):
+def test_each_zero_stage_trains_20_steps_and_writes_a_loadable_checkpoint(runs_by_role, name):
+    runs = runs_by_role
     rows = per_step(runs[name])
     assert sorted(rows) == list(range(1, STEPS + 1))
     for row in rows.values():
@@ -144,7 +75,8 @@ def test_each_zero_stage_trains_20_steps_and_writes_a_loadable_checkpoint(runs, 
     assert int(model.queue_ptr) == (STEPS * 2 * MICRO) % cfg.model.queue_size
 
 
-def test_kill_9_then_resume_auto_continues_identically(runs):
+def test_kill_9_then_resume_auto_continues_identically(runs_by_role):
+    runs = runs_by_role
     assert 8 <= runs["killed_at"] < STEPS, "the kill did not land between the step-8 checkpoint and the end"
     ref, got = per_step(runs["zero2"]), per_step(runs["killed"])
     assert sorted(got) == list(range(1, STEPS + 1))
@@ -160,7 +92,8 @@ def test_kill_9_then_resume_auto_continues_identically(runs):
     assert len(consumed) == len(set(consumed)) == STEPS * 2 * MICRO
 
 
-def test_a_resumed_runs_logs_hold_each_step_once(runs):
+def test_a_resumed_runs_logs_hold_each_step_once(runs_by_role):
+    runs = runs_by_role
     lines = [json.loads(line) for line in (runs["killed"] / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in lines] == list(range(1, STEPS + 1))
     for rank in (0, 1):
@@ -173,22 +106,25 @@ def test_a_resumed_runs_logs_hold_each_step_once(runs):
     assert steps == list(range(1, STEPS + 1)), steps
 
 
-def test_zero3_start_up_summary_counts_the_whole_parameters(runs):
+def test_zero3_start_up_summary_counts_the_whole_parameters(runs_by_role):
+    runs = runs_by_role
     def counts(name):
-        log = (runs["logs"] / f"{name}.log").read_text()
+        log = runs["logs"][name]
         found = re.search(r"parameters: ([\d,]+) trainable, ([\d,]+) momentum", log)
         return tuple(int(g.replace(",", "")) for g in found.groups())
     assert counts("zero3") == counts("zero2") and min(counts("zero2")) > 0
 
 
-def test_resume_picked_the_last_complete_checkpoint(runs):
-    log = (runs["logs"] / "resumed.log").read_text()
+def test_resume_picked_the_last_complete_checkpoint(runs_by_role):
+    runs = runs_by_role
+    log = runs["logs"]["resumed"]
     found = re.search(r"resumed from .*step_(\d{8}) at step (\d+)", log)
     assert found, log[-2000:]
     assert 8 <= int(found.group(1)) <= runs["killed_at"]
 
 
-def test_zero3_momentum_equals_zero2(runs):
+def test_zero3_momentum_equals_zero2(runs_by_role):
+    runs = runs_by_role
     from albef_ds.train.ema import assemble_full
     last = f"step_{STEPS:08d}"
 
@@ -212,11 +148,12 @@ def test_zero3_momentum_equals_zero2(runs):
         assert abs(r2[step]["loss"] - r3[step]["loss"]) < 1e-3, step
 
 
-def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(runs):
+def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(runs_by_role):
+    runs = runs_by_role
     rows = per_step(runs["one"])
     assert sorted(rows) == [13, 14, 15, 16]
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows.values())
-    log = (runs["logs"] / "one.log").read_text()
+    log = runs["logs"]["one"]
     assert "universal" in log and "global 16" in log
     # The same global sample order: step s consumes, on 1 rank, the pairs 2 ranks consumed.
     one = keys(runs["one"], 0)
@@ -225,7 +162,8 @@ def test_two_rank_checkpoint_resumes_on_one_rank_with_the_same_global_batch(runs
         assert sorted(one[(step, 0)]) == sorted(two[0][(step, 0)] + two[1][(step, 0)]), step
 
 
-def test_export_to_the_albef_layout_loads_with_identical_outputs(runs, tmp_path):
+def test_export_to_the_albef_layout_loads_with_identical_outputs(runs_by_role, tmp_path):
+    runs = runs_by_role
     from albef_ds.cli import main
     from albef_ds.config import load_config
     from albef_ds.models import ALBEF

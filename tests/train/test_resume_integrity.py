@@ -18,7 +18,7 @@ from albef_ds.train import checkpoint as ckpt_lib
 from albef_ds.train.checkpoint import META, CheckpointError, CheckpointManager
 from albef_ds.train.resume_settings import APPLIED, REFUSED, all_keys, classify_changes
 
-from test_engine_setup import fake_backend  # noqa: E402  (tests/train is on sys.path: rootdir conftest)
+from tests.support.checkpoints import fake_backend
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -288,6 +288,7 @@ def test_a_file_system_without_flock_is_refused_with_one_line(tmp_path, monkeypa
 
 # ---------------------------------------------------------------------- the job watchdog
 
+@pytest.mark.slow
 def test_a_failure_published_by_one_rank_ends_another_within_seconds(tmp_path):
     """Rank 1 is stuck (its main thread asleep, as in a collective or a barrier); rank 0 fails
     and publishes it through the store: rank 1 releases what it holds and ends itself."""
@@ -315,6 +316,7 @@ time.sleep(120)
     assert released.read_text() == "yes"
 
 
+@pytest.mark.slow
 def test_a_rank_that_loses_rank_0s_store_ends_too(tmp_path):
     from datetime import timedelta
     server = subprocess.Popen([sys.executable, "-c", """
@@ -358,6 +360,7 @@ SMALL = ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1", "
          "train.micro_batch_size=2", "train.warmup_steps=2", "train.min_lr=1e-5", "train.warmup_lr=1e-5"]
 
 
+@pytest.mark.slow
 def test_changed_optimizer_settings_are_written_over_the_checkpoints(process_group, tmp_path):
     """DeepSpeed restores the saved base rates, weight decay and betas; a resume with new
     values must train with the new ones (it logged the old schedule before)."""
@@ -387,6 +390,7 @@ def test_changed_optimizer_settings_are_written_over_the_checkpoints(process_gro
     assert second.lr() == pytest.approx(step4, rel=1e-12)
 
 
+@pytest.mark.slow
 def test_the_temperature_is_read_when_zero3_partitions_every_parameter(process_group, tmp_path):
     """stage3_param_persistence_threshold 0: temp itself is partitioned, and reading it
     outside the forward crashed the first log line."""

@@ -3,7 +3,8 @@ start over an earlier run needs --overwrite (which clears it), a resume lists co
 changes key by key, and a log written to a file has one plain line per log interval and
 no carriage return (tests/train/test_export.py: exports).
 
-1-rank runs of a very small model (a few seconds each)."""
+1-rank runs of a very small model (a few seconds each), in-process (the same path as
+``python -m albef_ds``, tests/support/runs.py) but for two processes started at once."""
 import json
 import os
 import signal
@@ -11,36 +12,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shared_runs import LAUNCH_VARS
+import pytest
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.launch import env, in_process
+from tests.support.runs import small_run_args
 
-
-def env():
-    out = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARS}
-    # the worktree's package whatever the cwd (the export test runs from elsewhere)
-    path = os.pathsep.join([str(REPO)] + ([out["PYTHONPATH"]] if out.get("PYTHONPATH") else []))
-    return dict(out, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
+pytestmark = pytest.mark.slow
 
 
-def pretrain(run_dir, data, tok, *extra, steps=6):
-    """argv of a small 1-rank pretraining (log and checkpoint every 2 steps, keep 2)."""
-    sets = [f"data.train_dirs=[{data / 'train'}]", f"data.tokenizer={tok}", f"train.max_steps={steps}",
-            "train.micro_batch_size=8", "model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1",
-            "logging.log_every=2", "checkpoint.every_steps=2", "checkpoint.keep_last=2",
-            "logging.tensorboard=false"]
-    return [sys.executable, "-m", "albef_ds", "pretrain", "--config", "tiny", "--run-dir", str(run_dir),
-            *[a for s in sets for a in ("--set", s)], *extra]
-
-
-def call(argv, log: Path, cwd=REPO, ok=True):
-    """Run with stdout and stderr into a file, as a SLURM job's output is."""
-    with open(log, "w") as f:
-        proc = subprocess.run(argv, cwd=cwd, env=env(), stdout=f, stderr=subprocess.STDOUT, timeout=600)
-    text = log.read_text()
+def run_1(args, log: Path, ok: bool = True, cwd=None) -> tuple[int, str]:
+    """One rank in this process, its output into ``log`` as a SLURM job's is into a file."""
+    code, text = in_process(args, log, cwd=cwd)
     if ok:
-        assert proc.returncode == 0, text[-4000:]
-    return proc.returncode, text
+        assert code == 0, text[-4000:]
+    return code, text
 
 
 def steps_logged(run_dir: Path) -> list[int]:
@@ -50,7 +35,7 @@ def steps_logged(run_dir: Path) -> list[int]:
 def test_a_log_written_to_a_file_has_one_plain_line_per_interval_and_no_carriage_return(synth_data, tmp_path):
     data, tok = synth_data
     # the progress bar is on (the preset's default): into a file it must not be drawn
-    _, text = call(pretrain(tmp_path / "run", data, tok, "--set", "logging.progress_bar=true"), tmp_path / "log")
+    _, text = run_1(small_run_args(tmp_path / "run", data, tok, "--set", "logging.progress_bar=true"), tmp_path / "log")
     assert "\r" not in text
     lines = [line for line in text.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/6", "4/6", "6/6"], text[-3000:]
@@ -66,15 +51,15 @@ def test_resume_none_into_a_used_run_dir_is_refused_then_overwrite_clears_it(syn
     old run's model."""
     data, tok = synth_data
     run = tmp_path / "run"
-    call(pretrain(run, data, tok), tmp_path / "first.log")
+    run_1(small_run_args(run, data, tok), tmp_path / "first.log")
     before = {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"}
 
-    code, text = call(pretrain(run, data, tok, "--resume", "none", steps=4), tmp_path / "refused.log", ok=False)
+    code, text = run_1(small_run_args(run, data, tok, "--resume", "none", steps=4), tmp_path / "refused.log", ok=False)
     assert code == 2, text[-3000:]
     assert "holds an earlier run" in text and "--overwrite" in text and "Traceback" not in text
     assert {p: p.stat().st_mtime_ns for p in run.rglob("*") if p.is_file() and p.name != ".lock"} == before
 
-    _, text = call(pretrain(run, data, tok, "--overwrite", steps=4), tmp_path / "overwrite.log")
+    _, text = run_1(small_run_args(run, data, tok, "--overwrite", steps=4), tmp_path / "overwrite.log")
     assert "removed the earlier run's" in text
     ckpts = run / "checkpoints"
     assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_00000002", "step_00000004"]
@@ -83,7 +68,7 @@ def test_resume_none_into_a_used_run_dir_is_refused_then_overwrite_clears_it(syn
     assert steps_logged(run) == [2, 4]  # nothing of the old run's metrics
     assert (run / "DONE").read_text() == "4"
 
-    code, text = call(pretrain(run, data, tok, "--overwrite", "--resume", "auto"), tmp_path / "both.log", ok=False)
+    code, text = run_1(small_run_args(run, data, tok, "--overwrite", "--resume", "auto"), tmp_path / "both.log", ok=False)
     assert code == 2 and "cannot be combined with --resume auto" in text
 
 
@@ -93,7 +78,7 @@ def test_a_second_start_into_an_active_run_dir_is_refused_naming_the_holder(synt
     run = tmp_path / "run"
     lock = RunDirLock(run).acquire()
     try:
-        code, text = call(pretrain(run, data, tok), tmp_path / "busy.log", ok=False)
+        code, text = run_1(small_run_args(run, data, tok), tmp_path / "busy.log", ok=False)
     finally:
         lock.release()
     assert code == 2, text[-3000:]
@@ -111,7 +96,7 @@ def test_a_killed_holders_lock_does_not_block_the_resume(synth_data, tmp_path):
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
     assert json.loads((run / ".lock").read_text())["pid"] == holder.pid  # the stale file is still there
-    call(pretrain(run, data, tok, steps=2), tmp_path / "after.log")
+    run_1(small_run_args(run, data, tok, steps=2), tmp_path / "after.log")
     assert steps_logged(run) == [2]
 
 
@@ -122,8 +107,8 @@ def test_two_runs_started_at_once_into_one_dir_do_not_both_succeed(synth_data, t
     for i in range(2):
         logs.append(tmp_path / f"run{i}.log")
         f = open(logs[-1], "w")
-        procs.append(subprocess.Popen(pretrain(run, data, tok, steps=20), cwd=REPO, env=env(), stdout=f,
-                                      stderr=subprocess.STDOUT))
+        procs.append(subprocess.Popen([sys.executable, "-m", "albef_ds", *small_run_args(run, data, tok, steps=20)],
+                                      env=env(), stdout=f, stderr=subprocess.STDOUT))
     codes = [p.wait(timeout=600) for p in procs]
     texts = [log.read_text() for log in logs]
     assert sorted(codes) == [0, 2], texts
@@ -134,9 +119,9 @@ def test_two_runs_started_at_once_into_one_dir_do_not_both_succeed(synth_data, t
 def test_a_changed_config_on_resume_is_listed_key_by_key(synth_data, tmp_path):
     data, tok = synth_data
     run = tmp_path / "run"
-    call(pretrain(run, data, tok, steps=2), tmp_path / "first.log")
+    run_1(small_run_args(run, data, tok, steps=2), tmp_path / "first.log")
     before = (run / "config.yaml").read_text()
-    _, text = call(pretrain(run, data, tok, "--set", "train.lr=0.0002", "--set", "model.momentum=0.99", steps=4),
+    _, text = run_1(small_run_args(run, data, tok, "--set", "train.lr=0.0002", "--set", "model.momentum=0.99", steps=4),
                    tmp_path / "resume.log")
     assert "resumed from" in text
     assert "the config differs from the checkpoint's" in text and "3 key(s)" in text

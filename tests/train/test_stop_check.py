@@ -3,8 +3,6 @@ when a requested stop is taken, and, end to end, that such a stop still commits 
 checkpoint and resumes onto the uninterrupted run's losses, bit for bit."""
 import json
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,8 @@ import torch
 
 from albef_ds.train.stop import EXIT_PREEMPTED, StopCheck
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.support.launch import in_process
+
 STEPS = 12
 #: the SIGTERM arrives during this micro-step (1 rank, no accumulation: step 5)
 STOP_AT = 5
@@ -61,7 +60,7 @@ def test_no_stop_requested_is_never_taken_and_drain_leaves_nothing_pending():
 
 # ---------------------------------------------------------------------- end to end (slow)
 
-def command(run_dir: Path, data, tok, extra=(), wrapper=None) -> list[str]:
+def command(run_dir: Path, data, tok, extra=()) -> list[str]:
     args = ["pretrain", "--config", "tiny", "--run-dir", str(run_dir),
             "--set", f"data.train_dirs=[{data / 'train'}]", "--set", f"data.tokenizer={tok}",
             "--set", f"train.max_steps={STEPS}", "--set", "train.micro_batch_size=8",
@@ -69,13 +68,23 @@ def command(run_dir: Path, data, tok, extra=(), wrapper=None) -> list[str]:
             "--set", "model.fusion_layer=1", "--set", "logging.log_every=1", "--set", "checkpoint.every_steps=100",
             "--set", "logging.progress_bar=false", "--set", "logging.tensorboard=false", "--set",
             "data.num_workers=0", *extra]
-    return [sys.executable, *([str(wrapper)] if wrapper else ["-m", "albef_ds"]), *args]
+    return args
 
 
-def call(cmd, **env):
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
-                          env=dict(os.environ, OMP_NUM_THREADS="1", **env))
-    return proc.returncode, proc.stdout + proc.stderr
+def stop_at_micro_step(monkeypatch, at: int) -> None:
+    """A SIGTERM (as scancel or a preemption sends) to this process during its ``at``-th
+    micro-step (the MLM masking of that step), so the stop is requested at a known step."""
+    import signal
+
+    import albef_ds.losses as losses
+    real, calls = losses.mask_tokens, {"n": 0}
+
+    def mask_tokens_then_stop(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == at:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(losses, "mask_tokens", mask_tokens_then_stop)
 
 
 def losses(run_dir: Path) -> dict:
@@ -87,23 +96,26 @@ def losses(run_dir: Path) -> dict:
 def reference(synth_data, tmp_path_factory):
     data, tok = synth_data
     run = tmp_path_factory.mktemp("stopref") / "run"
-    code, out = call(command(run, data, tok))
+    code, out = in_process(command(run, data, tok))
     assert code == 0, out[-3000:]
     return losses(run)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("every,asynchronous,expected", [(4, False, 8), (4, True, 9)])
-def test_a_stop_every_n_steps_commits_a_checkpoint_and_resumes_exactly(synth_data, reference, tmp_path,
+def test_a_stop_every_n_steps_commits_a_checkpoint_and_resumes_exactly(synth_data, reference, tmp_path, monkeypatch,
                                                                         every, asynchronous, expected):
+    """1 rank, in-process: a rank's stop path is the same in a process of its own."""
     data, tok = synth_data
     run = tmp_path / "run"
     extra = ["--set", f"train.stop_check_every={every}", "--set", f"train.stop_check_async={str(asynchronous).lower()}"]
-    code, out = call(command(run, data, tok, extra, REPO / "tests/train/inject_stop.py"), STOP_AT=str(STOP_AT))
+    with monkeypatch.context() as patched:
+        stop_at_micro_step(patched, STOP_AT)
+        code, out = in_process(command(run, data, tok, extra))
     assert code == EXIT_PREEMPTED, out[-3000:]
     assert f"checkpoint at step {expected} committed" in out, out[-3000:]
     assert (run / "checkpoints" / f"step_{expected:08d}").is_dir()
     assert max(losses(run)) == expected
-    code, out = call(command(run, data, tok, extra + ["--resume", "auto"]))
+    code, out = in_process(command(run, data, tok, extra + ["--resume", "auto"]))
     assert code == 0, out[-3000:]
     assert losses(run) == reference  # every step's losses, bit for bit, across the stop

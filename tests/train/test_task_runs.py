@@ -1,16 +1,16 @@
-"""A downstream task trains like pretraining: 2 ranks under the deepspeed launcher, sample
+"""A downstream task trains like pretraining: 2 ranks (started as a launcher starts them), sample
 keys logged per rank, per-epoch evaluation, and a run resumed from its step-4 checkpoint
 continues with exactly the losses and samples of the uninterrupted run (the task loader's
 position, the per-sample augmentation and the RNG all restored). VE and VQA: a classifier
 head with momentum distillation, and an answer decoder with a variable number of answers."""
 import json
 import shutil
-import sys
 
 import pytest
 
-from shared_runs import synth_tasks
-from test_pretrain import free_port, launch
+from tests.support.launch import albef_command, call, synth_tasks
+
+pytestmark = pytest.mark.slow
 
 STEPS = 8
 
@@ -29,9 +29,8 @@ def command(task: str, run_dir, data, tok, init, extra=()) -> list[str]:
             "checkpoint.every_steps=4", "checkpoint.keep_last=10", "logging.log_sample_keys=true",
             "logging.progress_bar=false", "logging.tensorboard=false", "data.num_workers=1",
             f"task.answer_list={data / 'answer_list.json'}", *extra]
-    return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(free_port()),
-            "--module", "albef_ds", "finetune", "--task", task, "--config", "tiny", "--init", str(init),
-            "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]]
+    return albef_command(2, ["finetune", "--task", task, "--config", "tiny", "--init", str(init),
+                             "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]])
 
 
 def initial_weights(tok, path):
@@ -70,7 +69,7 @@ def test_two_rank_task_run_resumes_exactly_from_its_checkpoint(task, tasks, synt
     _, tok = synth_data
     init = initial_weights(tok, tmp_path / "init.pth")
     full = tmp_path / "full"
-    launch(command(task, full, tasks, tok, init), tmp_path / "full.log")
+    call(command(task, full, tasks, tok, init), tmp_path / "full.log")
     # a second run directory holding only the step-4 checkpoint, resumed from it
     resumed = tmp_path / "resumed"
     (resumed / "checkpoints").mkdir(parents=True)
@@ -79,7 +78,7 @@ def test_two_rank_task_run_resumes_exactly_from_its_checkpoint(task, tasks, synt
     for name in ("metrics.jsonl", "sample_keys_rank0.jsonl", "sample_keys_rank1.jsonl"):
         kept = [line for line in (full / name).read_text().splitlines() if json.loads(line)["step"] <= 4]
         (resumed / name).write_text("\n".join(kept) + "\n")
-    launch(command(task, resumed, tasks, tok, init, ["checkpoint.resume=auto"]), tmp_path / "resumed.log")
+    call(command(task, resumed, tasks, tok, init, ["checkpoint.resume=auto"]), tmp_path / "resumed.log")
 
     a, b = per_step(full), per_step(resumed)
     assert sorted(a) == list(range(1, STEPS + 1)) == sorted(b)

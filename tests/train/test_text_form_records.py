@@ -7,18 +7,27 @@ import argparse
 import json
 import os
 import shutil
-import sys
 
 import pytest
 import torch
 import yaml
 
-sys.path.insert(0, os.path.dirname(__file__))
-from test_run_dir import call, pretrain  # noqa: E402
+from albef_ds.config import ConfigError
+from albef_ds.train.export import load_saved_config, resolve_init
+from albef_ds.train.trainer import build_model
 
-from albef_ds.config import ConfigError  # noqa: E402
-from albef_ds.train.export import load_saved_config, resolve_init  # noqa: E402
-from albef_ds.train.trainer import build_model  # noqa: E402
+from tests.support.launch import in_process
+from tests.support.runs import small_run_args
+
+pytestmark = pytest.mark.slow
+
+
+def call(args, log, ok: bool = True) -> tuple[int, str]:
+    """One rank, in-process (tests/support/runs.py)."""
+    code, text = in_process(args, log)
+    if ok:
+        assert code == 0, text[-4000:]
+    return code, text
 
 BOTH = r"cls_sep \(\[CLS\] words \[SEP\]\).*cls_only \(\[CLS\] words\)"
 BOTH_REVERSED = r"cls_only \(\[CLS\] words\).*cls_sep \(\[CLS\] words \[SEP\]\)"
@@ -37,7 +46,7 @@ def test_the_form_is_recorded_everywhere_and_another_form_is_refused(synth_data,
     from albef_ds.cli import eval_retrieval, eval_task
     data, tok = synth_data
     run = tmp_path / "run"
-    call(pretrain(run, data, tok, steps=2), tmp_path / "train.log")
+    call(small_run_args(run, data, tok, steps=2), tmp_path / "train.log")
     tag = run / "checkpoints" / "step_00000002"
     assert json.loads((tag / "albef_meta.json").read_text())["text_form"] == "cls_only"
 
@@ -50,7 +59,7 @@ def test_the_form_is_recorded_everywhere_and_another_form_is_refused(synth_data,
 
     # resume with the other form: the CLI's one line naming both, exit 2, nothing written
     before = sorted(p.name for p in (run / "checkpoints").iterdir())
-    code, text = call(pretrain(run, data, tok, "--set", "data.text_form=cls_sep", steps=4),
+    code, text = call(small_run_args(run, data, tok, "--set", "data.text_form=cls_sep", steps=4),
                       tmp_path / "resume.log", ok=False)
     last = text.strip().splitlines()[-1]
     assert code == 2 and "cannot resume" in last, text[-2000:]
@@ -87,7 +96,7 @@ def test_a_run_from_before_the_setting_counts_as_cls_sep(synth_data, tmp_path):
     from albef_ds.train.checkpoint import check_resumable
     data, tok = synth_data
     run = tmp_path / "run"
-    call(pretrain(run, data, tok, "--set", "data.text_form=cls_sep", steps=2), tmp_path / "train.log")
+    call(small_run_args(run, data, tok, "--set", "data.text_form=cls_sep", steps=2), tmp_path / "train.log")
     tag = run / "checkpoints" / "step_00000002"
     # make it an old run: neither its meta nor its config.yaml say anything about the form
     meta = json.loads((tag / "albef_meta.json").read_text())

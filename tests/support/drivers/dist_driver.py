@@ -1,4 +1,5 @@
-"""Launched by tests/train/test_distributed.py as ``deepspeed --num_gpus 2 dist_driver.py --out DIR``.
+"""Launched by tests/train/test_distributed.py as
+``albef_command(N, ["--out", DIR], module="tests.support.drivers.dist_driver")`` (N ranks).
 
 One 2-rank launch serves several assertions (each process spends seconds importing torch
 and DeepSpeed). Every rank writes what it saw to DIR/rank{r}.pt; the test compares with a
@@ -6,18 +7,17 @@ single-process computation.
 """
 import argparse
 import os
-import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-from common import GLOBAL_BATCH, VOCAB, fixed_inputs, tiny_cfg, tiny_overrides  # noqa: E402
+from albef_ds.config import load_config
+from albef_ds.distributed import TRAFFIC, TorchGather, init_distributed, make_pool_gather
+from albef_ds.models import ALBEF
+from albef_ds.objectives.pretrain import albef_forward
+from albef_ds.train.backend import DeepSpeedBackend
 
-from albef_ds.config import load_config  # noqa: E402
-from albef_ds.distributed import TRAFFIC, TorchGather, init_distributed, make_pool_gather  # noqa: E402
-from albef_ds.models import ALBEF  # noqa: E402
-from albef_ds.objectives.pretrain import albef_forward  # noqa: E402
-from albef_ds.train.backend import DeepSpeedBackend  # noqa: E402
+from tests.support.retrieval import fake_io, fake_split
+from tests.support.tiny import GLOBAL_BATCH, VOCAB, fixed_inputs, tiny_cfg, tiny_overrides
 
 
 def local_slice(t, rank, world):
@@ -171,9 +171,6 @@ def main():
     result["sampled_neg_image"] = torch.stack(images)
 
     # 4. Retrieval evaluation split over the two ranks (compared with one process).
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "eval"))
-    from retrieval_common import fake_io, fake_split
-
     from albef_ds.eval.retrieval import evaluate
 
     def all_reduce(t):

@@ -1,13 +1,15 @@
-"""Helpers for the tests that use the local 2-node SLURM cluster (see conftest.py's
-``slurm_cluster`` fixture). A module of its own (not conftest) so that test files can import
-it: ``from slurm_local import SlurmCluster, wait_until``."""
+"""Helpers for the tests that use the local 2-node SLURM cluster (tests/slurm/conftest.py's
+``slurm_cluster`` fixture): the cluster's daemons and commands, and the jobs of
+slurm/pretrain.sbatch the tests submit."""
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import shlex
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -160,7 +162,7 @@ class SlurmCluster:
         return self.job_info(job_id)["JobState"]
 
     def wait_job(self, job_id: str, states=FINAL_STATES, timeout: float = 60,
-                 poll: float = 0.2) -> dict[str, str]:
+                 poll: float = 0.5) -> dict[str, str]:
         """Poll until the job is in one of ``states``; return its info. AssertionError on
         timeout (with the job's record and slurmctld's log tail)."""
         deadline = time.monotonic() + timeout
@@ -192,7 +194,7 @@ class SlurmCluster:
         return "\n".join(parts)
 
 
-def wait_until(pred, timeout: float, poll: float = 0.2, what: str = "condition"):
+def wait_until(pred, timeout: float, poll: float = 0.5, what: str = "condition"):
     """Poll ``pred()`` until truthy (returned) or fail after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -202,3 +204,57 @@ def wait_until(pred, timeout: float, poll: float = 0.2, what: str = "condition")
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(poll)
+
+
+# ----------------------------------------------------------------------- jobs of slurm/pretrain.sbatch
+
+#: the jobs' run: steps, micro-batch per rank, checkpoint interval (tests/slurm)
+STEPS = 16
+MICRO = 8
+CKPT_EVERY = 4
+
+
+def job_env(run_dir: Path, data: Path, tok: Path) -> dict:
+    bin_dir = os.path.dirname(sys.executable)
+    extra = [f"data.train_dirs=[{data / 'train'}]", f"data.tokenizer={tok}",
+             f"train.max_steps={STEPS}", f"train.micro_batch_size={MICRO}", "train.lr=1e-3",
+             "train.warmup_steps=2", "model.vision_depth=2", "model.text_depth=2", "model.fusion_layer=1",
+             "logging.log_every=1", f"checkpoint.every_steps={CKPT_EVERY}", "checkpoint.keep_last=10",
+             "logging.log_sample_keys=true", "logging.progress_bar=false", "logging.tensorboard=false"]
+    # DeepSpeed JIT-builds its CPU shm op (~60 s on 2 cores): one build dir per environment
+    # (inside it when writable: CI's throw-away venv takes it along), so that builds for
+    # other environments on this host (same ~/.cache path, other flags) do not invalidate ours.
+    if os.access(sys.prefix, os.W_OK):
+        ext = os.path.join(sys.prefix, "var", "albef-torch-extensions")
+    else:
+        ext = f"/tmp/albef-torch-ext-{hashlib.sha1(sys.prefix.encode()).hexdigest()[:10]}"
+    return {
+        "PATH": bin_dir + os.pathsep + os.environ.get("PATH", ""),
+        "DEVICE": "cpu", "CONFIG": "tiny", "DS_CONFIG": "ds_configs/zero2_fp32.json",
+        "RUN_DIR": str(run_dir), "EXTRA_ARGS": " ".join(f"--set {e}" for e in extra),
+        "ALBEF_DS": f"{REPO / 'tests' / 'slurm' / 'private_shm.sh'} {bin_dir}/albef-ds",
+        "PYTHON": sys.executable, "TORCH_EXTENSIONS_DIR": ext,
+    }
+
+
+def job_log(run_dir: Path, job: str) -> str:
+    f = run_dir / "logs" / f"pretrain-{job}.log"
+    return f.read_text(errors="replace") if f.exists() else ""
+
+
+def wait_done(cluster, job: str, run_dir: Path, timeout: float = 240) -> dict:
+    info = cluster.wait_job(job, timeout=timeout)
+    assert info["JobState"] == "COMPLETED", (info, job_log(run_dir, job)[-5000:])
+    return info
+
+
+def submit_pretrain(cluster, synth, name: str) -> tuple[str, Path]:
+    """slurm/pretrain.sbatch on both nodes, one rank each, into ``synth``'s root / ``name``."""
+    root, data, tok = synth
+    run_dir = root / name
+    run_dir.mkdir()
+    job = cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
+                         f"--job-name=albef-{name}", f"--output={run_dir}/slurm-%j.out",
+                         str(REPO / "slurm" / "pretrain.sbatch"),
+                         env=job_env(run_dir, data, tok), cwd=root)
+    return job, run_dir
