@@ -97,10 +97,11 @@ def _process_state_kept():
 
 
 def in_process(argv: list[str], log: Optional[Path] = None, cwd: Optional[Path] = None,
-               program: str = "albef-ds", threads: int = 1) -> tuple[int, str]:
+               program: str = "albef-ds") -> tuple[int, str]:
     """``PROGRAM ARGV`` (albef-ds on one rank, or albef-data) in this process: (exit status,
-    what it printed on stdout and stderr), also written to ``log`` when given; ``threads``:
-    torch's intra-op threads meanwhile (2 for the long learning runs on an idle machine)."""
+    what it printed on stdout and stderr), also written to ``log`` when given. torch runs
+    one intra-op thread meanwhile: beside the other pytest-xdist worker, 2 threads per
+    process oversubscribe the 2 cores (a 2-minute demo took over 7)."""
     import torch
 
     if program == "albef-ds":
@@ -110,7 +111,7 @@ def in_process(argv: list[str], log: Optional[Path] = None, cwd: Optional[Path] 
     out = io.StringIO()
     with _process_state_kept(), contextlib.redirect_stdout(out), contextlib.redirect_stderr(out), \
             (contextlib.chdir(cwd) if cwd else contextlib.nullcontext()):
-        torch.set_num_threads(threads)
+        torch.set_num_threads(1)
         try:
             code = main([str(a) for a in argv])
         except SystemExit as e:  # argparse
@@ -124,11 +125,10 @@ def in_process(argv: list[str], log: Optional[Path] = None, cwd: Optional[Path] 
     return code, text
 
 
-def run_albef(argv: list[str], threads: int = 1) -> str:
+def run_albef(argv: list[str]) -> str:
     """``albef-ds ARGV`` in this process (:func:`in_process`) that must succeed: what it
-    printed. One thread: beside the other pytest-xdist worker, 2 threads per process
-    oversubscribe the 2 cores (a 2-minute demo took over 7)."""
-    code, text = in_process(argv, threads=threads)
+    printed."""
+    code, text = in_process(argv)
     assert code == 0, text[-8000:]
     return text
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from tests.support.launch import albef_command, call, synth_tasks
+from tests.support.runs import keys
 
 pytestmark = pytest.mark.slow
 
@@ -53,14 +54,6 @@ def per_step(run_dir) -> dict:
         m = json.loads(line)
         if "loss" in m:
             out[m["step"]] = m
-    return out
-
-
-def keys(run_dir, rank) -> dict:
-    out = {}
-    for line in (run_dir / f"sample_keys_rank{rank}.jsonl").read_text().splitlines():
-        m = json.loads(line)
-        out[(m["step"], m["micro"])] = m["keys"]
     return out
 
 
