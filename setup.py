@@ -61,8 +61,8 @@ setup(
     },
     entry_points={
         "console_scripts": [
-            "albef-ds=albef_ds.cli:main",
-            "albef-data=data_tools.cli:main",
+            "albef-ds=albef_ds.cli:program",
+            "albef-data=data_tools.cli:program",
         ]
     },
 )

@@ -339,15 +339,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    from data_tools.download import MissingExtraError
-    from data_tools.readers import InputError
+#: what every command but download imports (streaming's package imports torch, torchvision
+#: and transformers): made before the work when it runs as a program (:func:`program`)
+IMPORTS = ("torch", "torchvision", "transformers", "streaming", "pyarrow", "PIL.Image")
 
+
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Run one command; its exit status. ``own_process``: this process exists for it
+    (:func:`program`), so its heavy imports are made with the collector off and frozen."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:
         parser.print_help()
         return 2
+    if own_process and args.command != "download":
+        from albef_ds import startup
+        startup.import_before_work(IMPORTS)
+    from data_tools.download import MissingExtraError
+    from data_tools.readers import InputError
+
     try:
         return int(COMMANDS[args.command][1](args) or 0)
     except (InputError, FileNotFoundError, MissingExtraError) as e:
@@ -355,5 +365,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def program() -> None:
+    """``albef-data``: :func:`main` in a process of its own (start-up and exit without the
+    cyclic collector's cost: albef_ds/startup.py)."""
+    code = main(own_process=True)
+    from albef_ds import startup
+    startup.before_exit()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

@@ -10,13 +10,19 @@ import os
 
 import pytest
 
+from albef_ds import startup
 from tests.support import launch_count
 from tests.support.launch import DEMO_STEPS, LAUNCH_VARS, in_process, run_albef
 
 launch_count.install()
+# The session imports these anyway; made at once with the collector off and frozen, every
+# later collection in this process (the in-process runs make many) skips their objects.
+startup.import_before_work(startup.TRAINING_IMPORTS)
 
 
 def pytest_configure(config):
+    if hasattr(config.option, "loadscopereorder"):  # pytest-xdist: keep FIRST's order
+        config.option.loadscopereorder = False
     config.addinivalue_line("markers", "slow: multi-rank, SLURM or end-to-end; skipped by the fast lane "
                                        "(pytest -m 'not slow')")
 
@@ -33,9 +39,11 @@ def xdist_group_of(item) -> str:
     return item.nodeid.split("::")[0]
 
 
-#: the longest groups first: pytest-xdist hands out groups in collection order, so the
-#: demo's (about 9 minutes beside the other worker) and the registry's start at once and
-#: the short modules fill in at the end
+#: the longest groups first, one on each of the 3 workers (the README's ``-n 3``): the demo
+#: and the tasks fine-tuned from it (one thread), the registry's runs (2-4 ranks) and the
+#: SLURM jobs (much of it waiting on the cluster) start at once, and the short modules fill
+#: in. pytest-xdist hands groups out in collection order only without its default reorder
+#: by group size (which put the demo's group behind a dozen modules): switched off below.
 FIRST = ("demo", "runs", "slurm")
 
 

@@ -13,6 +13,7 @@ import argparse
 import importlib
 import sys
 
+from .. import startup
 from ..errors import UsageError
 
 #: subcommand -> (module, one-line help)
@@ -27,6 +28,16 @@ SUBCOMMANDS = {
     "bench": ("albef_ds.cli.bench", "time the Trainer's training step, phases, pairs/s and MFU"),
     "gpu-check": ("albef_ds.cli.gpu_check", "a lent GPU's environment, step speed, MFU, kill/resume, fp16 (--dry-run on CPU)"),
     "demo": ("albef_ds.cli.demo", "synth data -> tiny pretraining -> zero-shot retrieval, one command"),
+}
+
+
+#: what a subcommand imports before its work, when it runs as a program (:func:`program`);
+#: the others import :data:`albef_ds.startup.TRAINING_IMPORTS`
+IMPORTS = {
+    "model-info": ("torch", "torchvision", "timm"),
+    "export": ("torch", "torchvision", "timm", "deepspeed"),
+    "eval-retrieval": ("torch", "torchvision", "transformers", "timm", "deepspeed"),
+    "eval": ("torch", "torchvision", "transformers", "timm", "deepspeed"),
 }
 
 
@@ -45,7 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, own_process: bool = False) -> int:
+    """Run one subcommand; its exit status. ``own_process``: this process exists for it
+    (:func:`program`), so its heavy imports are made with the collector off and frozen."""
     argv = sys.argv[1:] if argv is None else argv
     # The deepspeed launcher puts --local_rank=N before our subcommand; LOCAL_RANK (set by
     # every launcher, read in albef_ds.distributed) carries the same information.
@@ -56,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "_module", None):
         parser.print_help()
         return 2
+    if own_process:
+        startup.import_before_work((*IMPORTS.get(args.command, startup.TRAINING_IMPORTS), args._module))
     try:
         return int(importlib.import_module(args._module).run(args) or 0)
     except (UsageError, FileNotFoundError) as e:
@@ -69,5 +84,13 @@ def one_line(error: BaseException) -> str:
     return " ".join(text.split())
 
 
+def program() -> None:
+    """``albef-ds`` and ``python -m albef_ds``: :func:`main` in a process of its own (start-up
+    and exit without the cyclic collector's cost: albef_ds/startup.py)."""
+    code = main(own_process=True)
+    startup.before_exit()
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    program()

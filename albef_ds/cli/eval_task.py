@@ -77,7 +77,7 @@ def run(args) -> int:
     if launch.rank != 0:
         cfg.checkpoint.init_from = resolve_init(str(model_path))  # the export exists now
     log = print if launch.rank == 0 else (lambda *a: None)
-    model = build_model(cfg, log, objective)
+    model = build_model(cfg, log, objective, trained_heads=True)
     device = dist_lib.device() if launch.world_size > 1 else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     model.to(device)

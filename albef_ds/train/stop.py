@@ -3,10 +3,15 @@
 SIGUSR1 (SLURM's warning before the time limit), SIGTERM (scancel, preemption) and SIGINT
 set a flag; the Trainer reduces it over ranks after optimizer steps (:class:`StopCheck`:
 every step by default, every ``train.stop_check_every`` steps, or asynchronously).
+A second SIGINT, at least :data:`SECOND_INTERRUPT_AFTER_S` after the first, ends the rank at
+once (KeyboardInterrupt), without the checkpoint: a user's way out of a run that never
+reaches its next step.
 """
 from __future__ import annotations
 
+import os
 import signal
+import time
 
 import torch
 import torch.distributed as dist
@@ -14,6 +19,10 @@ import torch.distributed as dist
 #: exit status of a run stopped by a signal after its checkpoint was committed: the batch
 #: script requeues on it. 0 means the planned final step was reached.
 EXIT_PREEMPTED = 3
+
+#: a launcher forwards the terminal's Ctrl-C to ranks that the terminal also reached, so one
+#: keypress can arrive twice within milliseconds; only a later one is the user's second
+SECOND_INTERRUPT_AFTER_S = 2.0
 
 
 def _start_resource_tracker_deaf_to_sigusr1() -> None:
@@ -44,6 +53,16 @@ class StopFlag:
         _start_resource_tracker_deaf_to_sigusr1()
 
     def _handler(self, signum, frame):
+        now = time.monotonic()
+        if signum == signal.SIGINT:
+            first = getattr(self, "_first_interrupt", None)
+            if first is not None and now - first >= SECOND_INTERRUPT_AFTER_S:
+                raise KeyboardInterrupt("a second Ctrl-C: ended without a checkpoint")
+            if first is None:
+                self._first_interrupt = now
+                # os.write: print() from a handler can re-enter a write already in progress
+                os.write(2, b"SIGINT: stopping at the next step with a checkpoint "
+                            b"(Ctrl-C again to end now without one)\n")
         self.requested = True
         self.signal_name = signal.Signals(signum).name
 

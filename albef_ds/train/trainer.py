@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from .. import distributed as dist_lib
+from .. import threads as threads_lib
 from ..config import Config, ConfigError, save_config
 from ..objectives import Objective, StepContext
 from ..objectives.pretrain import TEMP_BOUNDS
@@ -40,9 +41,11 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     return (seed * 1_000_003 + step * 10_007 + micro * 101 + rank) % (2**63 - 1)
 
 
-def build_model(cfg: Config, log=print, objective: Objective | None = None):
+def build_model(cfg: Config, log=print, objective: Objective | None = None, trained_heads: bool = False):
     """ALBEF with the objective's task heads and the configured initial weights (each
-    loader reports what it did).
+    loader reports what it did). ``trained_heads`` (evaluation): the heads must come from
+    ``checkpoint.init_from``; weights without them are refused (UsageError), since a fresh
+    head's score means nothing.
 
     A checkpoint of the task itself (its heads present: the reference's fine-tuned VE,
     NLVR2 or VQA model, or an export of ours) loads after the heads are added; any other
@@ -60,6 +63,13 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None):
         from .export import check_text_form, recorded_text_form  # trained on this run's text form?
         check_text_form(*recorded_text_form(c.init_from, record.get(weights.TEXT_FORM_KEY)), cfg)
     task_checkpoint = objective is not None and state is not None and objective.is_task_checkpoint(state)
+    has_heads = objective is not None and state is not None and \
+        any(k.split(".")[0] in objective.head_prefixes for k in state)
+    if trained_heads and objective is not None and objective.head_prefixes and not has_heads:
+        raise UsageError(
+            f"{c.init_from or 'checkpoint.init_from (unset)'}: no trained {objective.name} head in it "
+            f"({', '.join(objective.head_prefixes)}): a fresh head's score would mean nothing. Fine-tune it "
+            f"first: albef-ds finetune --task {objective.name} --init {c.init_from or 'MODEL'} ...")
 
     def load(optional: tuple = (), ignore: tuple = ()) -> None:
         # A checkpoint without momentum copies (the reference's NLVR2 text-assignment
@@ -85,7 +95,6 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None):
         # Strict: only what the reference's task checkpoints never hold may be missing (the
         # objective's unused_parts); a checkpoint holding none of the task's heads (NLVR2's
         # text-assignment stage: the two-image encoder, no classifier) starts them fresh.
-        has_heads = any(k.split(".")[0] in objective.head_prefixes for k in state)
         load(optional=tuple(objective.unused_parts) + (() if has_heads else tuple(model.task_heads)),
              ignore=tuple(objective.ignored_checkpoint_parts))
     if c.bert_init:
@@ -252,7 +261,7 @@ def resume_note(tag_dir: Path, step: int, applied: list[str]) -> str | None:
                       f"from step {step + 1} on:"] + [f"  {line}" for line in applied])
 
 
-def summary(cfg: Config, launch, trainer: Trainer) -> str:
+def summary(cfg: Config, launch, trainer: Trainer, threads=None) -> str:
     module, backend = trainer.module, trainer.backend
     trainable = sum(full_numel(p) for p in module.parameters() if p.requires_grad)
     frozen = sum(full_numel(p) for p in module.parameters() if not p.requires_grad)
@@ -271,7 +280,7 @@ def summary(cfg: Config, launch, trainer: Trainer) -> str:
         f"  data: {', '.join(cfg.data.train_dirs if trainer.objective.data == 'pairs' else cfg.task.train_files)} "
         f"(tokenizer {cfg.data.tokenizer})",
         f"  run dir: {cfg.logging.run_dir}",
-    ])
+    ] + ([f"  threads: {threads.threads} per rank ({threads.why})"] if threads else []))
 
 
 def _flops_and_peak(cfg: Config, device: torch.device, dtype: torch.dtype) -> tuple[float, float | None]:
@@ -316,12 +325,16 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
         run = _Run(cfg, launch, resume, eval_each_epoch, keep_best)
         trainer, loader = run.trainer, run.loader
         while trainer.step < trainer.total_steps and not run.stopped:
+            batches = 0
             for batch in loader:
+                batches += 1
                 out, boundary = trainer.train_step(batch)
                 run.after_micro_step(batch, out)
                 if boundary and (run.after_step(check) or trainer.step >= trainer.total_steps):
                     break
             else:
+                if batches == 0:  # (refused at start-up; a loop without steps never ends)
+                    raise RuntimeError(f"epoch {trainer.epoch} of the training data gave this rank no batch")
                 trainer.epoch += 1
         check.drain()  # a reduce started at the last check step is waited for
         return run.finish(watchdog)
@@ -333,6 +346,23 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
         watchdog.stop()
         if lock is not None:
             lock.release()
+
+
+def _refuse_an_epoch_without_a_batch(loader, cfg: Config, world: int) -> None:
+    """Batches are whole (drop_last): a dataset smaller than one global micro-batch gives each
+    rank no batch, and every epoch would end at once without a step."""
+    if len(loader) > 0:
+        return
+    micro, accum = cfg.train.micro_batch_size, cfg.train.grad_accum_steps
+    pairs = getattr(getattr(loader, "dataset", None), "num_samples", None)
+    fits = pairs // world if pairs else 0
+    change = (f"lower train.micro_batch_size to {fits} or less (--set train.micro_batch_size={fits}), "
+              if fits else "") + "run fewer ranks, or add pairs"
+    raise UsageError(
+        f"{pairs if pairs is not None else 'the'} training pairs in {', '.join(map(str, cfg.data.train_dirs))} "
+        f"fill no batch: one micro-batch on every rank takes train.micro_batch_size {micro} x {world} rank(s) "
+        f"= {micro * world} pairs (the global batch, with train.grad_accum_steps {accum}, is "
+        f"{micro * accum * world}); {change}")
 
 
 def release_local_resources(run_dir: str, launch) -> None:
@@ -381,6 +411,7 @@ class _Run:
     def __init__(self, cfg: Config, launch, resume: str, eval_each_epoch: bool, keep_best: bool):
         from ..tokenizer import load_tokenizer
         self.cfg, self.launch, self.keep_best, self.eval_each_epoch = cfg, launch, keep_best, eval_each_epoch
+        self.threads = threads_lib.apply(launch.local_world_size, cfg.data.num_workers)
         is_main = launch.rank == 0
         self.log = log = print if is_main else (lambda *a, **k: None)
         self.run_dir = run_dir = Path(cfg.logging.run_dir)
@@ -400,11 +431,12 @@ class _Run:
         self.loader = objective.make_loader(cfg, launch.rank, launch.world_size, launch.local_world_size,
                                             launch.local_rank, str(run_dir))
         self.loader.worker_init_fn = functools.partial(worker_ignores_stop_signals, self.loader.worker_init_fn)
+        _refuse_an_epoch_without_a_batch(self.loader, cfg, launch.world_size)
         per_epoch = cfg.train.steps_per_epoch or max(1, len(self.loader) // cfg.train.grad_accum_steps)
         total = cfg.train.max_steps or cfg.train.epochs * per_epoch
         ds_dir = self.ckpt.prepare_universal(resume_dir, record) if universal else resume_dir
         self.trainer = t = Trainer(cfg, launch, objective, total, per_epoch, load_universal=universal, log=log)
-        log(summary(cfg, launch, t))
+        log(summary(cfg, launch, t, self.threads))
         if resume_dir:
             note = resume_note(resume_dir, int(record["step"]), applied)
             if note:

@@ -1,0 +1,83 @@
+"""What a new user types first, when it cannot work: refused at once with one line that says
+what to change, the exit status 2, and nothing left running.
+
+  too small   a dataset smaller than one global micro-batch (each epoch would give no
+              batch): 1 rank as ``albef-ds``, 2 ranks under the ``deepspeed`` launcher.
+  no head     ``albef-ds eval --task ve`` of a pretraining run (its classifier was never
+              trained: the score would be chance).
+"""
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.support.launch import albef_command, env, in_process, synth_tasks
+
+pytestmark = pytest.mark.slow
+
+
+def small_synth(root, pairs: int):
+    code, text = in_process(["synth", "--out", root, "--seed", "0", "--num-train", pairs, "--num-val", 8,
+                             "--num-test", 8, "--no-progress"], program="albef-data")
+    assert code == 0, text[-2000:]
+    return root / "train"
+
+
+def run_to_the_end(cmd: list[str], timeout: float = 60) -> tuple[int, str, float]:
+    """(exit status, output, seconds); every process of its session must be gone at the end."""
+    t0 = time.monotonic()
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        pytest.fail(f"still running after {timeout} s:\n{out[-3000:]}")
+    elapsed = time.monotonic() - t0
+    # helpers that end when their parent does (multiprocessing's resource tracker) may take
+    # a moment after it; anything alive 10 s later was left behind
+    deadline = time.monotonic() + 10
+    while (left := session_processes(proc.pid)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, f"processes of the run still alive: {left}\n{out[-3000:]}"
+    return proc.returncode, out, elapsed
+
+
+def session_processes(sid: int) -> list[str]:
+    ps = subprocess.run(["ps", "-o", "pid=,args=", "-s", str(sid)], capture_output=True, text=True).stdout
+    return [line.strip() for line in ps.splitlines() if line.strip()]
+
+
+@pytest.mark.parametrize("ranks,pairs", [(1, 20), (2, 60)])
+def test_a_dataset_smaller_than_one_global_batch_is_refused_at_start_up(synth_data, tmp_path, ranks, pairs):
+    _, tok = synth_data
+    train = small_synth(tmp_path / "small", pairs)
+    args = ["pretrain", "--config", "tiny", "--run-dir", str(tmp_path / "run"), "--set", f"data.train_dirs=[{train}]",
+            "--set", f"data.tokenizer={tok}", "--set", "logging.progress_bar=false"]
+    cmd = albef_command(1, args) if ranks == 1 else albef_command(2, args, launcher="deepspeed")
+    code, out, elapsed = run_to_the_end(cmd)
+    lines = [line for line in out.splitlines() if line.startswith("albef-ds pretrain: error:")]
+    assert lines, out[-3000:]
+    line = lines[0]
+    fits = pairs // ranks
+    assert f"{pairs} training pairs" in line and f"32 x {ranks} rank(s) = {32 * ranks} pairs" in line, line
+    assert f"--set train.micro_batch_size={fits}" in line, line
+    assert code != 0 and "Traceback" not in out, out[-3000:]
+    if ranks == 1:
+        assert code == 2
+    print(f"{ranks} rank(s), {pairs} pairs: exit {code} after {elapsed:.1f}s: {line}")
+
+
+def test_eval_of_a_task_on_a_model_without_its_trained_head_is_refused(runs, tmp_path):
+    pretraining_run = runs.get("z2_w1").dir
+    data = synth_tasks(tmp_path / "tasks", 8, 4, 4)
+    code, out = in_process(["eval", "--task", "ve", "--model", str(pretraining_run),
+                            "--split", str(data / "ve_test.json"), "--out", str(tmp_path / "eval")])
+    lines = [line for line in out.splitlines() if line.startswith("albef-ds eval: error:")]
+    assert code == 2 and len(lines) == 1, out[-3000:]
+    assert "no trained ve head" in lines[0] and "cls_head" in lines[0] and "finetune --task ve" in lines[0], lines
+    assert "accuracy" not in out and not (tmp_path / "eval").exists(), out[-3000:]
