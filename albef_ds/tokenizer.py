@@ -9,7 +9,7 @@ about 1k entries). Special tokens: [PAD]=0 (the model masks on it), [UNK], [CLS]
 from __future__ import annotations
 
 import os
-from typing import Iterable, Union
+from typing import Callable, Iterable, Optional, Union
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
@@ -30,9 +30,11 @@ def load_tokenizer(path: Union[str, os.PathLike]):
     return tok
 
 
-def _caption_lines(sources: Union[str, os.PathLike, Iterable]) -> Iterable[str]:
+def _caption_lines(sources: Union[str, os.PathLike, Iterable], not_utf8: Optional[dict] = None) -> Iterable[str]:
     """Captions from text files (one per line), dataset folders (manifest.parquet), or an
-    iterable of strings; a single path is accepted too."""
+    iterable of strings; a single path is accepted too. A text file's lines that are not
+    UTF-8 are left out, as ``albef-data convert`` rejects such a caption (bad_caption);
+    ``not_utf8`` gets path -> [count, first line number]."""
     if isinstance(sources, (str, os.PathLike)):
         sources = [sources]
     for item in sources:
@@ -48,20 +50,25 @@ def _caption_lines(sources: Union[str, os.PathLike, Iterable]) -> Iterable[str]:
                 for batch in pf.iter_batches(columns=["caption"], batch_size=10_000):
                     yield from batch.column(0).to_pylist()
             else:
-                with open(path, encoding="utf-8", errors="replace") as f:
-                    for line in f:
-                        yield line.rstrip("\n")
+                with open(path, "rb") as f:
+                    for number, raw in enumerate(f, 1):
+                        try:
+                            yield raw.decode("utf-8").rstrip("\r\n")
+                        except UnicodeDecodeError:
+                            if not_utf8 is not None:
+                                not_utf8.setdefault(path, [0, number])[0] += 1
         elif isinstance(item, str):
             yield item
         else:
             raise TypeError(f"expected caption files, folders or strings, got {type(item).__name__}")
 
 
-def build_vocab(caption_files_or_iterable, out_dir: Union[str, os.PathLike], vocab_size: int = 1024):
+def build_vocab(caption_files_or_iterable, out_dir: Union[str, os.PathLike], vocab_size: int = 1024,
+                report: Optional[Callable[[str], None]] = None):
     """Train a WordPiece vocabulary offline; write a folder ``load_tokenizer`` reads; return it loaded.
 
     Captions are cleaned as the loader cleans them (``clean_caption``) so the vocabulary
-    sees the same text the model will.
+    sees the same text the model will. ``report``: told of the lines left out (not UTF-8).
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import BertTokenizerFast
@@ -76,8 +83,13 @@ def build_vocab(caption_files_or_iterable, out_dir: Union[str, os.PathLike], voc
     trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                         min_frequency=1, continuing_subword_prefix="##",
                                         show_progress=False)
-    lines = (clean_caption(c, max_words=10_000) for c in _caption_lines(caption_files_or_iterable))
+    not_utf8: dict = {}
+    lines = (clean_caption(c, max_words=10_000) for c in _caption_lines(caption_files_or_iterable, not_utf8))
     tok.train_from_iterator(lines, trainer=trainer)
+    for path, (count, first) in not_utf8.items():
+        if report is not None:
+            report(f"{path}: {count} line(s) not valid UTF-8 left out (the first: line {first}); "
+                   f"convert rejects such captions as bad_caption")
     for i, t in enumerate(SPECIAL_TOKENS):
         assert tok.token_to_id(t) == i, f"{t} should have id {i}"
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")

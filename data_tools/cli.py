@@ -21,6 +21,19 @@ import os
 import sys
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they say something: not for a required option, a default of
+    None (the help says what happens then), a flag of a pair (--header/--no-header), or a
+    help text that states its default itself."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if (action.required or action.default in (None, argparse.SUPPRESS) or "default" in text
+                or isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction))):
+            return text
+        return super()._get_help_string(action)
+
+
 #: exit status of a convert that ran but kept no pair (2: an input that cannot be read at all)
 EXIT_NOTHING_KEPT = 1
 
@@ -31,7 +44,7 @@ def _add_convert(sub):
         description="Convert image-caption inputs into MDS shards (streaming.MDSWriter), with "
                     "manifest.parquet, stats.json and rejects.jsonl. Resumable: re-run the same "
                     "command after a crash and only unfinished parts are redone.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="input files or folders (one format per run)")
     p.add_argument("--out", required=True, help="output dataset folder")
     p.add_argument("--input-format", choices=["webdataset", "files", "parquet", "arrow", "tsv", "csv", "json"],
@@ -44,7 +57,9 @@ def _add_convert(sub):
     p.add_argument("--key-col", help="column holding a unique key (default: 'key' if present, else row number)")
     hdr = p.add_mutually_exclusive_group()
     hdr.add_argument("--header", dest="header", action="store_true", default=None,
-                     help="TSV/CSV: the first row names the columns")
+                     help="TSV/CSV: the first row names the columns (default: detected: a header when a "
+                          "column is given by name or the first row holds a known caption/image "
+                          "column name)")
     hdr.add_argument("--no-header", dest="header", action="store_false",
                      help="TSV/CSV: no header row (CC3M, CC12M)")
     p.add_argument("--rows-per-unit", type=int, default=10_000,
@@ -103,7 +118,7 @@ def _add_download(sub):
                     "the same command resumes. Needs img2dataset: pip install \"albef-ds[download]\".",
         epilog="Example (CC3M): albef-data download Train_GCC-training.tsv --out cc3m_images "
                "--processes 8 --threads 64 --image-size 384 --convert-to shards/cc3m",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     p.add_argument("url_list", help="TSV/CSV (with or without a header), Parquet, or JSON list / JSON lines")
     p.add_argument("--out", required=True, help="image folder to write (img2dataset's output)")
     p.add_argument("--input-format", choices=["tsv", "csv", "parquet", "json"],
@@ -184,9 +199,9 @@ def _add_synth(sub):
                                    "by seed. Writes DIR/train (MDS), DIR/val.json, DIR/test.json, "
                                    "DIR/compositional.json (true caption + binding-swapped "
                                    "distractors per image), DIR/images/ and DIR/captions.txt.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+                       formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="dataset folder to write")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed draws the same dataset")
     p.add_argument("--num-train", type=int, default=20_000, help="train images")
     p.add_argument("--train-captions-per-image", type=int, default=1,
                    help="train pairs per image (distinct paraphrases, same image_id)")
@@ -195,9 +210,10 @@ def _add_synth(sub):
     p.add_argument("--captions-per-image", type=int, default=5, help="captions per val/test image")
     p.add_argument("--num-compositional", type=int, default=500,
                    help="images of the compositional test (compositional.json; 0: none)")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes drawing images (default: this machine's CPUs)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_synth(args) -> int:
@@ -217,7 +233,7 @@ def _add_inspect(sub):
     p.add_argument("dir", help="dataset folder (with manifest.parquet and index.json)")
     p.add_argument("--png", help="contact sheet path (default: DIR/contact_sheet.png)")
     p.add_argument("--samples", type=int, default=24, help="pairs on the contact sheet")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which pairs are sampled for the contact sheet")
     p.add_argument("--font", help="TrueType font for the captions (default: DejaVuSans from matplotlib "
                                   "or the system, else Pillow's ASCII-only font)")
 
@@ -232,18 +248,18 @@ def _add_bench(sub):
     p = sub.add_parser("bench", help="loader (and converter) throughput in pairs/s",
                        description="Time the training loader (pairs/s) for each worker count, "
                                    "with and without RandAugment; optionally the converter.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("dir", help="MDS dataset folder")
     p.add_argument("--workers", default="0,1,2", help="comma-separated loader worker counts")
-    p.add_argument("--image-res", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--image-res", type=int, default=256, help="training crop side in pixels")
+    p.add_argument("--batch-size", type=int, default=32, help="pairs per batch")
     p.add_argument("--batches", type=int, default=20, help="batches timed per setting (after 2 warm-up)")
     p.add_argument("--repeats", type=int, default=3, help="runs per setting; the median is reported")
     p.add_argument("--tokenizer", help="tokenizer folder (default: a vocabulary built from the captions)")
     p.add_argument("--modes", default="crop,randaugment",
                    help="comma list of: crop (RandomResizedCrop + flip), randaugment (+ ALBEF RandAugment)")
     p.add_argument("--convert", metavar="INPUT", help="also time converting INPUT (pairs/s per worker)")
-    p.add_argument("--convert-workers", default="1,2")
+    p.add_argument("--convert-workers", default="1,2", help="with --convert: comma-separated converter process counts")
     p.add_argument("--convert-rows-per-unit", type=int, default=500,
                    help="units small enough that every converter worker gets some")
     p.add_argument("--json", help="write the results as JSON here")
@@ -261,10 +277,10 @@ def _add_vocab(sub):
                                    "[CLS], [SEP], [MASK]) from caption text files (one caption per "
                                    "line) or dataset folders with manifest.parquet; writes a folder "
                                    "that transformers' BertTokenizerFast loads.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     p.add_argument("inputs", nargs="+", help="caption .txt files or dataset folders")
     p.add_argument("--out", required=True, help="tokenizer folder to write")
-    p.add_argument("--vocab-size", type=int, default=1024)
+    p.add_argument("--vocab-size", type=int, default=1024, help="WordPiece vocabulary size, special tokens included")
 
 def _add_synth_tasks(sub):
     p = sub.add_parser("synth-tasks", help="write synthetic VQA / NLVR2 / SNLI-VE / grounding sets",
@@ -273,14 +289,14 @@ def _add_synth_tasks(sub):
                                    "nlvr_*.json, grounding_*.json (with boxes and proposals for "
                                    "val/test) and images/. Labels, answers and boxes come from what "
                                    "the generator drew. Deterministic by seed.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", required=True)
-    p.add_argument("--seed", type=int, default=0)
+                       formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="folder to write the tasks' JSON files and images into")
+    p.add_argument("--seed", type=int, default=0, help="random seed: the same seed draws the same tasks")
     p.add_argument("--num-train", type=int, default=2000, help="train images")
     p.add_argument("--num-val", type=int, default=200, help="val (dev) images")
     p.add_argument("--num-test", type=int, default=200, help="test images")
-    p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--image-size", type=int, default=64, help="image side in pixels")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def _run_synth_tasks(args) -> int:
@@ -331,7 +347,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="albef-data", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="albef-data", description=__doc__.split("\n\n")[0].replace("``", ""),
                                      epilog="Run 'albef-data COMMAND --help' for each command's options.")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for add, _ in COMMANDS.values():

@@ -206,7 +206,7 @@ def convert(inputs: list[str], opts: ConvertOptions) -> dict:
               file=sys.stderr)
     do_merge = opts.merge if opts.merge is not None else opts.num_tasks == 1
     if do_merge:
-        stats["merged"] = merge(opts.out, quiet=not opts.progress)
+        stats["merged"] = merge(opts.out)  # its line names the skip reasons: printed without the bar too
     elif opts.num_tasks > 1:
         print(f"when all {opts.num_tasks} tasks are done: albef-data merge {opts.out}", file=sys.stderr)
     stats["nothing_kept"] = _nothing_kept(opts.out, mine, stats.get("merged"))

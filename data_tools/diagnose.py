@@ -19,6 +19,8 @@ TIPS = {
     "empty_image": "the image files are empty (an interrupted download?)",
     "corrupt_image": "the image files are not images PIL can decode (error pages saved as .jpg?)",
     "bad_caption": "the captions read are empty or not UTF-8: check --caption-col",
+    "not_utf8": "the URL list holds bytes that are not UTF-8 there: re-encode it (e.g. iconv -f latin1 "
+                "-t utf-8) to keep those rows",
     "malformed_row": "check --input-format, --caption-col/--image-col and --header/--no-header",
     "download_failed": "img2dataset recorded every download as failed: see its {shard}_stats.json",
     "excluded": "every image is in the --exclude sets",

@@ -182,14 +182,42 @@ def _delimited_batches(path: str, fmt: str, opts: DownloadOptions, drops: Counte
                             block_size=1 << 24, use_threads=False)
     parse = pcsv.ParseOptions(delimiter=delimiter, quote_char=False if fmt == "tsv" else '"',
                               invalid_row_handler=bad_row, newlines_in_values=False)
-    convert = pcsv.ConvertOptions(column_types={f"c{i}": "string" for i in range(n)},
+    # Read as bytes: one invalid UTF-8 byte would otherwise fail the whole list; such a row is
+    # dropped and counted (convert counts a caption like it as bad_caption).
+    convert = pcsv.ConvertOptions(column_types={f"c{i}": "binary" for i in range(n)},
                                   include_columns=[f"c{url}", f"c{caption}"], strings_can_be_null=False)
+    line = 1 if header else 0  # lines before the batch's first row
     try:
         reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         for batch in reader:
-            yield batch.column(f"c{url}"), batch.column(f"c{caption}")
+            urls, captions = batch.column(f"c{url}"), batch.column(f"c{caption}")
+            yield _valid_utf8(urls, captions, line, drops, examples)
+            line += batch.num_rows  # (skipped malformed rows are not counted: the numbers may lag)
     except Exception as e:  # pyarrow.ArrowInvalid and friends: the message names the line
         raise InputError(f"cannot read URL list {path}: {e}") from e
+
+
+def _valid_utf8(urls, captions, line: int, drops: Counter, examples: dict):
+    """The two binary columns as strings, rows whose URL or caption is not UTF-8 left out and
+    counted as ``not_utf8`` (examples name the line and show the bytes)."""
+    import pyarrow as pa
+    try:
+        return urls.cast(pa.string()), captions.cast(pa.string())
+    except pa.ArrowInvalid:
+        pass
+    keep_urls, keep_captions = [], []
+    for i, (u, c) in enumerate(zip(urls.to_pylist(), captions.to_pylist())):
+        try:
+            keep_urls.append(u.decode("utf-8"))
+            keep_captions.append(c.decode("utf-8"))
+        except UnicodeDecodeError:
+            if len(keep_urls) > len(keep_captions):
+                keep_urls.pop()
+            drops["not_utf8"] += 1
+            ex = examples.setdefault("not_utf8", [])
+            if len(ex) < EXAMPLES:
+                ex.append(f"line {line + i + 1}: {c[:100]!r}")
+    return pa.array(keep_urls, pa.string()), pa.array(keep_captions, pa.string())
 
 
 def _table_batches(path: str, fmt: str, opts: DownloadOptions):

@@ -12,5 +12,5 @@ def build_vocab_cmd(inputs: list[str], out: str, vocab_size: int) -> None:
     for p in inputs:
         if not os.path.exists(p):
             raise FileNotFoundError(f"caption input not found: {p}")
-    tok = build_vocab(inputs, out, vocab_size)
+    tok = build_vocab(inputs, out, vocab_size, report=lambda line: print(f"build-vocab: {line}", file=sys.stderr))
     print(f"build-vocab: {len(tok)} tokens written to {out}", file=sys.stderr)

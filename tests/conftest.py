@@ -29,22 +29,25 @@ def pytest_configure(config):
 
 def xdist_group_of(item) -> str:
     """Which tests one pytest-xdist worker runs together (``--dist loadgroup``): the users
-    of one session-wide resource (the local SLURM cluster, the registry of runs, the demo
-    run), else the test's module (its module-scoped fixtures are made once)."""
+    of one session-wide resource (the local SLURM cluster, the registry of runs), else the
+    test's module (its module-scoped fixtures are made once). The demo run is shared by all
+    workers instead (the ``demo`` fixture), so the two modules that start from it run on two."""
     if item.get_closest_marker("slurm"):
         return "slurm"
-    for shared in ("runs", "demo"):
-        if shared in item.fixturenames:
-            return shared
+    if "runs" in item.fixturenames:
+        return "runs"
     return item.nodeid.split("::")[0]
 
 
 #: the longest groups first, one on each of the 3 workers (the README's ``-n 3``): the demo
-#: and the tasks fine-tuned from it (one thread), the registry's runs (2-4 ranks) and the
-#: SLURM jobs (much of it waiting on the cluster) start at once, and the short modules fill
-#: in. pytest-xdist hands groups out in collection order only without its default reorder
-#: by group size (which put the demo's group behind a dozen modules): switched off below.
-FIRST = ("demo", "runs", "slurm")
+#: and the retrieval fine-tunes from it (one thread), the registry's runs (2-4 ranks) and
+#: the SLURM jobs (much of it waiting on the cluster) start at once. pytest-xdist then hands
+#: each worker a second group at once (gw0 the 4th: a short module behind the demo; gw1 the
+#: 5th: the four tasks fine-tuned from the demo, which find it made by then), and the short
+#: modules fill in. Groups go out in this order only without xdist's default reorder by group
+#: size (which put the demo behind a dozen modules): switched off in pytest_configure.
+FIRST = ("tests/cli/test_demo.py", "runs", "slurm", "tests/test_losses.py",
+         "tests/objectives/test_tasks_end_to_end.py")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
@@ -111,15 +114,33 @@ def runs(synth_data, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def demo(tmp_path_factory):
+def demo(tmp_path_factory, worker_id):
     """A short ``albef-ds demo`` (2,000 synth pairs, 300 steps, 100 test images): (its
     folder, its stdout, its retrieval.json). The demo test checks it; the fine-tuning tests
-    start from it (a demo-sized pretrained checkpoint)."""
+    start from it (a demo-sized pretrained checkpoint).
+
+    Made once per session: under pytest-xdist by the first worker that asks, in the folder
+    all workers of the session share, under a file lock that the others wait on. The export
+    every ``--init`` of its run reads is made here too, inside the lock (two workers would
+    otherwise write it at once). Users must not write into it, nor read its shards with
+    streaming while another worker may (streaming refuses a local folder in use by another
+    job): tests/objectives/test_tasks_end_to_end.py copies them."""
     import json
-    out = tmp_path_factory.mktemp("demo")
-    stdout = run_albef(["demo", "--out", str(out), "--train-pairs", "2000", "--test-images", "100",
-                        "--steps", str(DEMO_STEPS), "--set", "logging.progress_bar=false"])
-    return out, stdout, json.loads((out / "run" / "retrieval.json").read_text())
+
+    from filelock import FileLock
+
+    from albef_ds.train.export import resolve_init
+    base = tmp_path_factory.getbasetemp()
+    shared = base if worker_id == "master" else base.parent  # (xdist: the session's folder)
+    out, done = shared / "demo", shared / "demo.done"
+    with FileLock(str(shared / "demo.lock")):
+        if not done.is_file():
+            stdout = run_albef(["demo", "--out", str(out), "--train-pairs", "2000", "--test-images", "100",
+                                "--steps", str(DEMO_STEPS), "--set", "logging.progress_bar=false"])
+            resolve_init(str(out / "run"))
+            (shared / "demo.stdout").write_text(stdout)
+            done.write_text("")
+    return out, (shared / "demo.stdout").read_text(), json.loads((out / "run" / "retrieval.json").read_text())
 
 
 @pytest.fixture(autouse=True)

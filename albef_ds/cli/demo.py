@@ -130,7 +130,14 @@ def results_table(untrained: dict, trained: dict, k: int) -> str:
     any may be the best), and chance, R@1/5/10."""
     from ..eval.retrieval import chance_row, format_table, ranking_rows
     return format_table({**ranking_rows(untrained, "untrained, "), **ranking_rows(trained, "trained, "),
-                         "chance": chance_row(trained)})
+                         "chance": chance_row(trained)}) + "\n" + TABLE_LEGEND
+
+
+#: what the retrieval table's columns mean (printed under it)
+TABLE_LEGEND = ("columns, in %: txt_r1/r5/r10 = text retrieval (an image's captions among all captions) recall "
+                "at 1/5/10; img_r1/r5/r10 = image retrieval (a caption's image among all images); r_mean = "
+                "their mean.\nrows: ITC only ranks by the contrastive similarity; ITM re-rank k re-orders "
+                "ITC's top k by the matching head's score; ITM + ITC adds the two scores.")
 
 
 def headline(trained: dict) -> str:

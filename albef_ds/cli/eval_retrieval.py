@@ -68,7 +68,7 @@ def load_model(args):
         print(load_albef_checkpoint(model, state, strict=False, source=source))
         return model, cfg
     from ..train.export import check_text_form, checkpoint_text_form, consolidate, load_saved_config, resolve_checkpoint
-    tag_dir = resolve_checkpoint(str(path))
+    tag_dir = resolve_checkpoint(str(path), "--model")
     cfg = (load_config(args.config, args.overrides) if args.config
            else load_saved_config(tag_dir.parent.parent / "config.yaml", args.overrides))
     check_text_form(checkpoint_text_form(tag_dir), str(tag_dir), cfg)

@@ -16,6 +16,7 @@ docs/tasks.md: the data each task needs and where users get it.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 #: task -> (objective in albef_ds.objectives.OBJECTIVES, evaluated on a validation split)
 TASKS = {"retrieval": ("retrieval", True), "ve": ("ve", True), "nlvr2": ("nlvr2", True),
@@ -46,9 +47,22 @@ def run(args) -> int:
     objective, evaluated = TASKS[getattr(args, "task", "retrieval")]
     cfg, launch, stop = start(args, [f"train.objective={objective}"], need_val=evaluated)
     if launch.rank == 0:
-        cfg.checkpoint.init_from = resolve_init(args.init)
+        cfg.checkpoint.init_from = resolve_init(args.init, "--init")
+        note = unfinished_run_note(Path(args.init), cfg.checkpoint.init_from)
+        if note:
+            print(note, flush=True)
     dist_lib.barrier()
     if launch.rank != 0:
-        cfg.checkpoint.init_from = resolve_init(args.init)  # the export exists now
+        cfg.checkpoint.init_from = resolve_init(args.init, "--init")  # the export exists now
     return train(cfg, launch, resume, eval_each_epoch=evaluated, keep_best=evaluated, stop=stop,
                  overwrite=args.overwrite)
+
+
+def unfinished_run_note(init: Path, weights: str) -> str | None:
+    """A line when ``--init`` names a run directory that has not reached its final step (no
+    DONE marker): fine-tuning then starts from whatever checkpoint it last committed."""
+    from ..train.trainer import DONE_MARKER
+    if not (init / "checkpoints").is_dir() or (init / DONE_MARKER).is_file():
+        return None
+    return (f"note: --init {init} is an unfinished run (no {DONE_MARKER} marker): fine-tuning starts from its "
+            f"newest checkpoint ({Path(weights).parent.name})")

@@ -25,17 +25,27 @@ from pathlib import Path
 import torch
 
 from ..config import Config, load_config
-from .checkpoint import CheckpointManager
+from ..errors import UsageError
+from .checkpoint import META, CheckpointManager
 
 
-def resolve_checkpoint(path: str) -> Path:
+def resolve_checkpoint(path: str, label: str = "") -> Path:
+    """A run directory (its newest intact checkpoint) or a checkpoint folder -> that folder.
+    ``label``: how the caller's user named the path (e.g. "--init"), to begin each error."""
     p = Path(path)
+    named = f"{label} {p}" if label else str(p)
+    if not p.exists():
+        raise UsageError(f"{named}: not found")
     if (p / "checkpoints").is_dir():
         found = CheckpointManager(p, 1, 0, 1).resolve("auto")
         if found is None:
-            raise FileNotFoundError(f"{p}: no complete checkpoint under {p / 'checkpoints'}")
+            raise UsageError(f"{named}: a run directory without a complete checkpoint (nothing committed under "
+                             f"{p / 'checkpoints'}; an unfinished run saves every checkpoint.every_steps)")
         return found
-    CheckpointManager(p.parent.parent, 1, 0, 1).resolve(str(p))  # raises if incomplete
+    if not (p / META).is_file():
+        raise UsageError(f"{named}: not a run directory, a checkpoint or an export (none of checkpoints/, {META}, "
+                         f"model.pt in it)")
+    CheckpointManager(p.parent.parent, 1, 0, 1).resolve(str(p))  # raises if damaged
     return p
 
 
@@ -173,13 +183,13 @@ def load_exported(directory: str | Path):
     return model, cfg
 
 
-def resolve_init(path: str) -> str:
+def resolve_init(path: str, label: str = "") -> str:
     """Weights to start a fine-tuning from: a file or an export as they are; a checkpoint or
     run directory is exported into ``RUN/exports/<tag>`` first (call on rank 0)."""
     p = Path(path)
     if p.is_file() or (p / "model.pt").is_file():
         return str(p / "model.pt") if p.is_dir() else str(p)
-    tag_dir = resolve_checkpoint(path)
+    tag_dir = resolve_checkpoint(path, label)
     out = default_export_dir(tag_dir)
     if not (out / "model.pt").is_file():
         export_checkpoint(tag_dir, load_config(tag_dir.parent.parent / "config.yaml"), out)

@@ -26,6 +26,9 @@ def test_the_table_shows_itc_only_and_itm_reranked_rows_and_real_chance_values()
     chance = rows["chance"]
     assert chance[:3] == ["1.00", "4.92", "9.65"]  # TR: 1 - C(495, k) / C(500, k)
     assert chance[3:6] == ["1.00", "5.00", "10.00"]  # IR: k / 100
+    # the columns and rows are explained under the table
+    assert "txt_r1/r5/r10 = text retrieval" in table and "img_r1/r5/r10 = image retrieval" in table
+    assert "r_mean = their mean" in table and "ITM re-rank k re-orders ITC's top k" in table
 
 
 def test_the_headline_names_which_ranking_each_figure_is_and_the_better_one():

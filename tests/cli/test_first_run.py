@@ -81,3 +81,49 @@ def test_eval_of_a_task_on_a_model_without_its_trained_head_is_refused(runs, tmp
     assert code == 2 and len(lines) == 1, out[-3000:]
     assert "no trained ve head" in lines[0] and "cls_head" in lines[0] and "finetune --task ve" in lines[0], lines
     assert "accuracy" not in out and not (tmp_path / "eval").exists(), out[-3000:]
+
+
+def test_a_missing_or_empty_model_path_is_named_by_the_flag_the_user_gave(synth_data, tmp_path):
+    _, tok = synth_data
+    tasks = synth_tasks(tmp_path / "tasks", 8, 4, 4)
+    empty_run = tmp_path / "run_without_checkpoint"
+    (empty_run / "checkpoints").mkdir(parents=True)
+    empty_dir = tmp_path / "empty"
+    empty_dir.mkdir()
+    finetune = ["finetune", "--task", "ve", "--config", "tiny", "--run-dir", str(tmp_path / "ft"),
+                "--set", f"task.train_files=[{tasks / 've_train.json'}]", "--set", f"task.val_file={tasks / 've_dev.json'}",
+                "--set", f"data.tokenizer={tok}", "--init"]
+    cases = {  # argv -> the start of what follows "error: "
+        "finetune, no such path": (finetune + [str(tmp_path / "nope")], f"--init {tmp_path / 'nope'}: not found"),
+        "finetune, an empty folder": (finetune + [str(empty_dir)],
+                                      f"--init {empty_dir}: not a run directory, a checkpoint or an export"),
+        "export, a run without a checkpoint": (["export", str(empty_run)],
+                                               f"{empty_run}: a run directory without a complete checkpoint"),
+        "eval-retrieval, a run without a checkpoint": (
+            ["eval-retrieval", "--model", str(empty_run), "--split", str(tasks / "ve_test.json")],
+            f"--model {empty_run}: a run directory without a complete checkpoint"),
+    }
+    for name, (argv, start) in cases.items():
+        code, out = in_process(argv)
+        lines = [line for line in out.splitlines() if line.startswith("albef-ds ") and ": error: " in line]
+        assert code == 2 and len(lines) == 1, (name, code, out[-3000:])
+        said = lines[0].split(": error: ", 1)[1]
+        assert said.startswith(start), (name, said)
+        assert "--resume" not in said, (name, said)
+    assert not (tmp_path / "ft").exists()
+
+
+def test_fine_tuning_from_an_unfinished_run_says_so(runs, tmp_path):
+    import shutil
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(runs.get("z2_w1").dir, unfinished)
+    (unfinished / "DONE").unlink()
+    tasks = synth_tasks(tmp_path / "tasks", 8, 4, 4)
+    code, out = in_process(["finetune", "--task", "ve", "--config", str(unfinished / "config.yaml"),
+                            "--init", str(unfinished), "--run-dir", str(tmp_path / "ft"),
+                            "--set", f"task.train_files=[{tasks / 've_train.json'}]",
+                            "--set", f"task.val_file={tasks / 've_dev.json'}", "--set", "train.max_steps=1",
+                            "--set", "train.micro_batch_size=4", "--set", "logging.progress_bar=false"])
+    assert code == 0, out[-3000:]
+    assert f"note: --init {unfinished} is an unfinished run (no DONE marker): fine-tuning starts from its " \
+           f"newest checkpoint (step_00000004)" in out, out[-3000:]

@@ -41,6 +41,10 @@ def test_bad_input_counted_per_reason_exit_0_rejects_listed(tmp_path):
                            "--rows-per-unit", "5", "--workers", "2", "--no-progress"],
                           env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
+    # --no-progress hides the bar, not the summary that names the skip reasons
+    said = proc.stdout + proc.stderr
+    assert "merged 3 parts in" in said and ("kept 3 of 12 read; skipped missing_file 2, empty_image 1, "
+                                            "corrupt_image 2, bad_caption 2, malformed_row 2") in said, said
     stats = json.loads((out / "stats.json").read_text())
     assert stats["read"] == 12 and stats["kept"] == 3
     assert stats["skipped"] == {"missing_file": 2, "empty_image": 1, "corrupt_image": 2, "bad_caption": 2,

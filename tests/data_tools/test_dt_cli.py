@@ -59,3 +59,39 @@ def test_grounding_boxes_joins_refs_boxes_and_proposals(tmp_path):
          "proposals": [[0.0, 0.0, 10.0, 10.0], [1.0, 2.0, 3.0, 4.0]]},
         {"image": "coco/b.jpg", "text": "dog", "ref_id": 8, "box": [5.0, 6.0, 7.0, 8.0], "split": "val",
          "proposals": [[5.0, 6.0, 7.0, 8.0]]}]
+
+
+def test_build_vocab_names_the_lines_that_are_not_utf8_and_leaves_them_out(tmp_path, capsys):
+    """As convert rejects such a caption (bad_caption), build-vocab leaves the line out and
+    says so; 'caf\\xe9' (latin-1) would otherwise train the replacement character."""
+    captions = tmp_path / "captions.txt"
+    captions.write_bytes(b"a red square\ncaf\xe9 au lait\nblue circle\nanother caf\xe9\n")
+    assert main(["build-vocab", str(captions), "--out", str(tmp_path / "tok"), "--vocab-size", "100"]) == 0
+    err = capsys.readouterr().err
+    assert f"build-vocab: {captions}: 2 line(s) not valid UTF-8 left out (the first: line 2)" in err, err
+    vocab = (tmp_path / "tok" / "vocab.txt").read_text(encoding="utf-8").split()
+    assert "\ufffd" not in vocab and "caf" not in vocab and "lait" not in vocab, vocab
+    assert "square" in vocab or "squ" in "".join(vocab)
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_option_says_what_it_does_and_only_meaningful_defaults_are_shown(command, capsys):
+    from data_tools.cli import build_parser
+    sub = build_parser()._subparsers._group_actions[0].choices[command]
+    silent = [a.option_strings or a.dest for a in sub._actions if not a.help]
+    assert not silent, silent
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for noise in ("(default: None)", "(default: True)", "(default: False)", "``"):
+        assert noise not in text, (noise, text)
+    from data_tools.cli import HelpFormatter
+    formatter = HelpFormatter("albef-data")
+    doubled = [a.option_strings for a in sub._actions if a.help and formatter._expand_help(a).count("default") > 1]
+    assert not doubled, doubled  # never a default stated twice
+
+
+def test_the_top_help_reads_as_plain_text(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert "``" not in capsys.readouterr().out

@@ -64,7 +64,10 @@ def check_text_assignment_stage(demo_dir: Path, run_dir: Path) -> None:
     two-image encoder loads, the text-assignment head is dropped, the classifier is fresh).
     The NLVR2 bar below is measured from the pretraining run directly: 40 text-assignment
     steps of this tiny model did not help a 150-step NLVR2 run (50 % against 60 %)."""
-    finetune("nlvr_ta", demo_dir / "run", run_dir, [f"data.train_dirs=[{demo_dir / 'data' / 'train'}]",
+    import shutil
+    shards = run_dir.parent / "demo_shards"  # a copy: another worker may be streaming the demo's (conftest)
+    shutil.copytree(demo_dir / "data" / "train", shards)
+    finetune("nlvr_ta", demo_dir / "run", run_dir, [f"data.train_dirs=[{shards}]",
                                                     f"data.tokenizer={demo_dir / 'tokenizer'}", "train.max_steps=40"])
     ta = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert ta[-1]["step"] == 40 and 0.0 <= ta[-1]["acc"] <= 1.0
