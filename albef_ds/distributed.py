@@ -53,10 +53,32 @@ def _first_slurm_host(nodelist: str) -> str:
 
 def free_port() -> int:
     """A TCP port free on every interface of this host now (the batch scripts pick
-    MASTER_PORT with it on the first node)."""
-    with socket.socket() as s:
+    MASTER_PORT with it on the first node), below the kernel's ephemeral range: a port from
+    that range (what binding port 0 gives) can be taken by any outgoing connection in the
+    seconds before rank 0 binds it (seen: two jobs on one node, EADDRINUSE 7 s later)."""
+    import random
+    low, high = _ephemeral_range()
+    candidates = list(range(max(1024, low - 20000), low))
+    random.SystemRandom().shuffle(candidates)
+    for port in candidates[:200]:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as s:  # nothing free below the range: any free port
         s.bind(("", 0))
         return s.getsockname()[1]
+
+
+def _ephemeral_range() -> tuple[int, int]:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low, high = map(int, f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 #: without MASTER_PORT (plain ``srun albef-ds ...``, no batch script to pick a free port),

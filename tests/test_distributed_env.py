@@ -83,3 +83,17 @@ def test_a_taken_master_port_says_so(monkeypatch):
         held.close()
     assert proc.returncode != 0
     assert f"MASTER_PORT {port} on 127.0.0.1 is taken" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_a_picked_master_port_is_free_and_below_the_ephemeral_range():
+    """Outgoing connections take their local ports from the kernel's ephemeral range: a
+    MASTER_PORT picked there can be gone by the time rank 0 binds it."""
+    import socket
+
+    from albef_ds.distributed import _ephemeral_range, free_port
+    low, _ = _ephemeral_range()
+    for _ in range(20):
+        port = free_port()
+        assert 1024 <= port < low, (port, low)
+        with socket.socket() as s:
+            s.bind(("", port))  # free indeed

@@ -70,7 +70,10 @@ class JobWatchdog:
             self.store.set(ABORT_KEY, f"rank {self.rank}: {reason}"[:2000])
         except Exception:  # rank 0 (the store) is gone already: the others lose it too
             return
-        self._serve_the_others(expected=self.world_size - 1)
+        # Every rank, not only rank 0 (which serves the store), waits a few polls for the others
+        # to read the failure: a launcher that sees this rank exit kills the rest at once, and
+        # they would end without a word on why (seen once this rank's exit got faster).
+        self._wait_until_read(expected=self.world_size - 1)
 
     def _watch(self) -> None:
         lost_since = None
@@ -94,15 +97,16 @@ class JobWatchdog:
         self.log(f"albef-ds: rank {self.rank} ends: another rank failed ({' '.join(reason.split())[:500]})")
         try:
             self.store.add(ACK_KEY, 1)
-            self._serve_the_others(expected=self.world_size - 2)  # all but the failed rank and rank 0
+            if self.rank == 0:  # it serves the store: all but the failed rank and itself read it first
+                self._wait_until_read(expected=self.world_size - 2)
             self.on_exit()
         finally:
             os._exit(EXIT_PEER_FAILED)
 
-    def _serve_the_others(self, expected: int) -> None:
-        """Rank 0 only (it serves the store): wait until ``expected`` ranks have read the
-        failure, at most a few polls, so none of them loses the store before it knows why."""
-        if self.rank != 0 or expected <= 0:
+    def _wait_until_read(self, expected: int) -> None:
+        """Wait until ``expected`` ranks have read the failure, at most a few polls, so that
+        none of them is killed or loses the store before it has said why it ends."""
+        if expected <= 0:
             return
         deadline = time.monotonic() + 3 * self.poll_s + 2.0
         while time.monotonic() < deadline:
