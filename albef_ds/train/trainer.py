@@ -324,6 +324,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
         lock = _claim_run_dir(cfg, launch, resume, overwrite)
         run = _Run(cfg, launch, resume, eval_each_epoch, keep_best)
         trainer, loader = run.trainer, run.loader
+        empty_epochs = 0  # one is a resume at an epoch's very end; two in a row would spin forever
         while trainer.step < trainer.total_steps and not run.stopped:
             batches = 0
             for batch in loader:
@@ -333,8 +334,10 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
                 if boundary and (run.after_step(check) or trainer.step >= trainer.total_steps):
                     break
             else:
-                if batches == 0:  # (refused at start-up; a loop without steps never ends)
-                    raise RuntimeError(f"epoch {trainer.epoch} of the training data gave this rank no batch")
+                empty_epochs = empty_epochs + 1 if batches == 0 else 0
+                if empty_epochs == 2:  # (a dataset that fills no batch is refused at start-up)
+                    raise RuntimeError(f"epochs {trainer.epoch - 1} and {trainer.epoch} of the training data "
+                                       f"gave this rank no batch")
                 trainer.epoch += 1
         check.drain()  # a reduce started at the last check step is waited for
         return run.finish(watchdog)

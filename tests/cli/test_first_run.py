@@ -127,3 +127,16 @@ def test_fine_tuning_from_an_unfinished_run_says_so(runs, tmp_path):
     assert code == 0, out[-3000:]
     assert f"note: --init {unfinished} is an unfinished run (no DONE marker): fine-tuning starts from its " \
            f"newest checkpoint (step_00000004)" in out, out[-3000:]
+
+
+def test_without_the_start_up_refusal_the_loop_still_ends_instead_of_spinning(synth_data, tmp_path, monkeypatch):
+    """The loop's own guard (two epochs in a row without a batch), checked by switching the
+    start-up refusal off: the run ends with an error instead of spinning forever."""
+    from albef_ds.train import trainer
+    monkeypatch.setattr(trainer, "_refuse_an_epoch_without_a_batch", lambda *a: None)
+    _, tok = synth_data
+    train = small_synth(tmp_path / "small", 20)
+    code, out = in_process(["pretrain", "--config", "tiny", "--run-dir", str(tmp_path / "run"),
+                            "--set", f"data.train_dirs=[{train}]", "--set", f"data.tokenizer={tok}",
+                            "--set", "logging.progress_bar=false", "--set", "data.num_workers=0"])
+    assert code == 1 and "epochs 0 and 1 of the training data gave this rank no batch" in out, out[-3000:]
