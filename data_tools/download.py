@@ -25,6 +25,7 @@ imported only when a download starts.
 """
 from __future__ import annotations
 
+import bisect
 import glob
 import json
 import os
@@ -169,8 +170,11 @@ def _delimited_batches(path: str, fmt: str, opts: DownloadOptions, drops: Counte
         url, caption = _columns_headerless(first, opts, path)
     print(f"download: {path}: url column {url}, caption column {caption}", file=sys.stderr)
 
+    malformed_lines: list[int] = []  # in file order: what the parsed rows' line numbers skip
+
     def bad_row(row) -> str:
         drops["malformed_row"] += 1
+        malformed_lines.append(row.number)
         ex = examples.setdefault("malformed_row", [])
         if len(ex) < EXAMPLES:
             ex.append(f"line {row.number}: {row.actual_columns} fields, expected {row.expected_columns}: "
@@ -186,20 +190,30 @@ def _delimited_batches(path: str, fmt: str, opts: DownloadOptions, drops: Counte
     # dropped and counted (convert counts a caption like it as bad_caption).
     convert = pcsv.ConvertOptions(column_types={f"c{i}": "binary" for i in range(n)},
                                   include_columns=[f"c{url}", f"c{caption}"], strings_can_be_null=False)
-    line = 1 if header else 0  # lines before the batch's first row
+    parsed = 0  # rows parsed before the batch
+
+    def line_of(index: int) -> int:
+        """The file line of the parsed row ``index``: past the header and the malformed lines
+        before it (all of them already seen: a batch is yielded once its block is parsed)."""
+        line = index + 1 + int(header)
+        while (moved := index + 1 + int(header) + bisect.bisect_right(malformed_lines, line)) != line:
+            line = moved
+        return line
+
     try:
         reader = pcsv.open_csv(path, read_options=read, parse_options=parse, convert_options=convert)
         for batch in reader:
             urls, captions = batch.column(f"c{url}"), batch.column(f"c{caption}")
-            yield _valid_utf8(urls, captions, line, drops, examples)
-            line += batch.num_rows  # (skipped malformed rows are not counted: the numbers may lag)
+            yield _valid_utf8(urls, captions, lambda i, first=parsed: line_of(first + i), drops, examples)
+            parsed += batch.num_rows
     except Exception as e:  # pyarrow.ArrowInvalid and friends: the message names the line
         raise InputError(f"cannot read URL list {path}: {e}") from e
 
 
-def _valid_utf8(urls, captions, line: int, drops: Counter, examples: dict):
+def _valid_utf8(urls, captions, line_of, drops: Counter, examples: dict):
     """The two binary columns as strings, rows whose URL or caption is not UTF-8 left out and
-    counted as ``not_utf8`` (examples name the line and show the bytes)."""
+    counted as ``not_utf8`` (examples name the file line, ``line_of(row in batch)``, and show
+    the bytes)."""
     import pyarrow as pa
     try:
         return urls.cast(pa.string()), captions.cast(pa.string())
@@ -216,7 +230,7 @@ def _valid_utf8(urls, captions, line: int, drops: Counter, examples: dict):
             drops["not_utf8"] += 1
             ex = examples.setdefault("not_utf8", [])
             if len(ex) < EXAMPLES:
-                ex.append(f"line {line + i + 1}: {c[:100]!r}")
+                ex.append(f"line {line_of(i)}: {c[:100]!r}")
     return pa.array(keep_urls, pa.string()), pa.array(keep_captions, pa.string())
 
 

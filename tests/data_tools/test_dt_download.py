@@ -199,11 +199,13 @@ def test_a_line_that_is_not_utf8_is_dropped_and_named_the_rest_downloads(server,
     root, base = server
     served = _serve_images(root, base, n=3)
     lines = [f"{c}\t{u}".encode() for u, c, _ in served]
-    lines.insert(1, f"caf\xe9 au lait\t{base}/0.jpg".encode("latin-1"))  # one latin-1 byte on line 2
+    lines.insert(1, b"a line without its url")  # malformed: the line numbers after it must not lag
+    lines.insert(2, f"caf\xe9 au lait\t{base}/0.jpg".encode("latin-1"))  # one latin-1 byte on line 3
     (tmp_path / "list.tsv").write_bytes(b"\n".join(lines) + b"\n")
     out = tmp_path / "images"
     assert _download(tmp_path / "list.tsv", "--out", out, "--no-progress") == 0
     err = capsys.readouterr().err
     assert "URL list: 3 rows, 3 with a URL and a caption" in err, err
-    assert "dropped 1 (not_utf8): e.g. line 2: b'caf\\xe9 au lait'" in err, err
+    assert "dropped 1 (not_utf8): e.g. line 3: b'caf\\xe9 au lait'" in err, err
+    assert "dropped 1 (malformed_row): e.g. line 2:" in err, err
     assert "tried 3 URLs in 1 shard: 3 downloaded, 0 failed" in err, err
