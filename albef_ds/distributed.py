@@ -57,10 +57,9 @@ def free_port() -> int:
     that range (what binding port 0 gives) can be taken by any outgoing connection in the
     seconds before rank 0 binds it (seen: two jobs on one node, EADDRINUSE 7 s later)."""
     import random
-    low, high = _ephemeral_range()
-    candidates = list(range(max(1024, low - 20000), low))
-    random.SystemRandom().shuffle(candidates)
-    for port in candidates[:200]:
+    low, _ = _ephemeral_range()
+    below = range(max(1024, low - 20000), low)
+    for port in random.SystemRandom().sample(below, min(200, len(below))):
         with socket.socket() as s:
             try:
                 s.bind(("", port))

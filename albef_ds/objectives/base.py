@@ -71,9 +71,13 @@ class Objective:
         pretraining checkpoint loaded (heads built from it may copy its layers), before a
         checkpoint of this task loads. Pretraining adds none."""
 
+    def holds_heads(self, state_dict: dict) -> bool:
+        """Whether these weights hold this task's heads (trained ones: nothing else saves them)."""
+        return any(k.split(".")[0] in self.head_prefixes for k in state_dict)
+
     def is_task_checkpoint(self, state_dict: dict) -> bool:
         """Whether these weights come from this task (they hold its heads)."""
-        return any(k.split(".")[0] in self.head_prefixes for k in state_dict)
+        return self.holds_heads(state_dict)
 
     def make_loader(self, cfg, rank: int, world: int, local_world: int, local_rank: int, run_dir: str):
         """The training loader: any iterable of batch dicts with ``__len__``, ``state_dict``,

@@ -46,6 +46,7 @@ class StopFlag:
     def __init__(self, handle_signals: bool = True):
         self.requested = False
         self.signal_name = None
+        self._first_interrupt = None  # time.monotonic() of the first SIGINT
         if not handle_signals:  # a flag only set by hand (the bench times the check alone)
             return
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
@@ -55,7 +56,7 @@ class StopFlag:
     def _handler(self, signum, frame):
         now = time.monotonic()
         if signum == signal.SIGINT:
-            first = getattr(self, "_first_interrupt", None)
+            first = self._first_interrupt
             if first is not None and now - first >= SECOND_INTERRUPT_AFTER_S:
                 raise KeyboardInterrupt("a second Ctrl-C: ended without a checkpoint")
             if first is None:

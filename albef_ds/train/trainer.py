@@ -63,8 +63,7 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None, trai
         from .export import check_text_form, recorded_text_form  # trained on this run's text form?
         check_text_form(*recorded_text_form(c.init_from, record.get(weights.TEXT_FORM_KEY)), cfg)
     task_checkpoint = objective is not None and state is not None and objective.is_task_checkpoint(state)
-    has_heads = objective is not None and state is not None and \
-        any(k.split(".")[0] in objective.head_prefixes for k in state)
+    has_heads = objective is not None and state is not None and objective.holds_heads(state)
     if trained_heads and objective is not None and objective.head_prefixes and not has_heads:
         raise UsageError(
             f"{c.init_from or 'checkpoint.init_from (unset)'}: no trained {objective.name} head in it "
