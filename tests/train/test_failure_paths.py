@@ -129,6 +129,14 @@ def _wait_for(path: Path, proc, timeout=240):
         time.sleep(0.2)
 
 
+def _identity(path: Path):
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_ctime_ns
+
+
 def test_a_killed_jobs_shared_memory_is_reclaimed_by_its_own_run_only(synth_data, tmp_path):
     """Run Y is SIGKILLed and leaves its streaming segments; run X starts beside it on the
     same host; Y's next start removes Y's leftovers while X's live ones stay."""
@@ -150,7 +158,9 @@ def test_a_killed_jobs_shared_memory_is_reclaimed_by_its_own_run_only(synth_data
         y_prefix = json.loads(record_path(tmp_path / "y").read_text())["prefix"]
         os.killpg(y.pid, signal.SIGKILL)
         y.wait()
-        y_left = sorted(p.name for p in SHM_DIR.glob(f"{y_prefix:06}_*"))
+        # a segment is known by its inode and change time, not its name: once reclaimed, the
+        # prefix is free and a test running beside this one may create the same names anew
+        y_left = {p.name: _identity(p) for p in SHM_DIR.glob(f"{y_prefix:06}_*")}
         assert y_left, "the killed run left no shared memory: nothing to test"
         x = start("x", long_run)
         _wait_for(record_path(tmp_path / "x"), x)
@@ -160,7 +170,8 @@ def test_a_killed_jobs_shared_memory_is_reclaimed_by_its_own_run_only(synth_data
         # a process of its own: in the pytest process, the rerun's own segments (which may
         # reuse Y's freed prefix and so Y's names) outlive the run until garbage collection
         call(command(1, tmp_path / "y", data, tok, steps=2))
-        assert not any((SHM_DIR / n).exists() for n in y_left), "run Y's leftovers are still there"
+        still = [n for n, ident in y_left.items() if _identity(SHM_DIR / n) == ident]
+        assert not still, f"run Y's leftovers are still there: {still}"
         assert all((SHM_DIR / n).exists() for n in x_live), "run X's live shared memory was touched"
         assert x.poll() is None, "run X died"
     finally:
