@@ -198,12 +198,16 @@ def pretrain(config: str, overrides: list[str], run_dir: Path, resume: str = "no
 
 
 def per_step(run_dir: Path) -> dict[int, dict]:
-    """step -> its metrics line (a resumed run appends; the last line of a step wins)."""
+    """step -> its metrics line (a resumed run appends; the last line of a step wins; a
+    resume's marker row is no step's line)."""
     import json
+
+    from .train.metrics import is_event
     out = {}
     for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out[row["step"]] = row
+        if not is_event(row):
+            out[row["step"]] = row
     return out
 
 

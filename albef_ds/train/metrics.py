@@ -2,11 +2,18 @@
 
 Losses stay on the device between log steps (a running sum per key), so a step costs no
 host sync; at a log step they are averaged over steps and reduced over ranks at once.
+
+Every ``metrics.jsonl`` row holds ``step`` and ``time`` (:data:`TIME_KEY`: when it was
+written, Unix seconds). A launch that resumes from a checkpoint first writes a marker row
+``{"step": N, "time": ..., "event": "resume", "from": CHECKPOINT, "world_size": W}``: the
+rows after it were computed by that launch, from step N + 1 on. Readers of training rows
+skip rows with an ``event`` (:func:`is_event`).
 """
 from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Optional
 
@@ -52,6 +59,22 @@ def rewind_jsonl(path: Path, last_step: int, step_key: str = "step") -> None:
     os.replace(tmp, path)
 
 
+#: the field of every metrics.jsonl row holding when it was written: Unix seconds (wall
+#: clock), to the millisecond: how long steps, evaluations and the gaps between launches took
+TIME_KEY = "time"
+#: the ``event`` of the row a launch that resumes from a checkpoint writes first
+RESUME_EVENT = "resume"
+
+
+def is_event(row: dict) -> bool:
+    """Whether a metrics.jsonl row marks an event (a resume) rather than holding metrics."""
+    return "event" in row
+
+
+def _now() -> float:
+    return round(time.time(), 3)
+
+
 class MetricsLogger:
     """Rank 0 writes; other ranks hold a no-op logger. ``resume_step``: the run resumes
     after that step, so later lines of an earlier launch are dropped from metrics.jsonl
@@ -77,13 +100,22 @@ class MetricsLogger:
     def log(self, step: int, values: dict, prefix: str = "train") -> None:
         if not self.enabled:
             return
-        self.jsonl.write(json.dumps({"step": step, **{k: _py(v) for k, v in values.items()}}) + "\n")
-        self.jsonl.flush()
+        self._write({"step": step, TIME_KEY: _now(), **{k: _py(v) for k, v in values.items()}})
         if self.writer is not None:
             for k, v in values.items():
                 if isinstance(v, (int, float)):
                     self.writer.add_scalar(f"{prefix}/{k}", v, step)
             self.writer.flush()
+
+    def mark_resume(self, step: int, checkpoint: str | os.PathLike, world_size: int) -> None:
+        """The marker row of a launch that resumed from ``checkpoint`` after ``step``."""
+        if self.enabled:
+            self._write({"step": step, TIME_KEY: _now(), "event": RESUME_EVENT, "from": str(checkpoint),
+                         "world_size": world_size})
+
+    def _write(self, row: dict) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
 
     def close(self) -> None:
         if self.jsonl:

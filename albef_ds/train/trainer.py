@@ -451,6 +451,8 @@ class _Run:
         # A start without a checkpoint (--resume auto before the first save was made)
         # redoes every step: earlier lines of this directory are dropped too.
         self.metrics = MetricsLogger(run_dir, is_main, cfg.logging.tensorboard, resume_step=t.step)
+        if resume_dir:
+            self.metrics.mark_resume(t.step, resume_dir, launch.world_size)
         self.evaluator = (objective.make_evaluator(cfg, tokenizer)
                           if cfg.eval.every_steps or eval_each_epoch else None)
         self.best = -1.0

@@ -95,7 +95,12 @@ def test_kill_9_then_resume_auto_continues_identically(runs_by_role):
 def test_a_resumed_runs_logs_hold_each_step_once(runs_by_role):
     runs = runs_by_role
     lines = [json.loads(line) for line in (runs["killed"] / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in lines] == list(range(1, STEPS + 1))
+    assert [row["step"] for row in lines if "event" not in row] == list(range(1, STEPS + 1))
+    # one marker row, where the resumed launch took over (after its checkpoint's step)
+    markers = [(i, row) for i, row in enumerate(lines) if "event" in row]
+    assert len(markers) == 1 and markers[0][1]["event"] == "resume", markers
+    at, marker = markers[0]
+    assert marker["from"].endswith(f"step_{marker['step']:08d}") and lines[at - 1]["step"] == marker["step"], marker
     for rank in (0, 1):
         rows = [json.loads(line) for line in (runs["killed"] / f"sample_keys_rank{rank}.jsonl").read_text().splitlines()]
         assert [row["step"] for row in rows] == list(range(STEPS))

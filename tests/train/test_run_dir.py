@@ -28,8 +28,13 @@ def run_1(args, log: Path, ok: bool = True, cwd=None) -> tuple[int, str]:
     return code, text
 
 
+def metrics_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def steps_logged(run_dir: Path) -> list[int]:
-    return [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The steps of the metrics rows (a resume's marker row is none)."""
+    return [row["step"] for row in metrics_rows(run_dir) if "event" not in row]
 
 
 def test_a_log_written_to_a_file_has_one_plain_line_per_interval_and_no_carriage_return(synth_data, tmp_path):
@@ -132,3 +137,9 @@ def test_a_changed_config_on_resume_is_listed_key_by_key(synth_data, tmp_path):
     saved = yaml.safe_load((run / "config.yaml").read_text())
     assert saved["train"]["lr"] == 0.0002 and saved["train"]["max_steps"] == 4 and before != (run / "config.yaml").read_text()
     assert steps_logged(run) == [2, 4]
+    # metrics.jsonl says where the second launch took over, and when each row was written
+    rows = metrics_rows(run)
+    assert [row.get("event") for row in rows] == [None, "resume", None], rows
+    assert rows[1]["step"] == 2 and rows[1]["from"] == str(run / "checkpoints" / "step_00000002"), rows[1]
+    assert rows[1]["world_size"] == 1
+    assert all(isinstance(row["time"], float) for row in rows) and [r["time"] for r in rows] == sorted(r["time"] for r in rows)
