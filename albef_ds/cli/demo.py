@@ -137,19 +137,20 @@ def results_table(untrained: dict, trained: dict, k: int) -> str:
 TABLE_LEGEND = ("columns, in %: txt_r1/r5/r10 = text retrieval (an image's captions among all captions) recall "
                 "at 1/5/10; img_r1/r5/r10 = image retrieval (a caption's image among all images); r_mean = "
                 "their mean.\nrows: ITC only ranks by the contrastive similarity; ITM re-rank k re-orders "
-                "ITC's top k by the matching head's score; ITM + ITC adds the two scores.")
+                "ITC's top k by the matching head's score; ITM + ITC adds the two scores.\nretrieval.json "
+                "names each figure by its row: itc_txt_r1, itm_txt_r1, itm_itc_txt_r1, ...")
 
 
 def headline(trained: dict) -> str:
     """R@1 both ways for each ranking, as multiples of chance, naming which ranking each
     figure is and which is the best here."""
-    from ..eval.retrieval import RANKINGS
-    names = {"itc_": "ITC only", "": "ITM re-ranked", "itm_itc_": "ITM + ITC re-ranked"}
+    from ..eval.retrieval import ITC, ITM_ITC_RERANK, ITM_RERANK, RANKINGS
+    names = {ITC: "ITC only", ITM_RERANK: "ITM re-ranked", ITM_ITC_RERANK: "ITM + ITC re-ranked"}
     present = [prefix for prefix, _ in RANKINGS if f"{prefix}txt_r1" in trained]
     lines = []
     for prefix in present:
         tr, ir = trained[f"{prefix}txt_r1"], trained[f"{prefix}img_r1"]
-        how = f" (top {trained.get('k_test', '?')} by ITC re-ranked)" if prefix != "itc_" else ""
+        how = f" (top {trained.get('k_test', '?')} by ITC re-ranked)" if prefix != ITC else ""
         lines.append(f"trained, {names[prefix] + ':':22} TR@1 {tr:.2f}% = {tr / trained['chance_txt_r1']:.0f}x chance, "
                      f"IR@1 {ir:.2f}% = {ir / trained['chance_img_r1']:.0f}x chance{how}")
     r1 = {p: trained[f"{p}txt_r1"] + trained[f"{p}img_r1"] for p in present}

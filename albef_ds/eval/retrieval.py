@@ -3,7 +3,9 @@
 Encode every image and text, rank by ITC similarity, re-rank the top k of each query by
 the ITM score of the fusion encoder; pairs outside the top k keep a very low score.
 Report TR (image -> text, ``txt_r*``) and IR (text -> image, ``img_r*``) recall at 1/5/10
-and their mean, with the chance level of each on the same split.
+and their mean, with the chance level of each on the same split. Every recall key names
+the ranking it was measured on: ``itc_`` (ITC alone), ``itm_`` (ITC's top k re-ranked by
+the ITM score: the paper's) and ``itm_itc_`` (re-ranked by ITM + ITC): :data:`RANKINGS`.
 
 Work is split over ranks in fixed chunks (chunk j on rank j mod world), so each number is
 computed by the same operations whatever the world size: 2 ranks give exactly 1 rank's
@@ -26,6 +28,13 @@ from ..losses import at_least_fp32, at_least_fp32_dtype
 
 #: score given to pairs outside the re-ranked top k (ALBEF uses -100 as well).
 OUTSIDE_TOP_K = -100.0
+
+#: the key prefix of each ranking's recalls in an evaluate() result (retrieval.json, the
+#: val rows of metrics.jsonl): ITC similarity alone; ITC's top k re-ranked by the ITM
+#: "match" logit (the paper's figures); the top k re-ranked by ITM + ITC (:func:`itm_plus_itc`)
+ITC, ITM_RERANK, ITM_ITC_RERANK = "itc_", "itm_", "itm_itc_"
+#: the rankings an evaluate() result holds: (key prefix, name)
+RANKINGS = ((ITC, "ITC only"), (ITM_RERANK, "ITM re-rank"), (ITM_ITC_RERANK, "ITM + ITC re-rank"))
 
 
 @dataclass
@@ -69,6 +78,11 @@ def ranks_of_truth(scores: np.ndarray, truths: Sequence[Sequence[int]]) -> np.nd
         best = row[truth].max()
         out[q] = int((row[~truth] >= best).sum())
     return out
+
+
+#: what :func:`recall_metrics` returns for one ranking (a result holds them behind the
+#: ranking's prefix, :data:`RANKINGS`)
+RECALL_KEYS = ("txt_r1", "txt_r5", "txt_r10", "img_r1", "img_r5", "img_r10", "txt_r_mean", "img_r_mean", "r_mean")
 
 
 def recall_metrics(scores_i2t: np.ndarray, scores_t2i: np.ndarray,
@@ -157,7 +171,7 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
              all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
              device: torch.device = torch.device("cpu"), progress: bool = False) -> dict:
     """Retrieval metrics of ``model`` (an ALBEF) on ``split``: ITC alone (``itc_*`` keys),
-    after ITM re-ranking of the top ``k_test`` (unprefixed: the paper's), and re-ranked by
+    after ITM re-ranking of the top ``k_test`` (``itm_*``: the paper's), and re-ranked by
     :func:`itm_plus_itc` (``itm_itc_*``: the same ITM forward passes). ``all_reduce`` sums
     a tensor over ranks (None in one process)."""
     from tqdm import tqdm
@@ -193,8 +207,7 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     image_embeds, image_feat = reduce(image_embeds), reduce(image_feat)
 
     sims = image_feat @ text_feat.t()  # [n_img, n_txt]
-    metrics = {f"itc_{k}": v for k, v in recall_metrics(sims.numpy(), sims.t().numpy(),
-                                                        split.img2txt, split.txt2img).items()}
+    metrics = with_prefix(ITC, recall_metrics(sims.numpy(), sims.t().numpy(), split.img2txt, split.txt2img))
 
     def itm(text_idx: torch.Tensor, image_idx: torch.Tensor) -> torch.Tensor:
         fused = model.fuse(text_embeds[text_idx].to(device, dtype), mask[text_idx].to(device),
@@ -220,17 +233,22 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
                               scatter_top_k(t2i[0], score(t2i[1], t2i[2]), n_img).numpy(),
                               split.img2txt, split.txt2img)
     # the paper's: the ITM logit of "match" alone
-    metrics.update(ranked(lambda logits, _: logits[..., 1]))
+    metrics.update(with_prefix(ITM_RERANK, ranked(lambda logits, _: logits[..., 1])))
     temp = float(model.temp.detach())  # kept within its bounds by training
-    metrics.update({f"itm_itc_{key}": v for key, v in
-                    ranked(lambda logits, itc: itm_plus_itc(logits, itc, temp)).items()})
+    metrics.update(with_prefix(ITM_ITC_RERANK, ranked(lambda logits, itc: itm_plus_itc(logits, itc, temp))))
     metrics.update(chance_metrics(split.img2txt, n_txt, n_img))
     metrics.update({"num_images": n_img, "num_texts": n_txt, "k_test": k_test})
     return metrics
 
 
-#: the rankings an evaluate() result holds: (key prefix, name)
-RANKINGS = (("itc_", "ITC only"), ("", "ITM re-rank"), ("itm_itc_", "ITM + ITC re-rank"))
+def with_prefix(prefix: str, recalls: dict) -> dict:
+    return {f"{prefix}{key}": v for key, v in recalls.items()}
+
+
+def recalls_of(metrics: dict, prefix: str) -> dict:
+    """One ranking's :data:`RECALL_KEYS` from an evaluate() result, without its prefix
+    (exact keys: ``itm_`` is also the start of ``itm_itc_``)."""
+    return {key: metrics[prefix + key] for key in RECALL_KEYS if prefix + key in metrics}
 
 
 def ranking_rows(metrics: dict, label: str = "") -> dict[str, dict]:
@@ -240,8 +258,8 @@ def ranking_rows(metrics: dict, label: str = "") -> dict[str, dict]:
     for prefix, name in RANKINGS:
         if f"{prefix}txt_r1" not in metrics:
             continue  # a result from before that ranking existed
-        depth = "" if prefix == "itc_" else f" k={metrics.get('k_test', '?')}"
-        rows[f"{label}{name}{depth}"] = {key[len(prefix):]: v for key, v in metrics.items() if key.startswith(prefix)}
+        depth = "" if prefix == ITC else f" k={metrics.get('k_test', '?')}"
+        rows[f"{label}{name}{depth}"] = recalls_of(metrics, prefix)
     return rows
 
 

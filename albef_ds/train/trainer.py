@@ -304,7 +304,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     """Train ``cfg.train.objective``; returns 0 at the final step, EXIT_PREEMPTED after a
     stop on a signal. ``eval_each_epoch``/``eval.every_steps``: the objective's evaluation
     on data.val_dir (metrics prefix ``val``); ``keep_best``: the checkpoint with the best
-    val metric (the evaluator's ``primary``: r_mean for retrieval, accuracy for the
+    val metric (the evaluator's ``primary``: itm_r_mean for retrieval, accuracy for the
     classification tasks) is kept (``best.json``) whatever ``keep_last`` says.
 
     The run directory holds this run only: rank 0 locks it for the run's life (a second

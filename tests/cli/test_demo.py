@@ -28,13 +28,14 @@ def test_demo_runs_end_to_end_and_reports_against_chance(demo):
     assert trained["chance_img_r1"] == pytest.approx(100 / 100)
     assert trained["chance_txt_r1"] == pytest.approx(100 * 5 / 500)
     assert trained["num_images"] == 100 and trained["num_texts"] == 500
-    for key in ("txt_r1", "img_r10", "itc_txt_r1", "r_mean"):
+    for key in ("itm_txt_r1", "itm_img_r10", "itc_txt_r1", "itm_r_mean", "itm_itc_r_mean"):
         assert 0.0 <= trained[key] <= 100.0
+    assert "txt_r1" not in trained and "r_mean" not in trained  # every figure names its ranking
     # it learns: ITC retrieval far above chance, and the re-ranked table above the untrained one
     assert trained["itc_txt_r1"] >= 5 * trained["chance_txt_r1"], trained
     assert trained["itc_img_r1"] >= 5 * trained["chance_img_r1"], trained
     assert trained["itc_txt_r10"] >= 30.0 and trained["itc_img_r10"] >= 30.0, trained
-    assert trained["r_mean"] >= 2 * untrained["r_mean"], (trained, untrained)
+    assert trained["itm_r_mean"] >= 2 * untrained["itm_r_mean"], (trained, untrained)
     metrics = [json.loads(line) for line in (out / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics][-1] == STEPS
     assert metrics[-1]["loss_itc"] < metrics[0]["loss_itc"] and metrics[-1]["loss_mlm"] < metrics[0]["loss_mlm"]
@@ -56,7 +57,7 @@ def finetune(out: Path, run_dir: Path, *overrides: str) -> list[dict]:
     run(["finetune-retrieval", "--config", str(out / "run" / "config.yaml"), "--init", str(out / "run"),
          "--run-dir", str(run_dir), *[a for s in sets for a in ("--set", s)]])
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-            if "r_mean" in line and "loss" not in line]
+            if "itm_r_mean" in line and "loss" not in line]
 
 
 def test_finetuning_the_demo_checkpoint_raises_val_recall_at_1(demo, tmp_path):
@@ -73,11 +74,11 @@ def test_finetuning_the_demo_checkpoint_raises_val_recall_at_1(demo, tmp_path):
     val = finetune(out, tmp_path / "ft", "train.max_steps=100", "train.steps_per_epoch=50", "train.lr=2e-5",
                    "train.warmup_steps=5")
     best = json.loads((tmp_path / "ft" / "best.json").read_text())
-    after = next(v for v in val if v["r_mean"] == best["r_mean"])
+    after = next(v for v in val if v["itm_r_mean"] == best["itm_r_mean"])
     for key in ("itc_txt_r1", "itc_img_r1"):
         assert after[key] >= before[key], (key, before, after)
     assert after["itc_txt_r1"] + after["itc_img_r1"] > before["itc_txt_r1"] + before["itc_img_r1"], (before, after)
-    for key in ("itc_r_mean", "r_mean"):
+    for key in ("itc_r_mean", "itm_r_mean"):
         assert after[key] > before[key], (key, before, after)
 
 
@@ -90,7 +91,7 @@ def test_finetuning_the_demo_checkpoint_at_96px_keeps_the_best_epoch(demo, tmp_p
     best = json.loads((tmp_path / "ft" / "best.json").read_text())
     assert (tmp_path / "ft" / "checkpoints" / best["tag"]).is_dir()
     assert len(val) == 2, val  # one evaluation per epoch
-    assert best["r_mean"] == max(v["r_mean"] for v in val)
+    assert best["itm_r_mean"] == max(v["itm_r_mean"] for v in val)
     from albef_ds.config import load_config
     cfg = load_config(tmp_path / "ft" / "config.yaml")
     assert cfg.model.image_res == 96 and cfg.model.itc_id_positives and not cfg.model.mlm

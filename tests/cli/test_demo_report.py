@@ -9,7 +9,7 @@ def result(itc_r1: float, itm_r1: float, both_r1: float = 0.0) -> dict:
     """An evaluate() result on 100 images x 5 captions with the given R@1 (both ways) by ITC,
     by ITM and by ITM + ITC."""
     m = {"k_test": 16, "num_images": 100, "num_texts": 500, **chance_metrics([[0] * 5] * 100, 500, 100)}
-    for prefix, r1 in (("itc_", itc_r1), ("", itm_r1), ("itm_itc_", both_r1)):
+    for prefix, r1 in (("itc_", itc_r1), ("itm_", itm_r1), ("itm_itc_", both_r1)):
         m.update({f"{prefix}txt_r1": r1, f"{prefix}img_r1": r1 / 2, f"{prefix}txt_r5": 3 * r1,
                   f"{prefix}img_r5": 1.5 * r1, f"{prefix}txt_r10": 4 * r1, f"{prefix}img_r10": 2 * r1,
                   f"{prefix}r_mean": 2 * r1})

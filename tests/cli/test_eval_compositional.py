@@ -22,7 +22,11 @@ def test_eval_retrieval_reports_the_compositional_test(tmp_path):
     assert m["n"] == 8 and m["chance"] == 25.0
     for key in ("itc_acc", "itm_acc", "itc_vs_colour_swap", "itm_vs_relation_swap"):
         assert 0.0 <= m[key] <= 100.0, key
-    assert (tmp_path / "out" / "retrieval.json").is_file()
+    # retrieval.json names each figure by its ranking: ITC alone, ITM re-ranked, ITM + ITC
+    retrieval = json.loads((tmp_path / "out" / "retrieval.json").read_text())
+    for key in ("itc_txt_r1", "itm_txt_r1", "itm_itc_txt_r1", "itc_r_mean", "itm_r_mean", "itm_itc_r_mean"):
+        assert 0.0 <= retrieval[key] <= 100.0, key
+    assert not {"txt_r1", "img_r1", "r_mean"} & set(retrieval), sorted(retrieval)
 
     missing = tmp_path / "nope.json"
     code, output = in_process([*base, "--compositional", str(missing)])

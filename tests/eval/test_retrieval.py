@@ -101,13 +101,33 @@ def test_evaluate_runs_on_a_model_and_reports_chance():
     m = evaluate(model, fake_split(), *fake_io(32, 50), k_test=3, batch_size=4)
     assert m["chance_img_r1"] == pytest.approx(100 / 6)
     assert m["chance_txt_r1"] == pytest.approx(100 * 2 / 12)
-    for key in ("txt_r1", "img_r1", "itc_txt_r1", "r_mean"):
+    for key in ("itm_txt_r1", "itm_img_r1", "itc_txt_r1", "itm_r_mean"):
         assert 0.0 <= m[key] <= 100.0
+
+
+def test_every_recall_key_names_the_ranking_it_was_measured_on():
+    """retrieval.json and the val rows hold three rankings' recalls; none is unprefixed (the
+    re-ranked ones once were, beside prefixed ITC ones), and each table row reads its own."""
+    from albef_ds.config import load_config
+    from albef_ds.eval.retrieval import RANKINGS, RECALL_KEYS, format_table, ranking_rows
+    from albef_ds.models import ALBEF
+    cfg = load_config("tiny", ["model.image_res=32", "model.vocab_size=50", "model.queue_size=64"])
+    torch.manual_seed(0)
+    m = evaluate(ALBEF(cfg.model), fake_split(), *fake_io(32, 50), k_test=3, batch_size=4)
+    prefixes = [prefix for prefix, _ in RANKINGS]
+    assert prefixes == ["itc_", "itm_", "itm_itc_"]
+    recalls = {k for k in m if not k.startswith("chance_") and k not in ("num_images", "num_texts", "k_test")}
+    assert recalls == {prefix + key for prefix in prefixes for key in RECALL_KEYS}, sorted(recalls)
+    rows = ranking_rows(m)
+    assert list(rows) == ["ITC only", "ITM re-rank k=3", "ITM + ITC re-rank k=3"]
+    for (prefix, _), row in zip(RANKINGS, rows.values()):
+        assert row == {key: m[prefix + key] for key in RECALL_KEYS}
+    assert "ITM re-rank k=3" in format_table(rows)
 
 
 def test_itm_plus_itc_reranking_matches_a_plain_computation():
     """``itm_itc_*``: the top k by ITC re-ranked by log p_ITM(match) + sim / temp, recomputed
-    here with plain forwards, one pair at a time; the paper's keys rank by the ITM logit."""
+    here with plain forwards, one pair at a time; the paper's keys (``itm_*``) rank by the ITM logit."""
     from albef_ds.config import load_config
     from albef_ds.models import ALBEF
     n, caps, k, temp = 12, 2, 6, 0.5
@@ -129,18 +149,18 @@ def test_itm_plus_itc_reranking_matches_a_plain_computation():
         def scores(i: int, t: int) -> tuple[float, float]:
             logits = model.itm_logits(model.fuse(text[t:t + 1], mask[t:t + 1], images[i:i + 1]), mask[t:t + 1])[0]
             return float(logits[1]), float(torch.log_softmax(logits, -1)[1] + sims[i, t] / temp)
-        i2t = {key: torch.full(sims.shape, OUTSIDE_TOP_K) for key in ("", "itm_itc_")}
-        t2i = {key: torch.full(sims.t().shape, OUTSIDE_TOP_K) for key in ("", "itm_itc_")}
+        i2t = {key: torch.full(sims.shape, OUTSIDE_TOP_K) for key in ("itm_", "itm_itc_")}
+        t2i = {key: torch.full(sims.t().shape, OUTSIDE_TOP_K) for key in ("itm_", "itm_itc_")}
         for i in range(n):
             for t in sims[i].topk(k).indices.tolist():
-                i2t[""][i, t], i2t["itm_itc_"][i, t] = scores(i, t)
+                i2t["itm_"][i, t], i2t["itm_itc_"][i, t] = scores(i, t)
         for t in range(n * caps):
             for i in sims[:, t].topk(k).indices.tolist():
-                t2i[""][t, i], t2i["itm_itc_"][t, i] = scores(i, t)
-    for key in ("", "itm_itc_"):
+                t2i["itm_"][t, i], t2i["itm_itc_"][t, i] = scores(i, t)
+    for key in ("itm_", "itm_itc_"):
         for r in (1, 5):
             assert m[f"{key}txt_r{r}"] == pytest.approx(brute_recall(i2t[key].tolist(), split.img2txt, r))
             assert m[f"{key}img_r{r}"] == pytest.approx(brute_recall(t2i[key].tolist(), [[i] for i in split.txt2img], r))
     # on this model the three rankings differ, so none could pass for another
-    figures = {key: tuple(m[f"{key}{d}_r{r}"] for d in ("txt", "img") for r in (1, 5)) for key in ("itc_", "", "itm_itc_")}
+    figures = {key: tuple(m[f"{key}{d}_r{r}"] for d in ("txt", "img") for r in (1, 5)) for key in ("itc_", "itm_", "itm_itc_")}
     assert len(set(figures.values())) == 3, figures
