@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from tests.support.retrieval import fake_io, fake_split
-from albef_ds.eval.retrieval import (OUTSIDE_TOP_K, chance_metrics, evaluate, ranks_of_truth,
-                                     recall_metrics, rerank, scatter_top_k, split_from_entries)
+from albef_ds.eval.retrieval import (OUTSIDE_TOP_K, RANKINGS, RECALL_KEYS, chance_metrics, evaluate, format_table,
+                                     ranking_rows, ranks_of_truth, recall_metrics, rerank, scatter_top_k,
+                                     split_from_entries)
 
 
 def brute_recall(scores, truths, k):
@@ -109,7 +110,6 @@ def test_every_recall_key_names_the_ranking_it_was_measured_on():
     """retrieval.json and the val rows hold three rankings' recalls; none is unprefixed (the
     re-ranked ones once were, beside prefixed ITC ones), and each table row reads its own."""
     from albef_ds.config import load_config
-    from albef_ds.eval.retrieval import RANKINGS, RECALL_KEYS, format_table, ranking_rows
     from albef_ds.models import ALBEF
     cfg = load_config("tiny", ["model.image_res=32", "model.vocab_size=50", "model.queue_size=64"])
     torch.manual_seed(0)
