@@ -71,11 +71,8 @@ def run(args) -> int:
     tokenizer = load_tokenizer(cfg.data.tokenizer)
     cfg.model.vocab_size = len(tokenizer)
     objective = make_objective(cfg, tokenizer)
-    if launch.rank == 0:
-        cfg.checkpoint.init_from = resolve_init(str(model_path), "--model")
-    dist_lib.barrier()
-    if launch.rank != 0:
-        cfg.checkpoint.init_from = resolve_init(str(model_path), "--model")  # the export exists now
+    # only read: a run's checkpoint is consolidated in memory by each rank, not exported into it
+    cfg.checkpoint.init_from = resolve_init(str(model_path), "--model")
     log = print if launch.rank == 0 else (lambda *a: None)
     model = build_model(cfg, log, objective, trained_heads=True)
     device = dist_lib.device() if launch.world_size > 1 else (

@@ -39,30 +39,28 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from .. import distributed as dist_lib
     from ..train.export import resolve_init
     from ..train.trainer import train
     from .pretrain import resume_mode, start
     resume = resume_mode(args, "auto")
     objective, evaluated = TASKS[getattr(args, "task", "retrieval")]
     cfg, launch, stop = start(args, [f"train.objective={objective}"], need_val=evaluated)
-    if launch.rank == 0:
-        cfg.checkpoint.init_from = resolve_init(args.init, "--init")
-        note = unfinished_run_note(Path(args.init), cfg.checkpoint.init_from)
-        if note:
-            print(note, flush=True)
-    dist_lib.barrier()
-    if launch.rank != 0:
-        cfg.checkpoint.init_from = resolve_init(args.init, "--init")  # the export exists now
+    # --init is only read (a run is consolidated in memory by each rank, not exported into it)
+    cfg.checkpoint.init_from = resolve_init(args.init, "--init")
+    note = unfinished_run_note(Path(args.init), cfg.checkpoint.init_from)
+    if note and launch.rank == 0:
+        print(note, flush=True)
     return train(cfg, launch, resume, eval_each_epoch=evaluated, keep_best=evaluated, stop=stop,
                  overwrite=args.overwrite)
 
 
 def unfinished_run_note(init: Path, weights: str) -> str | None:
     """A line when ``--init`` names a run directory that has not reached its final step (no
-    DONE marker): fine-tuning then starts from whatever checkpoint it last committed."""
+    DONE marker): fine-tuning then starts from whatever checkpoint it last committed.
+    ``weights``: that checkpoint's folder, or the model.pt of its export."""
     from ..train.trainer import DONE_MARKER
     if not (init / "checkpoints").is_dir() or (init / DONE_MARKER).is_file():
         return None
+    tag = Path(weights).name if Path(weights).is_dir() else Path(weights).parent.name
     return (f"note: --init {init} is an unfinished run (no {DONE_MARKER} marker): fine-tuning starts from its "
-            f"newest checkpoint ({Path(weights).parent.name})")
+            f"newest checkpoint ({tag})")

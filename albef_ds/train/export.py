@@ -184,13 +184,29 @@ def load_exported(directory: str | Path):
 
 
 def resolve_init(path: str, label: str = "") -> str:
-    """Weights to start a fine-tuning from: a file or an export as they are; a checkpoint or
-    run directory is exported into ``RUN/exports/<tag>`` first (call on rank 0)."""
+    """The weights ``checkpoint.init_from`` names for ``path`` (``--init``, ``--model``): a
+    file or an export's model.pt as they are; for a run or checkpoint directory, the export
+    ``albef-ds export`` made of that checkpoint (``RUN/exports/<tag>``) when there is one,
+    else the checkpoint folder itself, which :func:`read_init` consolidates in memory.
+    Writes nothing: a run used as a source (fine-tuning, evaluation) is only read, whoever
+    owns it and whatever else reads it at the same time."""
     p = Path(path)
     if p.is_file() or (p / "model.pt").is_file():
         return str(p / "model.pt") if p.is_dir() else str(p)
     tag_dir = resolve_checkpoint(path, label)
-    out = default_export_dir(tag_dir)
-    if not (out / "model.pt").is_file():
-        export_checkpoint(tag_dir, load_config(tag_dir.parent.parent / "config.yaml"), out)
-    return str(out / "model.pt")
+    made = default_export_dir(tag_dir) / "model.pt"
+    return str(made) if made.is_file() else str(tag_dir)
+
+
+def read_init(path: str) -> tuple[dict, str, dict]:
+    """:func:`albef_ds.weights.read_checkpoint` for ``checkpoint.init_from``, which may also
+    name a training checkpoint folder (:func:`resolve_init`): consolidated here, on each
+    rank that asks, with its run's config.yaml, into the state an export of it would hold
+    (the record: the text form its meta names)."""
+    from ..weights import TEXT_FORM_KEY, read_checkpoint
+    tag_dir = Path(path)
+    if not (tag_dir.is_dir() and (tag_dir / META).is_file()):
+        return read_checkpoint(path)
+    cfg = load_config(tag_dir.parent.parent / "config.yaml")
+    cfg.data.text_form = checkpoint_text_form(tag_dir)
+    return consolidate(tag_dir, cfg).state_dict(), str(tag_dir), {TEXT_FORM_KEY: cfg.data.text_form}

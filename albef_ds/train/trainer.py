@@ -59,8 +59,9 @@ def build_model(cfg: Config, log=print, objective: Objective | None = None, trai
     from .. import weights
     state = source = None
     if c.init_from:
-        state, source, record = weights.read_checkpoint(c.init_from)
-        from .export import check_text_form, recorded_text_form  # trained on this run's text form?
+        from .export import check_text_form, read_init, recorded_text_form
+        state, source, record = read_init(c.init_from)  # a weights file, or a checkpoint folder
+        # trained on this run's text form?
         check_text_form(*recorded_text_form(c.init_from, record.get(weights.TEXT_FORM_KEY)), cfg)
     task_checkpoint = objective is not None and state is not None and objective.is_task_checkpoint(state)
     has_heads = objective is not None and state is not None and objective.holds_heads(state)

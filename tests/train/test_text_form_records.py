@@ -50,9 +50,13 @@ def test_the_form_is_recorded_everywhere_and_another_form_is_refused(synth_data,
     tag = run / "checkpoints" / "step_00000002"
     assert json.loads((tag / "albef_meta.json").read_text())["text_form"] == "cls_only"
 
+    # what finetune --init RUN and eval --model RUN load: the checkpoint where it is (nothing is
+    # written into the run), or the export of it once `albef-ds export` has made one
+    init = resolve_init(str(run))
+    assert init == str(tag) and not (run / "exports").exists()
+    call(["export", str(run)], tmp_path / "export.log")
     export = tmp_path / "run" / "exports" / "step_00000002"
-    init = resolve_init(str(run))  # what finetune --init RUN does: export, then load
-    assert init == str(export / "model.pt")
+    assert resolve_init(str(run)) == str(export / "model.pt")
     assert torch.load(export / "model.pt", weights_only=False)["text_form"] == "cls_only"
     assert torch.load(export / "albef.pth", weights_only=False)["text_form"] == "cls_only"
     assert yaml.safe_load((export / "config.yaml").read_text())["data"]["text_form"] == "cls_only"
@@ -111,15 +115,18 @@ def test_a_run_from_before_the_setting_counts_as_cls_sep(synth_data, tmp_path):
         check_resumable(tag, meta, load_saved_config(run / "config.yaml", ["data.text_form=cls_only"]), 1)
     check_resumable(tag, meta, load_saved_config(run / "config.yaml"), 1)
 
-    init = resolve_init(str(run))  # its export says what it was trained on
-    assert torch.load(init, weights_only=False)["text_form"] == "cls_sep"
+    init = resolve_init(str(run))  # the checkpoint, read in place: its meta names no form
+    assert init == str(tag)
     quiet = dict(log=lambda *a: None)
     with pytest.raises(ConfigError, match=BOTH):
         build_model(load_saved_config(run / "config.yaml", ["data.text_form=cls_only",
                                                              f"checkpoint.init_from={init}"]), **quiet)
+    call(["export", str(run)], tmp_path / "export.log")
+    export = run / "exports" / "step_00000002"
+    assert torch.load(export / "model.pt", weights_only=False)["text_form"] == "cls_sep"  # it says so
     # an old export: model.pt without the entry, config.yaml without the key
     old = tmp_path / "old_export"
-    shutil.copytree(os.path.dirname(init), old)
+    shutil.copytree(export, old)
     torch.save({"model": torch.load(old / "model.pt", weights_only=False)["model"]}, old / "model.pt")
     saved = yaml.safe_load((old / "config.yaml").read_text())
     del saved["data"]["text_form"]
