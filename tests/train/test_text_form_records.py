@@ -5,7 +5,6 @@ written before the setting existed and counts as the legacy form, cls_sep (a wei
 with neither record nor config beside it: the reference release's, cls_only)."""
 import argparse
 import json
-import os
 import shutil
 
 import pytest
