@@ -50,6 +50,7 @@ def _config_path(model: Path, config: str | None) -> str:
 def run(args) -> int:
     from .. import distributed as dist_lib
     from ..config import load_config
+    from ..objectives import objective_class
     from ..tokenizer import load_tokenizer
     from ..train.export import load_saved_config, resolve_init
     from ..train.trainer import build_model, make_objective
@@ -64,6 +65,10 @@ def run(args) -> int:
     # the model's own config.yaml: its text form as saved (build_model refuses another)
     cfg = (load_config(args.config, overrides) if args.config
            else load_saved_config(_config_path(model_path, None), overrides))
+    # what the config and the files show wrong is said before the model is built
+    if not Path(args.split).is_file():
+        raise UsageError(f"--split {args.split}: file not found")
+    objective_class(args.task).check_settings(cfg, evaluates=True)
     if (model_path / "best.json").is_file():  # a fine-tuning run: its best checkpoint, not its last
         model_path = model_path / "checkpoints" / json.loads((model_path / "best.json").read_text())["tag"]
         if launch.rank == 0:

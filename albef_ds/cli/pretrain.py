@@ -44,7 +44,9 @@ def resume_mode(args, default: str) -> str:
 
 def start(args, extra_overrides=(), need_val: bool = False):
     """(cfg, launch, stop flag): the stop handlers first (a signal during start-up asks for
-    a stop too), then the config checked before any work, then the process group."""
+    a stop too), then the config checked before any work (the data, the tokenizer and the
+    objective's settings: a missing file is one line before a model is built or the run
+    directory locked), then the process group."""
     import warnings
 
     from .. import distributed as dist_lib
@@ -59,10 +61,11 @@ def start(args, extra_overrides=(), need_val: bool = False):
         overrides.append(f"logging.run_dir={args.run_dir}")
     launch = dist_lib.read_launch_env()
     cfg = load_config(args.config, overrides, world_size=launch.world_size)
-    check_data(cfg)
-    if need_val and not (cfg.data.val_dir or cfg.task.val_file):
+    has_val = bool(cfg.data.val_dir or cfg.task.val_file)
+    if need_val and not has_val:
         raise ConfigError("config key 'data.val_dir' (retrieval) or 'task.val_file' (other tasks): "
                           "fine-tuning needs a validation split to pick the best epoch")
+    check_data(cfg, evaluates=has_val and (need_val or bool(cfg.eval.every_steps)))
     note = cfg.recipe_note(launch.world_size)
     launch = dist_lib.init_distributed(cfg.distributed.backend)
     if note and launch.is_main:

@@ -66,6 +66,14 @@ class Objective:
         self.cfg = cfg
         self.tokenizer = tokenizer
 
+    @classmethod
+    def check_settings(cls, cfg, evaluates: bool) -> None:
+        """Raise ConfigError (one line naming the key) for a setting this objective needs that
+        the config and the files it names already show wrong: called before any model is
+        built or run directory locked, so that a missing file is not found minutes later.
+        ``evaluates``: whether this objective's evaluation will run (a validation split while
+        fine-tuning, ``albef-ds eval``)."""
+
     def extend_model(self, model) -> None:
         """Add this task's heads (ALBEF.add_head) to the model, before the engine: after a
         pretraining checkpoint loaded (heads built from it may copy its layers), before a

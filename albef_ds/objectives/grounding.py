@@ -64,6 +64,18 @@ def _box(value, what: str):
     return [float(v) for v in value]
 
 
+def fusion_layer_read(model_cfg, gradcam_layer: int | None) -> int:
+    """The fusion layer index (among the fusion layers) Grad-CAM reads: ``task.gradcam_layer``,
+    or by default the reference's 3rd, the last but one of a model with fewer than 5 (see
+    GroundingObjective.gradcam_layer); ConfigError naming the key when out of range."""
+    fusion = model_cfg.text_depth - model_cfg.fusion_layer
+    chosen = min(2, max(0, fusion - 2)) if gradcam_layer is None else gradcam_layer
+    if not 0 <= chosen < fusion:
+        raise ConfigError(f"config key 'task.gradcam_layer': {chosen} is not a fusion layer index "
+                          f"(the model has {fusion} fusion layers: 0..{fusion - 1})")
+    return chosen
+
+
 class GroundingObjective(RetrievalObjective):
     name = "grounding"
     data = "task"
@@ -117,14 +129,12 @@ class GroundingObjective(RetrievalObjective):
         collects every text token's. Measured on the tiny model (2 fusion layers) fine-tuned on
         the synthetic grounding task, texts as ``[CLS] words``: 42 / 38 % val accuracy on two
         fine-tuning seeds reading fusion layer 0, 17 / 17 % (chance 27 %) reading the last."""
-        fusion = model.cfg.text_depth - model.cfg.fusion_layer
-        chosen = self.cfg.task.gradcam_layer
-        if chosen is None:
-            chosen = min(2, max(0, fusion - 2))
-        if not 0 <= chosen < fusion:
-            raise ConfigError(f"config key 'task.gradcam_layer': {chosen} is not a fusion layer index "
-                              f"(the model has {fusion} fusion layers: 0..{fusion - 1})")
-        return model.cfg.fusion_layer + chosen
+        return model.cfg.fusion_layer + fusion_layer_read(model.cfg, self.cfg.task.gradcam_layer)
+
+    @classmethod
+    def check_settings(cls, cfg, evaluates: bool) -> None:
+        if evaluates:
+            fusion_layer_read(cfg.model, cfg.task.gradcam_layer)
 
     def maps(self, model, images: torch.Tensor, text_ids, text_mask) -> torch.Tensor:
         """Grad-CAM maps [B, grid, grid] of the ITM score on the configured fusion layer."""

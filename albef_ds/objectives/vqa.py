@@ -49,6 +49,23 @@ def vqa_score(answer: str, human_answers: list[str]) -> float:
     return min(sum(a == answer for a in human_answers) / 3.0, 1.0)
 
 
+def read_answer_list(path: str | None) -> list[str]:
+    """The candidate answers VQA evaluation ranks (task.answer_list: the reference's
+    answer_list.json, a JSON list of strings); ConfigError naming the key or the file."""
+    if not path:
+        raise ConfigError("config key 'task.answer_list': VQA evaluation ranks a candidate list (the reference's "
+                          "answer_list.json): --set task.answer_list=PATH")
+    if not Path(path).is_file():
+        raise ConfigError(f"config key 'task.answer_list': file not found: {path}")
+    try:
+        answers = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config key 'task.answer_list': {path}: not valid JSON ({e})") from None
+    if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
+        raise ConfigError(f"config key 'task.answer_list': {path}: expected a JSON list of answer strings")
+    return answers
+
+
 def answer_weights(answers) -> tuple[list[str], list[float]]:
     """Distinct answers and their weights: the share of annotators who gave each."""
     counts = Counter(answers)
@@ -192,17 +209,13 @@ class VQAObjective(Objective):
         return {"loss": loss, "alpha": loss.new_tensor(alpha)}
 
     # ---------------------------------------------------------------- evaluation
+    @classmethod
+    def check_settings(cls, cfg, evaluates: bool) -> None:
+        if evaluates:
+            read_answer_list(cfg.task.answer_list)
+
     def candidates(self) -> list[str]:
-        path = self.cfg.task.answer_list
-        if not path:
-            raise ConfigError("config key 'task.answer_list': VQA evaluation ranks a candidate list "
-                              "(the reference's answer_list.json)")
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"config key 'task.answer_list': file not found: {path}")
-        answers = json.loads(Path(path).read_text(encoding="utf-8"))
-        if not isinstance(answers, list) or not answers or not all(isinstance(a, str) and a for a in answers):
-            raise ConfigError(f"{path}: expected a JSON list of answer strings")
-        return answers
+        return read_answer_list(self.cfg.task.answer_list)
 
     def evaluator_for(self, path: str, log=print):
         from ..eval.tasks import TaskEvaluator

@@ -212,13 +212,17 @@ class Trainer:
         self.backend.apply_settings(self.cfg, self.total_steps)
 
 
-def check_data(cfg: Config) -> None:
-    """The training data the configured objective reads, and the tokenizer, exist."""
+def check_data(cfg: Config, evaluates: bool = False) -> None:
+    """The training data the configured objective reads, and the tokenizer, exist; the
+    objective's own settings hold (``evaluates``: its evaluation will run). Before any model
+    is built or run directory locked."""
     from ..objectives import objective_class
-    if objective_class(cfg.train.objective).data == "task":
+    cls = objective_class(cfg.train.objective)
+    if cls.data == "task":
         check_task_files(cfg)
     else:
         check_data_dirs(cfg)
+    cls.check_settings(cfg, evaluates)
 
 
 def check_task_files(cfg: Config) -> None:

@@ -36,9 +36,10 @@ def retrieval_args(model, *overrides, config=None):
     return argparse.Namespace(model=str(model), config=config, overrides=list(overrides), untrained=False)
 
 
-def task_eval_args(model, *overrides):
+def task_eval_args(model, split, *overrides):
+    """``split``: a file that is there (checked before the model is built) but never read."""
     return argparse.Namespace(task="ve", model=str(model), config=None, overrides=list(overrides),
-                              split="never-read.json", out=None, heatmaps=0)
+                              split=str(split), out=None, heatmaps=0)
 
 
 def test_the_form_is_recorded_everywhere_and_another_form_is_refused(synth_data, tmp_path):
@@ -76,8 +77,9 @@ def test_the_form_is_recorded_everywhere_and_another_form_is_refused(synth_data,
                                                              f"checkpoint.init_from={init}"]), **quiet)
     build_model(load_saved_config(run / "config.yaml", [f"checkpoint.init_from={init}"]), **quiet)
     # evaluation: a task, retrieval from the run, from albef.pth with a config
+    (tmp_path / "never-read.json").write_text("[]")
     with pytest.raises(ConfigError, match=BOTH_REVERSED):
-        eval_task.run(task_eval_args(export, "data.text_form=cls_sep"))
+        eval_task.run(task_eval_args(export, tmp_path / "never-read.json", "data.text_form=cls_sep"))
     with pytest.raises(ConfigError, match=BOTH_REVERSED):
         eval_retrieval.load_model(retrieval_args(run, "data.text_form=cls_sep"))
     with pytest.raises(ConfigError, match=BOTH_REVERSED):
