@@ -25,7 +25,7 @@ from typing import Optional
 
 from data_tools.diagnose import nothing_kept_message
 from data_tools.readers import InputError, ReaderOptions, plan_input, read_unit
-from data_tools.records import check_pair, source_name
+from data_tools.records import RawPair, check_pair, source_name
 from data_tools.writer import DEFAULT_SHARD_SIZE, PartWriter, add_stats, empty_stats, is_complete_part
 
 
@@ -107,7 +107,7 @@ def convert_unit(unit: dict, opts: ConvertOptions, exclude: frozenset = frozense
     reported = (0, 0)
     try:
         for raw in read_unit(unit, opts.reader):
-            item = raw if not hasattr(raw, "caption") else check_pair(raw, opts.max_side, exclude)
+            item = check_pair(raw, opts.max_side, exclude) if isinstance(raw, RawPair) else raw
             writer.add(item)
             if counters is not None and writer.stats["read"] % PROGRESS_EVERY == 0:
                 reported = _report(counters, writer.stats, reported)

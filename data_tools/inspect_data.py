@@ -1,8 +1,9 @@
 """``albef-data inspect DIR``: what is in a converted dataset.
 
 Prints pairs per source, caption-length (words) and image-size (longer side) histograms
-from ``manifest.parquet``, the skip counts from ``stats.json``, and draws a contact sheet
-of randomly sampled pairs (image + caption) read back from the MDS shards.
+from ``manifest.parquet``, the skip counts, the rejects file and (for a download folder's
+conversion) the URL list's lines accounted for from ``stats.json``, and draws a contact
+sheet of randomly sampled pairs (image + caption) read back from the MDS shards.
 """
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from collections import Counter
 import numpy as np
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
+
+from data_tools import rejects
 
 THUMB = 160          # contact-sheet cell image side, px
 CAPTION_LINES = 4    # caption lines under each thumbnail
@@ -138,6 +141,12 @@ def inspect_dataset(dir_: str, png: str | None = None, samples: int = 24, seed: 
         skipped = {k: v for k, v in s["stats"].get("skipped", {}).items() if v}
         print(f"read {s['stats'].get('read')}, kept {s['stats'].get('kept')}, skipped: "
               f"{', '.join(f'{k} {v}' for k, v in skipped.items()) or 'none'}")
+        listed = s["stats"].get("rejects")
+        if listed is not None:  # merged by this version: every reject, of every stage, in one file
+            print(f"rejects: {listed['rows']} rows in {os.path.join(dir_, rejects.FILE_NAME)}"
+                  + (f" ({rejects.count_text(listed['by_reason'])})" if listed["rows"] else ""))
+        for url_list in s["stats"].get("url_lists", []):
+            print(f"URL list {url_list['path']}: {url_list['accounting']}")
     print(_bars("caption length (words):", s["caption_words"]))
     print(_bars("image size (longer side, px):", s["image_side"]))
     png = png or os.path.join(dir_, "contact_sheet.png")

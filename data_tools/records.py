@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import re
 from dataclasses import dataclass, field
-from typing import Optional, Union
 
 from PIL import Image
+
+from data_tools import rejects
 
 #: Why a row was not written. Every reject carries exactly one of these.
 REASONS = (
@@ -34,10 +36,12 @@ RESIZE_JPEG_QUALITY = 95
 class RawPair:
     """One candidate image-caption pair, as a reader found it."""
     key: str                                  # unique within its source
-    caption: Union[str, bytes, None]
-    image: Optional[bytes] = None             # encoded image bytes, or
-    image_path: Optional[str] = None          # a local file to read them from
+    caption: str | bytes | None
+    image: bytes | None = None                # encoded image bytes, or
+    image_path: str | None = None             # a local file to read them from
     source: str = ""
+    line: int | None = None                   # the URL list's line (a sample of albef-data download)
+    url: str | None = None                    # the URL it was downloaded from
 
 
 @dataclass
@@ -46,9 +50,14 @@ class Reject:
     key: str
     detail: str = ""
     source: str = ""
+    line: int | None = None                   # as the RawPair had them: a rejects file that
+    url: str | None = None                    # follows albef-data download names the list's line
+    caption: str | None = None
 
     def to_dict(self) -> dict:
-        return {"reason": self.reason, "source": self.source, "key": self.key, "detail": self.detail}
+        """A row of the rejects file (data_tools/rejects.py): line, URL and caption when known."""
+        return rejects.record(self.reason, self.detail, "convert", self.line, self.url, self.caption,
+                              source=self.source, key=self.key)
 
 
 @dataclass
@@ -76,7 +85,7 @@ def sha1_hex(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
-def decode_caption(caption: Union[str, bytes, None]) -> Optional[str]:
+def decode_caption(caption: str | bytes | None) -> str | None:
     """UTF-8 text with surrounding whitespace removed, or None when empty/undecodable."""
     if caption is None:
         return None
@@ -91,11 +100,12 @@ def decode_caption(caption: Union[str, bytes, None]) -> Optional[str]:
     return caption
 
 
-def check_pair(raw: RawPair, max_side: Optional[int] = None,
-               exclude: Optional[frozenset] = None) -> Union[Pair, Reject]:
+def check_pair(raw: RawPair, max_side: int | None = None,
+               exclude: frozenset | None = None) -> Pair | Reject:
     """Read, hash and fully decode the image; check the caption. Never raises on bad data."""
     def reject(reason, detail=""):
-        return Reject(reason, f"{raw.source}/{raw.key}", detail, raw.source)
+        caption = None if raw.line is None and raw.url is None else rejects.shown_text(raw.caption)
+        return Reject(reason, f"{raw.source}/{raw.key}", detail, raw.source, raw.line, raw.url, caption)
 
     data = raw.image
     if data is None and raw.image_path is not None:
@@ -123,9 +133,26 @@ def check_pair(raw: RawPair, max_side: Optional[int] = None,
             if max_side and max(width, height) > max_side:
                 data, width, height = _shrink(im, max_side)
     except Exception as e:  # PIL raises many types on bad data
-        return reject("corrupt_image", f"{type(e).__name__}: {e}"[:200])
+        return reject("corrupt_image", image_error(e))
     return Pair(key=f"{raw.source}/{raw.key}", source=raw.source, caption=caption, image=data,
                 width=width, height=height, sha1=digest)
+
+
+#: ``<_io.BytesIO object at 0x7f...>``: the stream PIL names in its messages, of no use to a reader
+_OBJECT_REPR = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
+
+
+def image_error(e: Exception) -> str:
+    """What PIL's exception says about the bytes, in plain words: "not an image (cannot
+    identify image file)", "truncated image (...)", else "cannot decode it (...)"."""
+    from PIL import UnidentifiedImageError
+
+    message = _OBJECT_REPR.sub("", str(e)).strip() or type(e).__name__
+    if isinstance(e, UnidentifiedImageError):
+        return f"not an image ({message})"
+    if "truncated" in message.lower():
+        return f"truncated image ({message})"[:200]
+    return f"cannot decode it ({type(e).__name__}: {message})"[:200]
 
 
 def _shrink(im: Image.Image, max_side: int) -> tuple[bytes, int, int]:

@@ -3,8 +3,8 @@
 
 A part is one unit of work: ``OUT/<name>/`` holding MDS shards and their ``index.json``
 (written by ``streaming.MDSWriter``), ``manifest.parquet`` (one row per kept pair),
-``stats.json`` (read / kept / skipped per reason), ``rejects.jsonl`` (a sample of each
-reject reason) and, with ``also_parquet``, ``pairs.parquet`` (image bytes + caption).
+``stats.json`` (read / kept / skipped per reason), ``rejects.jsonl`` (every rejected row,
+data_tools/rejects.py) and, with ``also_parquet``, ``pairs.parquet`` (image bytes + caption).
 Everything is written into a hidden temporary folder and renamed into place only when
 complete, so a part either exists whole or not at all: that is what makes conversion
 resumable and a killed run free of duplicates.
@@ -14,12 +14,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections import Counter
 from typing import Iterable, Optional
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from data_tools import rejects
 from data_tools.records import REASONS, Pair, Reject
 
 #: MDS columns. ``bytes`` keeps the encoded file unchanged (SYSTEMS_FACTS: ``jpeg`` would
@@ -37,8 +37,6 @@ PAIRS_SCHEMA = pa.schema([("key", pa.string()), ("image", pa.binary()), ("captio
 
 #: rows per row group of pairs.parquet (the issue: about 1,000).
 PARQUET_ROW_GROUP = 1000
-#: rejects kept per reason in one part's rejects.jsonl (the counts are always exact).
-REJECT_SAMPLES_PER_PART = 20
 #: MDS shard size; SYSTEMS_FACTS: 50-100 MB shards are the advice.
 DEFAULT_SHARD_SIZE = "64mb"
 
@@ -71,8 +69,8 @@ class PartWriter:
         self.mds = MDSWriter(out=self.tmp, columns=MDS_COLUMNS, compression=compression,
                              size_limit=shard_size)
         self.stats = empty_stats()
+        # every reject of the part (one unit: 10,000 rows by default), for the rejects file
         self.rejects: list[dict] = []
-        self._reject_count: Counter = Counter()
         self.manifest: dict[str, list] = {f.name: [] for f in MANIFEST_SCHEMA}
         self._pairs_path = self.tmp + ".pairs.parquet" if also_parquet else None
         self._pairs_writer = None
@@ -83,9 +81,7 @@ class PartWriter:
         self.stats["read"] += 1
         if isinstance(item, Reject):
             self.stats["skipped"][item.reason] = self.stats["skipped"].get(item.reason, 0) + 1
-            self._reject_count[item.reason] += 1
-            if self._reject_count[item.reason] <= REJECT_SAMPLES_PER_PART:
-                self.rejects.append(item.to_dict())
+            self.rejects.append(item.to_dict())
             return
         self.stats["kept"] += 1
         self.mds.write({"image": item.image, "caption": item.caption, "source": item.source,
@@ -140,9 +136,9 @@ class PartWriter:
             if self._pairs_writer is not None:
                 self._pairs_writer.close()
                 os.replace(self._pairs_path, os.path.join(self.tmp, "pairs.parquet"))
-        with open(os.path.join(self.tmp, "rejects.jsonl"), "w", encoding="utf-8") as f:
-            for r in self.rejects:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        # In line order (a tar's samples are in download-finish order), so that the merge can
+        # interleave them with the download's rejects in one pass.
+        rejects.write(os.path.join(self.tmp, rejects.FILE_NAME), sorted(self.rejects, key=rejects.line_key))
         with open(os.path.join(self.tmp, "stats.json"), "w", encoding="utf-8") as f:
             json.dump(self.stats, f, indent=1)
         try:

@@ -2,7 +2,9 @@
 (the caption) and ``key.json`` (metadata, with the caption too). One unit per tar.
 
 The ``{shard}.parquet`` and ``{shard}_stats.json`` files beside the tars describe every
-input row, failed downloads included; they hold no images and are not read here.
+input row, failed downloads included; they hold no images and are not read here (for a
+folder written by ``albef-data download``, its ``rejects.jsonl`` lists the failed URLs and
+the merge folds them into the converted dataset's).
 """
 from __future__ import annotations
 
@@ -56,10 +58,22 @@ def _pair(key: str, parts: dict, source: str, tar_path: str) -> RawPair | Reject
     if image is None:  # the image is what is missing: named as the files reader names it
         return Reject("missing_file", f"{source}/{key}", f"sample {key} in {tar_path} has no image member",
                       source)
+    meta = _meta(parts.get(".json"))
     caption = parts.get(".txt")
-    if caption is None and ".json" in parts:
-        try:
-            caption = json.loads(parts[".json"]).get("caption")
-        except (ValueError, AttributeError):
-            caption = None
-    return RawPair(key=key, caption=caption, image=image, source=source)
+    if caption is None:
+        caption = meta.get("caption")
+    # albef-data download saves each URL's list line in its JSON: a reject then names it
+    line = meta.get("line")
+    return RawPair(key=key, caption=caption, image=image, source=source,
+                   line=line if isinstance(line, int) else None, url=meta.get("url"))
+
+
+def _meta(data: bytes | None) -> dict:
+    """img2dataset's ``key.json`` (url, caption, status, ...), or {} when absent or unreadable."""
+    if data is None:
+        return {}
+    try:
+        meta = json.loads(data)
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}

@@ -155,12 +155,17 @@ def test_url_list_reading_columns_headers_and_bad_rows(tmp_path, capsys):
     (tmp_path / "a.tsv").write_text("one\thttp://h/1.jpg\ntwo\tbad\thttp://h/2.jpg\n\thttp://h/3.jpg\n"
                                     "four\thttp://h/4.jpg\n")
     s = D.write_url_list(str(tmp_path / "a.tsv"), D.DownloadOptions(out=str(tmp_path / "o1")))
-    assert (s["read"], s["kept"]) == (3, 2) and s["dropped"] == {"malformed_row": 1, "empty_caption": 1}
+    # every line counted: 4 = 2 to download + 1 malformed + 1 without a caption
+    assert (s["lines"], s["header"], s["read"], s["kept"]) == (4, 0, 4, 2)
+    assert s["dropped"] == {"malformed_row": 1, "empty_caption": 1}
     assert "3 fields, expected 2" in s["examples"]["malformed_row"][0]
     import pyarrow.parquet as pq
     t = pq.read_table(tmp_path / "o1" / D.URL_LIST_DIR / "urls.parquet").to_pylist()
-    assert t == [{"url": "http://h/1.jpg", "caption": "one", "row": 0},
-                 {"url": "http://h/4.jpg", "caption": "four", "row": 2}]
+    assert t == [{"url": "http://h/1.jpg", "caption": "one", "line": 1},
+                 {"url": "http://h/4.jpg", "caption": "four", "line": 4}]
+    refused = [json.loads(r) for r in (tmp_path / "o1" / D.URL_LIST_DIR / "list_rejects.jsonl").open()]
+    assert [(r["line"], r["reason"]) for r in refused] == [(2, "malformed_row"), (3, "empty_caption")]
+    assert refused[1]["url"] == "http://h/3.jpg" and refused[0]["text"] == "two\tbad\thttp://h/2.jpg"
     # a header, by name (quoted CSV); JSON lines; Parquet (LAION's URL/TEXT)
     (tmp_path / "b.csv").write_text('caption,url\n"a, quoted caption",http://h/1.jpg\n')
     s = D.write_url_list(str(tmp_path / "b.csv"), D.DownloadOptions(out=str(tmp_path / "o2")))
@@ -205,7 +210,79 @@ def test_a_line_that_is_not_utf8_is_dropped_and_named_the_rest_downloads(server,
     out = tmp_path / "images"
     assert _download(tmp_path / "list.tsv", "--out", out, "--no-progress") == 0
     err = capsys.readouterr().err
-    assert "URL list: 3 rows, 3 with a URL and a caption" in err, err
+    assert f"URL list {tmp_path / 'list.tsv'}: 5 lines = 0 header + 3 URLs to download + 2 rejected" in err, err
     assert "dropped 1 (not_utf8): e.g. line 3: b'caf\\xe9 au lait'" in err, err
     assert "dropped 1 (malformed_row): e.g. line 2:" in err, err
     assert "tried 3 URLs in 1 shard: 3 downloaded, 0 failed" in err, err
+
+
+@needs_img2dataset
+@pytest.mark.slow
+def test_every_line_of_a_mixed_list_is_a_pair_or_one_reject_through_download_convert_inspect(
+        server, tmp_path, capsys):
+    """A list with a header, a blank line, a malformed line, a non-UTF-8 line, an empty URL,
+    a repeated URL, a 404 and an error page served as an image: download, convert and
+    inspect account for all 11 lines, and one rejects file names each rejected line once
+    with its URL, caption and a plain reason."""
+    root, base = server
+    served = _serve_images(root, base, n=3)
+    (root / "not_an_image.jpg").write_bytes(b"<html>an error page saved as .jpg</html>")
+    lines = [b"url\tcaption",                                                      # 1 header
+             f"{served[0][0]}\t{served[0][1]}".encode(),                           # 2 pair
+             b"a line without its url",                                            # 3 malformed_row
+             f"{served[1][0]}\tcaf\xe9 au lait".encode("latin-1"),                 # 4 not_utf8
+             b"\ta caption without its url",                                       # 5 empty_url
+             f"{served[0][0]}\tthe first picture again".encode(),                  # 6 duplicate_url
+             b"",                                                                  # 7 blank_line
+             f"{base}/gone.jpg\ta lost picture".encode(),                          # 8 download_failed
+             f"{base}/not_an_image.jpg\tan error page".encode(),                   # 9 corrupt_image
+             f"{served[1][0]}\t{served[1][1]}".encode(),                           # 10 pair
+             f"{served[2][0]}\t{served[2][1]}".encode()]                           # 11 pair
+    (tmp_path / "list.tsv").write_bytes(b"\n".join(lines) + b"\n")
+    images, shards = tmp_path / "images", tmp_path / "shards"
+
+    assert _download(tmp_path / "list.tsv", "--out", images) == 0
+    err = capsys.readouterr().err
+    print(err)
+    # before any download: 11 lines = 1 header + 5 URLs + 5 refused, each reason counted
+    assert (f"URL list {tmp_path / 'list.tsv'}: 11 lines = 1 header + 5 URLs to download + 5 rejected "
+            f"(malformed_row 1, not_utf8 1, empty_url 1, duplicate_url 1, blank_line 1)") in err, err
+    assert "dropped 1 (duplicate_url): e.g. line 6: same URL as line 2" in err, err
+    assert "tried 5 URLs in 1 shard: 4 downloaded, 1 failed" in err and "HTTP 404: 1" in err, err
+    assert "11 lines = 1 header + 4 downloaded + 6 rejected (" in err and "download_failed 1)" in err, err
+    assert f"each rejected line once in {images / 'rejects.jsonl'}" in err, err
+
+    assert main(["convert", str(images), "--out", str(shards), "--no-progress"]) == 0
+    said = capsys.readouterr()
+    print(said.out, said.err)
+    assert (f"URL list {tmp_path / 'list.tsv'}: 11 lines = 1 header + 3 pairs written + 7 rejected "
+            f"(malformed_row 1, not_utf8 1, empty_url 1, duplicate_url 1, blank_line 1, download_failed 1, "
+            f"corrupt_image 1)") in said.out, said.out
+    assert f"each rejected line once in {shards / 'rejects.jsonl'}" in said.out
+
+    rejected = [json.loads(line) for line in (shards / "rejects.jsonl").read_text().splitlines()]
+    by_line = {r["line"]: r for r in rejected}
+    assert [r["line"] for r in rejected] == [3, 4, 5, 6, 7, 8, 9]  # once each, in line order
+    assert {n: r["reason"] for n, r in by_line.items()} == {
+        3: "malformed_row", 4: "not_utf8", 5: "empty_url", 6: "duplicate_url", 7: "blank_line",
+        8: "download_failed", 9: "corrupt_image"}
+    assert by_line[3]["text"] == "a line without its url"
+    assert (by_line[4]["url"], by_line[4]["caption"]) == (served[1][0], "caf\\xe9 au lait")
+    assert by_line[5]["caption"] == "a caption without its url"
+    assert by_line[6]["detail"] == "same URL as line 2" and by_line[6]["url"] == served[0][0]
+    assert (by_line[8]["url"], by_line[8]["caption"], by_line[8]["detail"]) == (
+        f"{base}/gone.jpg", "a lost picture", "HTTP 404")
+    assert (by_line[9]["url"], by_line[9]["caption"]) == (f"{base}/not_an_image.jpg", "an error page")
+    assert by_line[9]["detail"] == "not an image (cannot identify image file)"
+    assert [by_line[n]["stage"] for n in range(3, 10)] == ["list"] * 5 + ["download", "convert"]
+
+    stats = json.loads((shards / "stats.json").read_text())
+    assert stats["rejects"]["path"] == "rejects.jsonl" and stats["rejects"]["rows"] == 7
+    (listed,) = stats["url_lists"]
+    assert (listed["lines"], listed["header"], listed["pairs"], sum(listed["rejected"].values())) == (11, 1, 3, 7)
+
+    assert main(["inspect", str(shards), "--png", str(tmp_path / "sheet.png"), "--samples", "3"]) == 0
+    out = capsys.readouterr().out
+    print(out)
+    assert f"rejects: 7 rows in {shards / 'rejects.jsonl'}" in out, out
+    assert f"URL list {tmp_path / 'list.tsv'}: 11 lines = 1 header + 3 pairs written + 7 rejected" in out, out
