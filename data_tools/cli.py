@@ -36,6 +36,8 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 #: exit status of a convert that ran but kept no pair (2: an input that cannot be read at all)
 EXIT_NOTHING_KEPT = 1
+#: exit status after Ctrl-C: 128 + SIGINT, what a shell reports for a program SIGINT ended
+EXIT_INTERRUPTED = 130
 
 
 def _add_convert(sub):
@@ -84,7 +86,7 @@ def _add_convert(sub):
 
 
 def _run_convert(args) -> int:
-    from data_tools.convert import ConvertOptions, convert
+    from data_tools.convert import INTERRUPTED, ConvertOptions, convert
     from data_tools.readers import ReaderOptions
 
     task_id = args.task_id
@@ -100,7 +102,11 @@ def _run_convert(args) -> int:
         exclude_image_root=args.exclude_image_root, max_side=args.max_side,
         compression=args.compression, shard_size=args.shard_size, also_parquet=args.also_parquet,
         progress=not args.no_progress, merge=False if args.no_merge else None)
-    stats = convert(args.inputs, opts)
+    try:
+        stats = convert(args.inputs, opts)
+    except KeyboardInterrupt:
+        print(f"albef-data convert: {INTERRUPTED.format(out=args.out)}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if stats["nothing_kept"]:
         print(f"albef-data convert: error: {stats['nothing_kept']}", file=sys.stderr)
         return EXIT_NOTHING_KEPT
@@ -368,17 +374,21 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     if not args.command:
         parser.print_help()
         return 2
-    if own_process and args.command != "download":
-        from albef_ds import startup
-        startup.import_before_work(IMPORTS)
-    from data_tools.download import MissingExtraError
-    from data_tools.readers import InputError
-
     try:
-        return int(COMMANDS[args.command][1](args) or 0)
-    except (InputError, FileNotFoundError, MissingExtraError) as e:
-        print(f"albef-data {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        if own_process and args.command != "download":
+            from albef_ds import startup
+            startup.import_before_work(IMPORTS)
+        from data_tools.download import MissingExtraError
+        from data_tools.readers import InputError
+
+        try:
+            return int(COMMANDS[args.command][1](args) or 0)
+        except (InputError, FileNotFoundError, MissingExtraError) as e:
+            print(f"albef-data {args.command}: error: {e}", file=sys.stderr)
+            return 2
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own answer (convert's): no traceback
+        print(f"albef-data {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 def program() -> None:

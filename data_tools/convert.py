@@ -8,6 +8,9 @@ so re-running after a crash or kill skips the finished parts, redoes the rest, a
 writes a pair twice. ``OUT/plan.json`` records the inputs so a re-run with other inputs
 into the same folder is refused.
 
+Ctrl-C (SIGINT) ends the workers, keeps the finished parts and raises KeyboardInterrupt;
+the CLI says that re-running the same command resumes (:data:`INTERRUPTED`).
+
 A conversion that keeps nothing is reported (``stats["nothing_kept"]``, the CLI exits 1):
 judged on the merged dataset, or on an array task's own parts when it does not merge, so
 a resumed run whose parts were all done before is judged on what those parts hold.
@@ -18,6 +21,7 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -46,6 +50,12 @@ class ConvertOptions:
     progress: bool = True
     #: merge after converting (default: only when this is the only task).
     merge: Optional[bool] = None
+
+
+#: what the CLI says when a convert is interrupted: true because finished parts are renamed
+#: into place whole and a re-run skips them (the SIGKILL test in tests/data_tools shows it)
+INTERRUPTED = ("interrupted; run the same command again to resume where it stopped (finished parts "
+               "in {out} are kept, unfinished ones are redone); to start over instead, delete {out} first")
 
 
 def part_name(index: int) -> str:
@@ -94,6 +104,9 @@ PROGRESS_EVERY = 256
 
 
 def _init_worker(opts: ConvertOptions, exclude: frozenset, counters) -> None:
+    # Ctrl-C reaches every process of the terminal's group: the driver alone answers it
+    # (ends the pool, says how to resume); a worker would print its own traceback.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _WORKER["opts"], _WORKER["exclude"], _WORKER["counters"] = opts, exclude, counters
 
 
@@ -177,23 +190,25 @@ def convert(inputs: list[str], opts: ConvertOptions) -> dict:
         rate = kept / max(time.time() - start, 1e-9)
         bar.set_postfix(pairs_per_s=f"{rate:.0f}", kept=str(kept), skipped=str(counters[1].value))
 
-    if opts.workers <= 1 or len(todo) <= 1:
-        for u in todo:
-            account(convert_unit(u, opts, exclude, counters, on_progress=lambda: account(None)))
-    else:
-        with ctx.Pool(min(opts.workers, len(todo)), initializer=_init_worker,
-                      initargs=(opts, exclude, counters)) as pool:
-            results = pool.imap_unordered(_convert_in_worker, todo)
-            remaining = len(todo)
-            while remaining:
-                try:
-                    s = results.next(timeout=1.0)
-                except mp.TimeoutError:
-                    account(None)  # refresh pairs/s and skips while long parts run
-                    continue
-                account(s)
-                remaining -= 1
-    bar.close()
+    try:
+        if opts.workers <= 1 or len(todo) <= 1:
+            for u in todo:
+                account(convert_unit(u, opts, exclude, counters, on_progress=lambda: account(None)))
+        else:
+            with ctx.Pool(min(opts.workers, len(todo)), initializer=_init_worker,
+                          initargs=(opts, exclude, counters)) as pool:
+                results = pool.imap_unordered(_convert_in_worker, todo)
+                remaining = len(todo)
+                while remaining:
+                    try:
+                        s = results.next(timeout=1.0)
+                    except mp.TimeoutError:
+                        account(None)  # refresh pairs/s and skips while long parts run
+                        continue
+                    account(s)
+                    remaining -= 1
+    finally:  # also on Ctrl-C: the bar's line ends before the interruption is reported
+        bar.close()
     elapsed = time.time() - start
     stats["seconds"] = round(elapsed, 3)
     stats["units_done_now"] = len(todo)

@@ -90,3 +90,37 @@ def test_rerun_with_other_inputs_into_same_folder_is_refused(tmp_path, capsys):
     assert main(["convert", str(tmp_path / "b.tsv"), "--out", str(tmp_path / "out"), "--no-progress",
                  "--caption-col", "0", "--image-col", "1"]) == 2
     assert "other inputs" in capsys.readouterr().err
+
+
+def test_ctrl_c_says_how_to_resume_exits_130_and_the_rerun_resumes(tmp_path):
+    """SIGINT to the terminal's process group (what Ctrl-C sends: the driver and its two
+    workers) mid-conversion: one line saying that the same command resumes, exit status
+    130, no traceback; the same command then keeps the finished parts and ends the job."""
+    n_tars = 40
+    expected = webdataset(str(tmp_path / "wds"), n_tars=n_tars, per_tar=40)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "data_tools.cli", "convert", str(tmp_path / "wds"), "--out", str(out),
+           "--workers", "2", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if out.exists() and list_parts(str(out)):
+            os.killpg(proc.pid, signal.SIGINT)  # as the terminal does: every process of the group
+            break
+        time.sleep(0.02)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err, err
+    said = [line for line in err.splitlines() if "interrupted" in line]
+    assert said == [(f"albef-data convert: interrupted; run the same command again to resume where it "
+                     f"stopped (finished parts in {out} are kept, unfinished ones are redone); to start "
+                     f"over instead, delete {out} first")], err
+    finished = len(list_parts(str(out)))
+    assert 1 <= finished < n_tars
+
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"({finished} already done)" in rerun.stderr  # resumed where it stopped
+    got, keys = F.read_dataset(str(out))
+    assert len(keys) == len(set(keys)) == len(expected) and got == expected
