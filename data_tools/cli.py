@@ -240,13 +240,16 @@ def _add_inspect(sub):
     p.add_argument("--png", help="contact sheet path (default: DIR/contact_sheet.png)")
     p.add_argument("--samples", type=int, default=24, help="pairs on the contact sheet")
     p.add_argument("--seed", type=int, default=0, help="which pairs are sampled for the contact sheet")
-    p.add_argument("--font", help="TrueType font for the captions (default: DejaVuSans from matplotlib "
-                                  "or the system, else Pillow's ASCII-only font)")
+    p.add_argument("--font", action="append", metavar="FILE",
+                   help="a TrueType/OpenType font (.ttf/.otf/.ttc) for the captions; repeat it to give "
+                        "several: each character is drawn with the first that has it, then DejaVuSans "
+                        "(matplotlib's or the system's), then any installed font fontconfig finds for it "
+                        "(e.g. Noto CJK); characters no font has are named")
 
 
 def _run_inspect(args) -> int:
     from data_tools.inspect_data import inspect_dataset
-    inspect_dataset(args.dir, png=args.png, samples=args.samples, seed=args.seed, font_path=args.font)
+    inspect_dataset(args.dir, png=args.png, samples=args.samples, seed=args.seed, font_paths=args.font)
     return 0
 
 

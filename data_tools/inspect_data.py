@@ -3,7 +3,8 @@
 Prints pairs per source, caption-length (words) and image-size (longer side) histograms
 from ``manifest.parquet``, the skip counts, the rejects file and (for a download folder's
 conversion) the URL list's lines accounted for from ``stats.json``, and draws a contact
-sheet of randomly sampled pairs (image + caption) read back from the MDS shards.
+sheet of randomly sampled pairs (image + caption) read back from the MDS shards, captions
+drawn per character with the fonts of :mod:`data_tools.fonts`.
 """
 from __future__ import annotations
 
@@ -11,9 +12,8 @@ import importlib.util
 import io
 import json
 import os
-import sys
 import random
-import textwrap
+import sys
 from collections import Counter
 
 import numpy as np
@@ -21,14 +21,13 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw, ImageFont
 
 from data_tools import rejects
+from data_tools.fonts import FontChain
 
 THUMB = 160          # contact-sheet cell image side, px
 CAPTION_LINES = 4    # caption lines under each thumbnail
 COLUMNS = 6
-#: caption font size, px: 26 characters (the wrap width) of DejaVuSans fit under a thumbnail
+#: caption font size, px: about 26 characters of DejaVuSans fit under a thumbnail
 FONT_SIZE = 10
-#: line height of Pillow's bitmap font (what load_default gives without FreeType), px
-BITMAP_LINE_HEIGHT = 12
 
 
 def _font_candidates() -> list[str]:
@@ -47,16 +46,30 @@ def caption_font(font_path: str | None = None, size: int = FONT_SIZE):
     """(font, its path or None). ``font_path`` first (an error if it does not load); None
     means Pillow's built-in font, which covers ASCII only (accents are drawn as boxes)."""
     if font_path is not None:
-        try:
-            return ImageFont.truetype(font_path, size), font_path
-        except OSError as e:
-            raise FileNotFoundError(f"--font {font_path}: cannot load it as a TrueType font ({e})") from e
+        return _load_given(font_path, size), font_path
     for candidate in _font_candidates():
         try:
             return ImageFont.truetype(candidate, size), candidate
         except OSError:
             continue
     return ImageFont.load_default(size=size), None
+
+
+def _load_given(font_path: str, size: int):
+    try:
+        return ImageFont.truetype(font_path, size)
+    except OSError as e:
+        raise FileNotFoundError(f"--font {font_path}: cannot load it as a TrueType font ({e})") from e
+
+
+def caption_fonts(font_paths: list[str] | str | None = None, size: int = FONT_SIZE) -> tuple[FontChain, str | None]:
+    """The chain the captions are drawn with: each ``--font`` in order, then the default
+    (DejaVuSans, else Pillow's font); and the default's path (None: Pillow's font)."""
+    if isinstance(font_paths, str):
+        font_paths = [font_paths]
+    given = [_load_given(p, size) for p in font_paths or []]
+    default, found = caption_font(None, size)
+    return FontChain(given + [default], size), found
 
 
 def _histogram(values, edges) -> list[tuple[str, int]]:
@@ -91,25 +104,30 @@ def summarise(dir_: str) -> dict:
     return out
 
 
-def contact_sheet(dir_: str, png: str, samples: int = 24, seed: int = 0, font_path: str | None = None) -> str:
-    """Draw ``samples`` random pairs (read through streaming's reader) into one PNG."""
+def contact_sheet(dir_: str, png: str, samples: int = 24, seed: int = 0,
+                  font_paths: list[str] | str | None = None) -> str:
+    """Draw ``samples`` random pairs (read through streaming's reader) into one PNG;
+    ``font_paths``: fonts tried before the default for each character (``--font``)."""
     from streaming import StreamingDataset
 
     ds = StreamingDataset(local=dir_, shuffle=False, batch_size=1)
     idx = sorted(random.Random(seed).sample(range(ds.num_samples), min(samples, ds.num_samples)))
+    items = [ds.get_item(i) for i in idx]
     cols = min(COLUMNS, len(idx)) or 1
     rows = (len(idx) + cols - 1) // cols
-    font, found = caption_font(font_path)
-    if found is None:
+    chain, found = caption_fonts(font_paths)
+    if found is None and not font_paths:
         print("contact sheet: no TrueType font with accented letters found (DejaVuSans from "
               "matplotlib or the system); non-ASCII letters show as boxes: pass --font FILE.ttf",
               file=sys.stderr)
-    line_h = sum(font.getmetrics()) if hasattr(font, "getmetrics") else BITMAP_LINE_HEIGHT
+    chain.cover([s["caption"] for s in items])  # fonts for what the first ones lack, before the layout
+    if (missing := chain.missing_message()) is not None:
+        print(missing, file=sys.stderr)
+    line_h = chain.line_height()
     cell_w, cell_h = THUMB + 10, THUMB + 10 + line_h * CAPTION_LINES
     sheet = Image.new("RGB", (cols * cell_w, max(rows, 1) * cell_h), "white")
     draw = ImageDraw.Draw(sheet)
-    for n, i in enumerate(idx):
-        s = ds.get_item(i)
+    for n, s in enumerate(items):
         x, y = (n % cols) * cell_w + 5, (n // cols) * cell_h + 5
         try:
             with Image.open(io.BytesIO(s["image"])) as im:
@@ -119,17 +137,16 @@ def contact_sheet(dir_: str, png: str, samples: int = 24, seed: int = 0, font_pa
                                Image.Resampling.NEAREST if scale > 1 else Image.Resampling.BICUBIC)
                 sheet.paste(im, (x + (THUMB - im.width) // 2, y + (THUMB - im.height) // 2))
         except Exception:
-            draw.text((x, y), "unreadable image", fill="red", font=font)
-        lines = textwrap.wrap(s["caption"], width=26)[:CAPTION_LINES]
-        for k, line in enumerate(lines):
-            draw.text((x, y + THUMB + 2 + k * line_h), line, fill="black", font=font)
+            chain.draw(draw, (x, y), "unreadable image", fill="red")
+        for k, line in enumerate(chain.wrap(s["caption"], THUMB)[:CAPTION_LINES]):
+            chain.draw(draw, (x, y + THUMB + 2 + k * line_h), line, fill="black")
     os.makedirs(os.path.dirname(os.path.abspath(png)), exist_ok=True)
     sheet.save(png)
     return png
 
 
 def inspect_dataset(dir_: str, png: str | None = None, samples: int = 24, seed: int = 0,
-                    font_path: str | None = None) -> dict:
+                    font_paths: list[str] | str | None = None) -> dict:
     if not os.path.isdir(dir_):
         raise FileNotFoundError(f"no such dataset folder: {dir_}")
     s = summarise(dir_)
@@ -150,7 +167,7 @@ def inspect_dataset(dir_: str, png: str | None = None, samples: int = 24, seed: 
     print(_bars("caption length (words):", s["caption_words"]))
     print(_bars("image size (longer side, px):", s["image_side"]))
     png = png or os.path.join(dir_, "contact_sheet.png")
-    contact_sheet(dir_, png, samples, seed, font_path)
+    contact_sheet(dir_, png, samples, seed, font_paths)
     print(f"contact sheet: {png}")
     s["png"] = png
     return s

@@ -3,6 +3,7 @@ has the documented layout; inspect writes a PNG contact sheet."""
 import hashlib
 import json
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -120,3 +121,96 @@ def test_contact_sheet_draws_accented_letters_not_boxes(tmp_path, capsys):
     ImageDraw.Draw(expected).text((5, y), caption, fill="black", font=font)
     assert expected.crop(strip).getextrema()[0][0] == 0  # the caption has dark pixels to compare
     assert sheet.crop(strip).tobytes() == expected.crop(strip).tobytes()
+
+
+def _convert_one(tmp_path, caption):
+    """A one-pair dataset whose caption is ``caption``."""
+    F.write_file(str(tmp_path / "img" / "a.png"), F.jpeg(1, fmt="PNG"))
+    (tmp_path / "a.json").write_text(json.dumps([{"image": "img/a.png", "caption": caption}]))
+    assert main(["convert", str(tmp_path / "a.json"), "--out", str(tmp_path / "ds"), "--no-progress"]) == 0
+    return tmp_path / "ds"
+
+
+def _fontconfig_with(monkeypatch, tmp_path, font_dir):
+    """fontconfig (fc-list) made to see only the fonts in ``font_dir``, whatever this machine has."""
+    font_dir.mkdir(parents=True, exist_ok=True)
+    conf = tmp_path / "fonts.conf"
+    conf.write_text(f'<?xml version="1.0"?>\n<!DOCTYPE fontconfig SYSTEM "fonts.dtd">\n<fontconfig>'
+                    f"<dir>{font_dir}</dir><cachedir>{tmp_path / 'fc-cache'}</cachedir></fontconfig>\n")
+    monkeypatch.setenv("FONTCONFIG_FILE", str(conf))
+
+
+def _font_with_blocks(path, chars):
+    """A TrueType font (fontTools) that draws each of ``chars`` as a filled block of its own
+    width, and nothing else."""
+    from fontTools.fontBuilder import FontBuilder
+    from fontTools.pens.ttGlyphPen import TTGlyphPen
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    names = [".notdef"] + [f"uni{ord(c):04X}" for c in chars]
+    glyphs = {".notdef": TTGlyphPen(None).glyph()}
+    for i, name in enumerate(names[1:]):
+        pen = TTGlyphPen(None)
+        right = 500 + 150 * i
+        pen.moveTo((100, 0))
+        pen.lineTo((100, 700))
+        pen.lineTo((right, 700))
+        pen.lineTo((right, 0))
+        pen.closePath()
+        glyphs[name] = pen.glyph()
+    fb = FontBuilder(1000, isTTF=True)
+    fb.setupGlyphOrder(names)
+    fb.setupCharacterMap({ord(c): n for c, n in zip(chars, names[1:])})
+    fb.setupGlyf(glyphs)
+    fb.setupHorizontalMetrics({n: (1000, 100 if n != ".notdef" else 0) for n in names})
+    fb.setupHorizontalHeader(ascent=800, descent=-200)
+    fb.setupNameTable({"familyName": "Blocks Test", "styleName": "Regular"})
+    fb.setupOS2(sTypoAscender=800, sTypoDescender=-200, usWinAscent=800, usWinDescent=200)
+    fb.setupPost()
+    fb.save(str(path))
+
+
+def test_cjk_and_emoji_that_no_font_here_draws_are_named_with_how_to_add_one(tmp_path, capsys, monkeypatch):
+    _fontconfig_with(monkeypatch, tmp_path, tmp_path / "no-fonts")  # no fallback to find
+    ds = _convert_one(tmp_path, "a cat \U0001F600 中文 \U0001F363")  # DejaVuSans has 😀 but not 🍣
+    assert main(["inspect", str(ds), "--png", str(tmp_path / "sheet.png"), "--samples", "1"]) == 0
+    err = capsys.readouterr().err
+    said = [line for line in err.splitlines() if "no font on this machine draws" in line]
+    assert len(said) == 1, err
+    assert "draws 中 文 \U0001F363 (3 characters, drawn as boxes): pass --font FILE" in said[0], said
+    assert "fonts-noto-cjk" in said[0]
+
+
+def test_cjk_caption_is_drawn_with_an_installed_font_that_has_it_not_as_boxes(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("fontTools.fontBuilder")
+    if shutil.which("fc-list") is None:
+        pytest.skip("no fontconfig (fc-list) here: installed fonts cannot be listed")
+    from data_tools.fonts import NOTDEF_PROBE
+    from data_tools.inspect_data import THUMB, caption_fonts
+
+    _font_with_blocks(tmp_path / "installed" / "blocks.ttf", "中文")
+    _fontconfig_with(monkeypatch, tmp_path, tmp_path / "installed")
+    caption = "café 中文"
+    ds = _convert_one(tmp_path, caption)
+    png = tmp_path / "sheet.png"
+    assert main(["inspect", str(ds), "--png", str(png), "--samples", "1"]) == 0
+    assert "no font on this machine draws" not in capsys.readouterr().err
+
+    chain, _ = caption_fonts()
+    chain.cover([caption])
+    default, fallback = chain.font_for("é"), chain.font_for("中")
+    assert fallback is not default and chain.font_for("文") is fallback  # found through fontconfig
+    lines = chain.wrap("中文" * 40, THUMB)  # no spaces: cut where a line reaches the thumbnail's width
+    assert len(lines) > 1 and max(chain.length(line) for line in lines) <= THUMB
+    assert _glyph(default, "中") == _glyph(default, NOTDEF_PROBE)      # the default's box ...
+    assert _glyph(fallback, "中") != _glyph(fallback, NOTDEF_PROBE)    # ... not the fallback's
+    # the sheet's caption is that: "café " in the default font, 中文 in the fallback
+    sheet = Image.open(png).convert("RGB")
+    y = 5 + THUMB + 2
+    strip = (0, y, sheet.width, sheet.height)
+    expected = Image.new("RGB", sheet.size, "white")
+    chain.draw(ImageDraw.Draw(expected), (5, y), caption, fill="black")
+    boxes = Image.new("RGB", sheet.size, "white")
+    ImageDraw.Draw(boxes).text((5, y), caption, fill="black", font=default)
+    assert sheet.crop(strip).tobytes() == expected.crop(strip).tobytes()
+    assert sheet.crop(strip).tobytes() != boxes.crop(strip).tobytes()
