@@ -15,9 +15,11 @@ font's character map, and this needs nothing beyond Pillow.
 """
 from __future__ import annotations
 
+import bisect
 import re
 import shutil
 import subprocess
+import sys
 from dataclasses import dataclass, field
 
 from PIL import ImageFont
@@ -28,6 +30,8 @@ NOTDEF_PROBE = "\U0010fffd"
 FC_LIST_TIMEOUT = 20
 #: what the missing-character line suggests installing for CJK (Debian/Ubuntu package)
 CJK_PACKAGE_HINT = "Noto Sans CJK: apt-get install fonts-noto-cjk"
+#: line height of Pillow's bitmap font (what load_default gives without FreeType), px
+BITMAP_LINE_HEIGHT = 12
 #: characters named in the missing-character line before "and N more"
 MISSING_SHOWN = 20
 #: fontconfig styles other than the upright regular one (a fallback should look like the rest)
@@ -43,7 +47,9 @@ class InstalledFont:
     ranges: list[tuple[int, int]] = field(repr=False)
 
     def covers(self, codepoint: int) -> bool:
-        return any(lo <= codepoint <= hi for lo, hi in self.ranges)
+        """Whether ``codepoint`` is in one of the (sorted, disjoint) ranges."""
+        k = bisect.bisect_right(self.ranges, (codepoint, sys.maxunicode + 1)) - 1
+        return k >= 0 and self.ranges[k][0] <= codepoint <= self.ranges[k][1]
 
 
 def installed_fonts() -> list[InstalledFont]:
@@ -71,7 +77,7 @@ def installed_fonts() -> list[InstalledFont]:
             except ValueError:
                 continue
         fonts.append(InstalledFont(path, int(index) if index.isdigit() else 0,
-                                   not _SLANTED_OR_BOLD.search(style), ranges))
+                                   not _SLANTED_OR_BOLD.search(style), sorted(ranges)))
     return sorted(fonts, key=lambda f: (not f.regular, f.path, f.index))
 
 
@@ -201,7 +207,3 @@ def _metrics(font) -> tuple[int, int]:
     if hasattr(font, "getmetrics"):
         return font.getmetrics()
     return BITMAP_LINE_HEIGHT, 0
-
-
-#: line height of Pillow's bitmap font (what load_default gives without FreeType), px
-BITMAP_LINE_HEIGHT = 12
