@@ -39,14 +39,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args) -> int:
-    from ..train.export import resolve_init
+    from ..train.export import init_tokenizer, resolve_init
     from ..train.trainer import train
     from .pretrain import resume_mode, start
     resume = resume_mode(args, "auto")
     objective, evaluated = TASKS[getattr(args, "task", "retrieval")]
-    cfg, launch, stop = start(args, [f"train.objective={objective}"], need_val=evaluated)
-    # --init is only read (a run is consolidated in memory by each rank, not exported into it)
-    cfg.checkpoint.init_from = resolve_init(args.init, "--init")
+    # --init is only read (a run is consolidated in memory by each rank, not exported into
+    # it); checked first, so that a wrong path is the error a user sees
+    init_from = resolve_init(args.init, "--init")
+    cfg, launch, stop = start(args, [f"train.objective={objective}"], need_val=evaluated,
+                              init_tokenizer=init_tokenizer(args.init))
+    cfg.checkpoint.init_from = init_from
     note = unfinished_run_note(Path(args.init), cfg.checkpoint.init_from)
     if note and launch.rank == 0:
         print(note, flush=True)

@@ -42,11 +42,12 @@ def resume_mode(args, default: str) -> str:
     return args.resume or default
 
 
-def start(args, extra_overrides=(), need_val: bool = False):
+def start(args, extra_overrides=(), need_val: bool = False, init_tokenizer: str | None = None):
     """(cfg, launch, stop flag): the stop handlers first (a signal during start-up asks for
     a stop too), then the config checked before any work (the data, the tokenizer and the
     objective's settings: a missing file is one line before a model is built or the run
-    directory locked), then the process group."""
+    directory locked), then the process group. ``init_tokenizer``: the tokenizer of the
+    weights fine-tuning starts from, used (and said) when the config names none."""
     import warnings
 
     from .. import distributed as dist_lib
@@ -61,6 +62,10 @@ def start(args, extra_overrides=(), need_val: bool = False):
         overrides.append(f"logging.run_dir={args.run_dir}")
     launch = dist_lib.read_launch_env()
     cfg = load_config(args.config, overrides, world_size=launch.world_size)
+    if not cfg.data.tokenizer and init_tokenizer:
+        cfg.data.tokenizer = init_tokenizer
+        if launch.rank == 0:
+            print(f"note: data.tokenizer: {init_tokenizer} (the one --init was trained with)", flush=True)
     has_val = bool(cfg.data.val_dir or cfg.task.val_file)
     if need_val and not has_val:
         raise ConfigError("config key 'data.val_dir' (retrieval) or 'task.val_file' (other tasks): "

@@ -210,3 +210,18 @@ def read_init(path: str) -> tuple[dict, str, dict]:
     cfg = load_config(tag_dir.parent.parent / "config.yaml")
     cfg.data.text_form = checkpoint_text_form(tag_dir)
     return consolidate(tag_dir, cfg).state_dict(), str(tag_dir), {TEXT_FORM_KEY: cfg.data.text_form}
+
+
+def init_tokenizer(path: str) -> str | None:
+    """The tokenizer folder the weights named by ``--init`` were trained with, when they are
+    ours and it is still there: an export's own copy, else the run's config.yaml's. None for
+    a reference .pth (it ships none) or a folder that no longer exists."""
+    p = Path(path)
+    export = p.parent if p.is_file() and p.name == "model.pt" else p
+    if (export / EXPORT_TOKENIZER).is_dir() and (export / "model.pt").is_file():
+        return str((export / EXPORT_TOKENIZER).absolute())
+    for config_yaml in (export / "config.yaml", export.parent.parent / "config.yaml"):
+        if config_yaml.is_file():
+            named = load_config(config_yaml).data.tokenizer
+            return named if named and Path(named).is_dir() else None
+    return None

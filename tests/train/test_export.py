@@ -57,3 +57,29 @@ def test_an_export_survives_rotation_and_evaluates_from_another_directory(synth_
                     "--out", "eval"], tmp_path / "eval.log", cwd=elsewhere)
     result = json.loads((elsewhere / "eval" / "retrieval.json").read_text())
     assert result["num_images"] == 10 and "chance" in text and "nan" not in text
+
+
+def test_the_tokenizer_of_init_weights_is_found_where_each_kind_keeps_it(tmp_path):
+    """finetune --init's tokenizer (used when the config names none): an export's own copy,
+    a run's or a checkpoint's config.yaml's folder; none for a reference .pth or a folder
+    that has gone."""
+    from albef_ds.config import load_config, save_config
+    from albef_ds.train.export import init_tokenizer
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    run = tmp_path / "run"
+    (run / "checkpoints" / "step_00000002").mkdir(parents=True)
+    cfg = load_config("tiny", [f"data.tokenizer={tok}"])
+    save_config(cfg, run / "config.yaml")
+    export = tmp_path / "export"
+    (export / "tokenizer").mkdir(parents=True)
+    (export / "model.pt").write_bytes(b"")
+    save_config(cfg, export / "config.yaml")
+    (tmp_path / "ALBEF.pth").write_bytes(b"")
+    assert init_tokenizer(str(run)) == str(tok)
+    assert init_tokenizer(str(run / "checkpoints" / "step_00000002")) == str(tok)
+    assert init_tokenizer(str(export)) == str((export / "tokenizer").absolute())
+    assert init_tokenizer(str(export / "model.pt")) == str((export / "tokenizer").absolute())
+    assert init_tokenizer(str(tmp_path / "ALBEF.pth")) is None
+    tok.rmdir()
+    assert init_tokenizer(str(run)) is None
