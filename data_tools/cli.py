@@ -120,8 +120,9 @@ def _add_download(sub):
                     "url<TAB>caption, SBU: its two files pasted together, or any TSV/CSV/Parquet/JSON "
                     "with a URL and a caption column) with img2dataset into img2dataset's webdataset "
                     "layout, which 'albef-data convert DIR' reads. Prints URLs tried, downloaded and "
-                    "failed by reason, then the convert command (or runs it: --convert-to). Re-running "
-                    "the same command resumes. Needs img2dataset: pip install \"albef-ds[download]\".",
+                    "failed by reason and the list's lines accounted for (header + downloaded + "
+                    "rejected; each rejected line, with its reason, in OUT/rejects.jsonl), then the "
+                    "convert command (or runs it: --convert-to). Re-running the same command resumes. Needs img2dataset: pip install \"albef-ds[download]\".",
         epilog="Example (CC3M): albef-data download Train_GCC-training.tsv --out cc3m_images "
                "--processes 8 --threads 64 --image-size 384 --convert-to shards/cc3m",
         formatter_class=HelpFormatter)
