@@ -22,7 +22,7 @@ def test_misconfigured_commands_print_one_line_and_exit_2(synth_data, tmp_path):
         "unknown objective": (base + ["--set", "train.objective=vqa2"], "train.objective"),
         "eval without model": (["eval-retrieval", "--split", str(data / "test.json")], "--model"),
         "export of a non-checkpoint": (["export", str(tmp_path / "nothing")], str(tmp_path / "nothing")),
-        "finetune without val split": (["finetune", "--config", "tiny", "--init", str(tmp_path),
+        "finetune without val split": (["finetune", "--config", "tiny", "--init", str(bad_json),  # (never read)
                                         "--set", f"data.train_dirs=[{data / 'train'}]",
                                         "--set", f"data.tokenizer={tok}"], "data.val_dir"),
     }
