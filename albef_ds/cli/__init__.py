@@ -5,7 +5,8 @@ Each subcommand lives in its own module exposing ``add_arguments(parser)`` and
 ``albef-ds --help`` answers without loading torch. This package is the only place that
 parses arguments, prints for the user and picks exit statuses: the library raises
 :class:`albef_ds.errors.UsageError` (config, checkpoint, weights) or FileNotFoundError, and
-:func:`main` prints that as one line and exits 2.
+:func:`main` prints that as one line and exits 2; an evaluation that a stop signal ended
+raises :class:`albef_ds.errors.Interrupted`: one line, exit 128 + the signal's number.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import importlib
 import sys
 
 from .. import startup
-from ..errors import UsageError
+from ..errors import Interrupted, UsageError
 
 #: subcommand -> (module, one-line help)
 SUBCOMMANDS = {
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None, own_process: bool = False) -> int:
     except (UsageError, FileNotFoundError) as e:
         print(f"albef-ds {args.command}: error: {one_line(e)}", file=sys.stderr, flush=True)
         return 2
+    except Interrupted as e:  # a stop signal during an evaluation: no traceback, the signal's status
+        print(f"albef-ds {args.command}: {one_line(e)}", file=sys.stderr, flush=True)
+        return e.exit_status
 
 
 def one_line(error: BaseException) -> str:

@@ -187,8 +187,10 @@ def run(args) -> int:
     from ..eval.retrieval import evaluate
     from ..eval.io import make_io, read_compositional, read_split
     from ..tokenizer import load_tokenizer
+    from ..errors import Interrupted
     from ..train.export import consolidate
     from ..train.plot import plot_run, read_metrics, tail_mean
+    from ..train.stop import StopFlag
     from ..train.trainer import build_model, train
 
     start = time.time()
@@ -213,8 +215,11 @@ def run(args) -> int:
     cfg = load_config(config, overrides)
     _say(f"3/4 pretraining {config} for {args.steps} steps "
          f"(TensorBoard: tensorboard --logdir {run_dir / 'tensorboard'})")
+    # After the synth stage: its pool's workers would inherit the handlers, and the pool ends
+    # them with SIGTERM (they would take it for a stop request and never end).
+    stop = StopFlag()  # training stops at its next step with a checkpoint; the evaluation between batches
     launch = dist_lib.init_distributed(cfg.distributed.backend)
-    status = train(cfg, launch, "auto")
+    status = train(cfg, launch, "auto", stop=stop)
     if status != 0:
         return status
     train_s = time.time() - start
@@ -232,13 +237,16 @@ def run(args) -> int:
     def measure(model):
         model = model.to(device)
         return (evaluate(model, split, load_images, tokenize, k, cfg.eval.batch_size, device=device,
-                         progress=sys.stderr.isatty()),
-                evaluate_compositional(model, comp, comp_images, comp_tokenize, device, cfg.eval.batch_size))
-    # "untrained": the weights training started from (random init, or the warm start)
-    untrained, comp_untrained = measure(build_model(cfg, log=lambda msg: None))
+                         progress=sys.stderr.isatty(), stop=stop),
+                evaluate_compositional(model, comp, comp_images, comp_tokenize, device, cfg.eval.batch_size, stop))
     ckpt_dir = run_dir / "checkpoints"
-    tag = (ckpt_dir / "latest").read_text().strip()
-    trained, comp_trained = measure(consolidate(ckpt_dir / tag, cfg))
+    try:
+        # "untrained": the weights training started from (random init, or the warm start)
+        untrained, comp_untrained = measure(build_model(cfg, log=lambda msg: None))
+        tag = (ckpt_dir / "latest").read_text().strip()
+        trained, comp_trained = measure(consolidate(ckpt_dir / tag, cfg))
+    except Interrupted as e:  # the run is complete: a rerun of the command goes straight to the evaluation
+        raise Interrupted(e.signal_name, f"{e} (training is done: checkpoints in {ckpt_dir})") from None
     metrics = read_metrics(run_dir / "metrics.jsonl")
     itm_acc = tail_mean(metrics, "itm_acc")
     png = plot_run(run_dir / "metrics.jsonl", run_dir / "learning.png",

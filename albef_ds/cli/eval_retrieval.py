@@ -77,12 +77,14 @@ def load_model(args):
 
 def run(args) -> int:
     from .. import distributed as dist_lib
-    from ..tokenizer import load_tokenizer
     from ..eval.io import make_io, read_split
     from ..eval.retrieval import chance_row, evaluate, format_table, ranking_rows
+    from ..tokenizer import load_tokenizer
+    from ..train.stop import EVALUATION_INTERRUPT_NOTE, StopFlag
 
     if args.model is None and not args.untrained:
         raise UsageError("give --model PATH or --untrained --config FILE")
+    stop = StopFlag(interrupt_note=EVALUATION_INTERRUPT_NOTE)  # read between batches
     launch = dist_lib.read_launch_env()
     if launch.world_size > 1:
         dist_lib.init_distributed("gloo" if not torch.cuda.is_available() else "auto")
@@ -99,9 +101,13 @@ def run(args) -> int:
     image_root = Path(args.image_root) if args.image_root else split_path.parent
     load_images, tokenize = make_io(cfg, split, image_root, tokenizer)
 
-    metrics = evaluate(model, split, load_images, tokenize, args.k or cfg.eval.k_test,
-                       cfg.eval.batch_size, launch.rank, launch.world_size, dist_lib.all_reduce_sum, device,
-                       progress=sys.stderr.isatty())  # a log file gets no carriage-return bars
+    k = args.k or cfg.eval.k_test
+    if launch.rank == 0:
+        print(f"evaluating retrieval: {len(split.images)} images, {len(split.texts)} texts; ITM re-ranks the "
+              f"top {k} by ITC", flush=True)
+    metrics = evaluate(model, split, load_images, tokenize, k, cfg.eval.batch_size, launch.rank, launch.world_size,
+                       dist_lib.all_reduce_sum, device, progress=sys.stderr.isatty(),  # a file gets no '\r' bars
+                       stop=stop)
     if launch.rank == 0:
         print(format_table({**ranking_rows(metrics), "chance": chance_row(metrics)}))
         if args.out:
@@ -114,7 +120,7 @@ def run(args) -> int:
                     w.add_scalar(f"retrieval/{k}", v, 0)
             print(f"wrote {out / 'retrieval.json'}")
         if comp_path is not None:
-            run_compositional(model, cfg, comp_path, tokenizer, device, args)
+            run_compositional(model, cfg, comp_path, tokenizer, device, args, stop)
     return 0
 
 
@@ -131,14 +137,14 @@ def compositional_path(value, split_path: Path):
     return Path(value)
 
 
-def run_compositional(model, cfg, path: Path, tokenizer, device, args) -> dict:
+def run_compositional(model, cfg, path: Path, tokenizer, device, args, stop=None) -> dict:
     """Print (and with --out write compositional.json and its scalars) the accuracy of
     picking the true caption by ITC and by ITM, beside chance."""
     from ..eval.compositional import evaluate_compositional, format_compositional
     from ..eval.io import make_io, read_compositional
     data = read_compositional(path, cfg.data.max_words, args.max_images or cfg.eval.max_images)
     load_images, tokenize = make_io(cfg, data, path.parent, tokenizer)
-    m = evaluate_compositional(model, data, load_images, tokenize, device, cfg.eval.batch_size)
+    m = evaluate_compositional(model, data, load_images, tokenize, device, cfg.eval.batch_size, stop)
     print(f"\n{format_compositional(m)}\n({path})")
     if args.out:
         out = Path(args.out)

@@ -53,8 +53,10 @@ def run(args) -> int:
     from ..objectives import objective_class
     from ..tokenizer import load_tokenizer
     from ..train.export import load_saved_config, resolve_init
+    from ..train.stop import EVALUATION_INTERRUPT_NOTE, StopFlag
     from ..train.trainer import build_model, make_objective
 
+    stop = StopFlag(interrupt_note=EVALUATION_INTERRUPT_NOTE)  # read between batches
     launch = dist_lib.read_launch_env()
     if launch.world_size > 1:
         dist_lib.init_distributed("gloo" if not torch.cuda.is_available() else "auto")
@@ -78,13 +80,14 @@ def run(args) -> int:
     objective = make_objective(cfg, tokenizer)
     # only read: a run's checkpoint is consolidated in memory by each rank, not exported into it
     cfg.checkpoint.init_from = resolve_init(str(model_path), "--model")
-    log = print if launch.rank == 0 else (lambda *a: None)
+    log = print if launch.rank == 0 else (lambda *a, **k: None)
     model = build_model(cfg, log, objective, trained_heads=True)
     device = dist_lib.device() if launch.world_size > 1 else (
         torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
     model.to(device)
     evaluator = objective.evaluator_for(args.split, log)
-    metrics = evaluator(model, device)
+    log(f"evaluating {args.task} on {len(evaluator.examples)} examples", flush=True)
+    metrics = evaluator(model, device, stop)
     records = gather_records(evaluator.records)
     if launch.rank == 0:
         print(f"{args.split}: {evaluator.headline(metrics)}")

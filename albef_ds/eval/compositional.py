@@ -88,14 +88,16 @@ def pick_accuracy(scores: Sequence[torch.Tensor], truth: Sequence[int]) -> float
 @torch.no_grad()
 def score_candidates(model, data: CompositionalSet, load_images: Callable[[Sequence[int]], torch.Tensor],
                      tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]],
-                     device: torch.device = torch.device("cpu"), batch_size: int = 64
+                     device: torch.device = torch.device("cpu"), batch_size: int = 64, stop=None
                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Per image, the ITC and the ITM score of each of its candidates (CPU; float32, float64
-    for a float64 model)."""
+    for a float64 model). ``stop``: a StopFlag, read between batches."""
     model.eval()
     dtype = next(model.parameters()).dtype
     itc, itm = [], []
     for c in chunks(len(data), batch_size):
+        if stop is not None:
+            stop.raise_if_requested(f"the compositional test ({c.start} of {len(data)} images done)")
         image_embeds = model.encode_image(load_images(c).to(device, dtype))
         image_feat = model.image_feat(image_embeds)
         texts = [t for i in c for t in data.captions[i]]
@@ -117,11 +119,11 @@ def score_candidates(model, data: CompositionalSet, load_images: Callable[[Seque
 
 def evaluate_compositional(model, data: CompositionalSet, load_images: Callable[[Sequence[int]], torch.Tensor],
                            tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]],
-                           device: torch.device = torch.device("cpu"), batch_size: int = 64) -> dict:
+                           device: torch.device = torch.device("cpu"), batch_size: int = 64, stop=None) -> dict:
     """``{"itc_acc", "itm_acc", "chance", "n", "num_candidates", "itc_vs_<kind>",
     "itm_vs_<kind>", "pair_chance"}`` of ``model`` (an ALBEF) on ``data``; accuracies in %.
     ``load_images(indices)`` and ``tokenize(texts)`` as for retrieval (eval/io.py make_io)."""
-    itc, itm = score_candidates(model, data, load_images, tokenize, device, batch_size)
+    itc, itm = score_candidates(model, data, load_images, tokenize, device, batch_size, stop)
     truth = [k.index(TRUE) for k in data.kinds]
     n_cand = [len(k) for k in data.kinds]
     out = {"n": len(data), "num_candidates": max(n_cand),

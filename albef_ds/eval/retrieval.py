@@ -169,11 +169,13 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
              tokenize: Callable[[Sequence[str]], tuple[torch.Tensor, torch.Tensor]],
              k_test: int, batch_size: int = 64, rank: int = 0, world_size: int = 1,
              all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
-             device: torch.device = torch.device("cpu"), progress: bool = False) -> dict:
+             device: torch.device = torch.device("cpu"), progress: bool = False, stop=None) -> dict:
     """Retrieval metrics of ``model`` (an ALBEF) on ``split``: ITC alone (``itc_*`` keys),
     after ITM re-ranking of the top ``k_test`` (``itm_*``: the paper's), and re-ranked by
     :func:`itm_plus_itc` (``itm_itc_*``: the same ITM forward passes). ``all_reduce`` sums
-    a tensor over ranks (None in one process)."""
+    a tensor over ranks (None in one process). ``stop``: a StopFlag
+    (albef_ds/train/stop.py), read between batches: a signal ends the evaluation there
+    (``Interrupted``)."""
     from tqdm import tqdm
 
     model.eval()
@@ -185,7 +187,11 @@ def evaluate(model, split: RetrievalSplit, load_images: Callable[[Sequence[int]]
     def mine(parts):
         return [c for j, c in enumerate(parts) if j % world_size == rank]
 
-    bar = lambda it, desc: tqdm(it, desc=desc, disable=not (progress and rank == 0), leave=False)  # noqa: E731
+    def bar(chunk_list, desc: str):
+        for c in tqdm(chunk_list, desc=desc, disable=not (progress and rank == 0), leave=False):
+            if stop is not None:
+                stop.raise_if_requested(f"the retrieval evaluation ({desc})")
+            yield c
 
     # Encode, each rank its chunks; a sum over ranks assembles the full tensors.
     ids, mask = tokenize(split.texts)

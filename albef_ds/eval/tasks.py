@@ -32,7 +32,9 @@ class TaskEvaluator:
         return (f"{self.name} accuracy {100 * values['acc']:.2f} % on {values['n']}{groups} "
                 f"(chance {100 * values['chance']:.2f} %)")
 
-    def __call__(self, model, device: torch.device) -> dict:
+    def __call__(self, model, device: torch.device, stop=None) -> dict:
+        """``stop``: a StopFlag (albef_ds/train/stop.py), read between chunks (``albef-ds
+        eval``); a run's own evaluation leaves it out and stops at its next step instead."""
         from ..distributed import all_reduce_sum
         rank = dist.get_rank() if dist.is_initialized() else 0
         world = dist.get_world_size() if dist.is_initialized() else 1
@@ -43,6 +45,8 @@ class TaskEvaluator:
         for j, start in enumerate(starts):
             if j % world != rank:
                 continue
+            if stop is not None:
+                stop.raise_if_requested(f"the {self.name} evaluation ({start} of {len(self.examples)} examples done)")
             chunk = self.examples[start:start + self.batch_size]
             batch = self.collate([self.load(e, None) for e in chunk])
             self.records += self.score(model, batch, device)

@@ -38,15 +38,29 @@ def _start_resource_tracker_deaf_to_sigusr1() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+#: what a first Ctrl-C prints while training
+TRAINING_INTERRUPT_NOTE = "SIGINT: stopping at the next step with a checkpoint (Ctrl-C again to end now without one)"
+#: ... and while evaluating (:meth:`StopFlag.raise_if_requested` between batches)
+EVALUATION_INTERRUPT_NOTE = "SIGINT: stopping after the current batch (Ctrl-C again to end now)"
+
+
 class StopFlag:
     """Set by a signal on any rank; all ranks learn of it at the same step. Created first
     thing, so that a signal during the start-up asks for a stop too (the default action of
-    SIGUSR1 would end the rank without a word)."""
+    SIGUSR1 would end the rank without a word).
 
-    def __init__(self, handle_signals: bool = True):
+    ``signal_name`` is the first signal received, the one the user or the scheduler sent: a
+    launcher passes its own on after it (the deepspeed launcher answers the terminal's
+    SIGINT by sending every rank SIGTERM, milliseconds after the SIGINT reached them too).
+    An evaluation, which has no step to stop at, calls :meth:`raise_if_requested` between
+    its batches."""
+
+    def __init__(self, handle_signals: bool = True, interrupt_note: str = TRAINING_INTERRUPT_NOTE):
         self.requested = False
         self.signal_name = None
+        self.first_at = None  # time.monotonic() of the first signal
         self._first_interrupt = None  # time.monotonic() of the first SIGINT
+        self._interrupt_note = (interrupt_note + "\n").encode()
         if not handle_signals:  # a flag only set by hand (the bench times the check alone)
             return
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
@@ -62,10 +76,20 @@ class StopFlag:
             if first is None:
                 self._first_interrupt = now
                 # os.write: print() from a handler can re-enter a write already in progress
-                os.write(2, b"SIGINT: stopping at the next step with a checkpoint "
-                            b"(Ctrl-C again to end now without one)\n")
+                os.write(2, self._interrupt_note)
         self.requested = True
-        self.signal_name = signal.Signals(signum).name
+        if self.signal_name is None:
+            self.signal_name, self.first_at = signal.Signals(signum).name, now
+
+    def raise_if_requested(self, during: str) -> None:
+        """Between an evaluation's batches: :class:`albef_ds.errors.Interrupted` once a signal
+        came (``during``: what was being evaluated). Each rank reads its own flag (the ranks
+        hold different numbers of batches, so no collective can agree on it): a launcher or
+        scheduler signals every rank, and one that stops alone ends the job through it."""
+        if self.requested:
+            from ..errors import Interrupted
+            raise Interrupted(self.signal_name, f"stopped by {self.signal_name} during {during}: no result written; "
+                                                f"rerun the same command to evaluate")
 
     def agreed(self, device: torch.device) -> bool:
         flag = torch.tensor([1.0 if self.requested else 0.0], device=device)

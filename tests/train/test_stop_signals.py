@@ -29,4 +29,28 @@ def test_sigterm_and_sigusr1_only_ask_for_the_checkpoint(monkeypatch):
     for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGTERM):
         clock[0] += 10
         flag._handler(sig, None)
-    assert flag.requested and flag.signal_name == "SIGTERM"
+    assert flag.requested and flag.signal_name == "SIGUSR1"  # the first: why the run stops
+
+
+def test_the_stop_names_the_signal_received_first_not_the_launchers_copy(monkeypatch, capfd):
+    """Ctrl-C under the deepspeed launcher: the terminal's SIGINT reaches every rank, and the
+    launcher, which got it too, sends each rank SIGTERM milliseconds later. The stop line
+    named SIGTERM, a signal the user never sent."""
+    clock = [50.0]
+    monkeypatch.setattr(stop.time, "monotonic", lambda: clock[0])
+    flag = stop.StopFlag(handle_signals=False)
+    flag._handler(signal.SIGINT, None)
+    clock[0] += 0.005
+    flag._handler(signal.SIGTERM, None)
+    assert flag.signal_name == "SIGINT" and flag.first_at == 50.0
+    assert capfd.readouterr().err.count("SIGINT: stopping") == 1
+
+
+def test_an_evaluation_reads_the_flag_between_batches_and_ends_with_the_signals_status():
+    from albef_ds.errors import Interrupted
+    flag = stop.StopFlag(handle_signals=False, interrupt_note=stop.EVALUATION_INTERRUPT_NOTE)
+    flag.raise_if_requested("nothing yet")  # no signal: goes on
+    flag._handler(signal.SIGTERM, None)
+    with pytest.raises(Interrupted, match="stopped by SIGTERM during the test: no result written") as e:
+        flag.raise_if_requested("the test")
+    assert e.value.exit_status == 128 + signal.SIGTERM
