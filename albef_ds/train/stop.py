@@ -38,6 +38,13 @@ def _start_resource_tracker_deaf_to_sigusr1() -> None:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
+#: A launcher's own process in the terminal dies of the same Ctrl-C with a KeyboardInterrupt
+#: traceback of its own (deepspeed/launcher/runner.py waits on its child with no handler;
+#: nothing in a rank can change that), printed 0.2 s after the keypress (measured, 2 cores).
+#: A run stopped by SIGINT under such a launcher says its last line no earlier than this
+#: long after the keypress, so that the line is read after that traceback, not inside it.
+LAUNCHER_TRACEBACK_S = 1.0
+
 #: what a first Ctrl-C prints while training
 TRAINING_INTERRUPT_NOTE = "SIGINT: stopping at the next step with a checkpoint (Ctrl-C again to end now without one)"
 #: ... and while evaluating (:meth:`StopFlag.raise_if_requested` between batches)
@@ -75,11 +82,19 @@ class StopFlag:
                 raise KeyboardInterrupt("a second Ctrl-C: ended without a checkpoint")
             if first is None:
                 self._first_interrupt = now
-                # os.write: print() from a handler can re-enter a write already in progress
-                os.write(2, self._interrupt_note)
+                if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
+                    # os.write: print() from a handler can re-enter a write already in progress
+                    os.write(2, self._interrupt_note)
         self.requested = True
         if self.signal_name is None:
             self.signal_name, self.first_at = signal.Signals(signum).name, now
+
+    def wait_out_launcher_traceback(self, launcher: str) -> None:
+        """Before a stopped run's last line: under the deepspeed launcher or torchrun, and when
+        the first signal was the terminal's SIGINT, wait until :data:`LAUNCHER_TRACEBACK_S`
+        after it (at most that long; a checkpoint save usually took longer already)."""
+        if self.signal_name == "SIGINT" and launcher == "deepspeed/torchrun" and self.first_at is not None:
+            time.sleep(max(0.0, self.first_at + LAUNCHER_TRACEBACK_S - time.monotonic()))
 
     def raise_if_requested(self, during: str) -> None:
         """Between an evaluation's batches: :class:`albef_ds.errors.Interrupted` once a signal

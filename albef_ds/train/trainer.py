@@ -418,6 +418,7 @@ class _Run:
     def __init__(self, cfg: Config, launch, resume: str, eval_each_epoch: bool, keep_best: bool):
         from ..tokenizer import load_tokenizer
         self.cfg, self.launch, self.keep_best, self.eval_each_epoch = cfg, launch, keep_best, eval_each_epoch
+        self.resume = resume
         self.threads = threads_lib.apply(launch.local_world_size, cfg.data.num_workers)
         is_main = launch.rank == 0
         self.log = log = print if is_main else (lambda *a, **k: None)
@@ -475,6 +476,7 @@ class _Run:
             from tqdm import tqdm
             self.bar = tqdm(total=total, initial=t.step, desc=objective.name, unit="step", dynamic_ncols=True)
         self.stopped = False
+        self.stop_flag = None  # the StopFlag the run stopped on (its first signal is named at the end)
         self.t_log, self.pairs_since_log, self.steps_since_log = time.time(), 0, 0
         self.t_start, self.step_start = self.t_log, t.step  # for the ETA
         dist_lib.TRAFFIC.take()  # start-up collectives are not a step's
@@ -501,12 +503,19 @@ class _Run:
         if saved:
             t.save(self.ckpt, self.loader)
         if t.step < t.total_steps and stop(t.step, t.device):
-            self.stopped = True
+            self.stopped, self.stop_flag = True, stop.flag
             if not saved:
                 t.save(self.ckpt, self.loader)
-            self.log(f"stop requested ({stop.flag.signal_name or 'another rank'}): checkpoint at step {t.step} "
-                     f"committed")
         return self.stopped
+
+    def stop_line(self) -> str:
+        """The last line of a run stopped by a signal: which signal (the first this rank
+        received; "another rank" when only another did), the committed step, how to resume."""
+        flag = self.stop_flag
+        how = ("rerun the same command to resume" if self.resume == "auto" else
+               "rerun it with --resume auto (and without --overwrite) to resume")
+        return (f"stop requested ({getattr(flag, 'signal_name', None) or 'another rank'}): checkpoint at step "
+                f"{self.trainer.step} committed; {how}")
 
     def _log_line(self) -> None:
         t = self.trainer
@@ -561,4 +570,8 @@ class _Run:
         if self.launch.local_rank == 0:
             from ..data import shm
             shm.release(self.run_dir)
+        if self.stopped:  # the last line the rank prints: after everything, and after a launcher's traceback
+            if hasattr(self.stop_flag, "wait_out_launcher_traceback"):
+                self.stop_flag.wait_out_launcher_traceback(self.launch.launcher)
+            self.log(self.stop_line(), flush=True)
         return EXIT_PREEMPTED if self.stopped else 0

@@ -54,3 +54,55 @@ def test_an_evaluation_reads_the_flag_between_batches_and_ends_with_the_signals_
     with pytest.raises(Interrupted, match="stopped by SIGTERM during the test: no result written") as e:
         flag.raise_if_requested("the test")
     assert e.value.exit_status == 128 + signal.SIGTERM
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_the_deepspeed_launcher_ends_with_the_stop_line_naming_sigint(synth_data, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group: the launcher's two processes and the
+    ranks). The launcher's own main process dies of it with a KeyboardInterrupt traceback
+    (deepspeed/launcher/runner.py: not ours to silence) and its launch process sends every
+    rank SIGTERM; the stop line used to say SIGTERM and come out inside that traceback. Now
+    it names SIGINT, says how to resume, and comes after the traceback; after it only the
+    launcher's own closing log lines."""
+    import os
+    import subprocess
+    import time
+
+    from tests.support.launch import albef_command, env
+    from tests.support.runs import pretrain_args
+    data, tok = synth_data
+    run = tmp_path / "run"
+    cmd = albef_command(2, pretrain_args(run, data, tok, 2, 200, ["--set", "checkpoint.every_steps=1000"]),
+                        launcher="deepspeed")
+    proc = subprocess.Popen(cmd, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line.rstrip("\n"))
+            if line.startswith("step ") and " 1/200 " in line:
+                os.killpg(proc.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    out = "\n".join(lines)
+    stops = [i for i, line in enumerate(lines) if line.startswith("stop requested (")]
+    assert len(stops) == 1, out[-4000:]
+    line = lines[stops[0]]
+    assert line.startswith("stop requested (SIGINT): checkpoint at step ") and \
+        line.endswith(" committed; rerun the same command to resume"), line
+    assert "(SIGTERM)" not in out and out.count("SIGINT: stopping at the next step") == 1, out[-4000:]
+    if "KeyboardInterrupt" in out:  # the launcher's: printed before the line, not around it
+        assert max(i for i, x in enumerate(lines) if x.startswith("KeyboardInterrupt")) < stops[0], out[-4000:]
+    assert all("[launch.py:" in x for x in lines[stops[0] + 1:] if x.strip()), out[-4000:]
+    step = int(line.split("checkpoint at step ")[1].split()[0])
+    assert (run / "checkpoints" / "latest").read_text() == f"step_{step:08d}"
+    # nothing left running (a rank's resource tracker ends a moment after its rank)
+    deadline = time.monotonic() + 10
+    while (left := subprocess.run(["ps", "-o", "pid=,args=", "-s", str(proc.pid)], capture_output=True, check=False,
+                                  text=True).stdout.strip()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not left, left
+    print(out[out.index("SIGINT: stopping"):])
