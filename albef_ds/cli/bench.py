@@ -125,8 +125,9 @@ CUDA_ONLY = {"model.fp8"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import add_overrides
     p.add_argument("--config", required=True, help="YAML config or preset name")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_overrides(p, "override a value of the timed config (repeatable)")
     p.add_argument("--data", action="store_true",
                    help="time the Trainer on the first batch of data.train_dirs (default: a synthetic batch)")
     p.add_argument("--engine-free", action="store_true",

@@ -51,11 +51,13 @@ WARM_TEST_IMAGES = 200
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import add_overrides
     p.add_argument("--out", default="runs/demo", help="working directory (data, tokenizer, run)")
     p.add_argument("--config", default="tiny", help="model/training config (default: tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_overrides(p, "override a value of the pretraining config (repeatable)")
     p.add_argument("--seed", type=int, default=0, help="seed of the data and the training")
-    p.add_argument("--train-pairs", type=int, default=DEFAULT_TRAIN_PAIRS)
+    p.add_argument("--train-pairs", type=int, default=DEFAULT_TRAIN_PAIRS,
+                   help="synthetic image-caption pairs generated for pretraining (default: %(default)s)")
     p.add_argument("--test-images", type=int, default=None,
                    help=f"test split size (default: {DEFAULT_TEST_IMAGES}; {WARM_TEST_IMAGES} with --warm-start)")
     p.add_argument("--steps", type=int, default=None,

@@ -27,9 +27,10 @@ from ..errors import UsageError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import add_overrides
     p.add_argument("--model", default=None, help="export dir, run dir, checkpoint dir, or ALBEF .pth (with --config)")
     p.add_argument("--config", default=None, help="config for a .pth or --untrained model, or overrides' base")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_overrides(p, "override a value of the model's saved config (repeatable), e.g. --set eval.k_test=64")
     p.add_argument("--untrained", action="store_true", help="evaluate a randomly initialised model")
     p.add_argument("--split", required=True, help="retrieval JSON: [{image, caption: [...]}, ...]")
     p.add_argument("--image-root", default=None, help="directory image paths are relative to "

@@ -28,10 +28,11 @@ EVAL_TASKS = ("ve", "nlvr2", "vqa", "grounding")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import add_overrides
     p.add_argument("--task", required=True, choices=EVAL_TASKS, help="downstream task")
     p.add_argument("--model", required=True, help="export dir, run dir, checkpoint dir, or weights file (with --config)")
     p.add_argument("--config", default=None, help="config (default: the export's or run's config.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    add_overrides(p, "override a value of the model's saved config (repeatable)")
     p.add_argument("--split", required=True, help="annotation JSON of the split to evaluate")
     p.add_argument("--out", default=None, help="directory for metrics.json, results.json (and heatmaps/)")
     p.add_argument("--heatmaps", type=int, default=0, metavar="N",

@@ -24,14 +24,15 @@ TASKS = {"retrieval": ("retrieval", True), "ve": ("ve", True), "nlvr2": ("nlvr2"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import add_overrides, add_run_dir
     p.add_argument("--task", default="retrieval", choices=sorted(TASKS),
                    help="downstream task (default: retrieval); nlvr_ta: NLVR2's text-assignment stage "
                         "on pretraining pairs")
     p.add_argument("--config", required=True, help="YAML config or preset name")
     p.add_argument("--init", required=True, help="pretrained weights: an export directory (model.pt), "
                                                  "a run/checkpoint directory, or a reference ALBEF .pth")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE")
-    p.add_argument("--run-dir", default=None)
+    add_overrides(p)
+    add_run_dir(p)
     p.add_argument("--resume", default=None, help="'auto' (default: the latest complete checkpoint of this "
                                                   "fine-tuning run, if any), 'none', or a checkpoint directory")
     from .pretrain import add_overwrite_argument

@@ -47,13 +47,13 @@ PARTS = ("kill_resume", "fp16", "trainer_step", "switches", "largest_batch")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import add_overrides
     p.add_argument("--out", default="gpu_check", help="folder for gpu_check.json, gpu_check.md and the runs")
     p.add_argument("--dry-run", action="store_true",
                    help="the CPU-sized version of every part (automatic without CUDA)")
     p.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(PARTS)}")
     p.add_argument("--config", default=None, help="the timed step's config (default: albef-base; dry run: tiny)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override for the timed step's config")
+    add_overrides(p, "override a value of the timed step's config (repeatable)")
     p.add_argument("--batches", default=None, help="comma-separated batches timed (default 64,128; dry run 4)")
     p.add_argument("--max-batch", type=int, default=None, help="where the doubling search stops (default 1024)")
     p.add_argument("--budget-s", type=float, default=None,

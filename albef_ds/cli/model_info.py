@@ -9,9 +9,9 @@ from ..model_info import (analytic_flops, analytic_flops_table, build_meta_model
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import add_overrides
     p.add_argument("--config", required=True, help="YAML config or preset name (tiny, albef-base)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable)")
+    add_overrides(p)
     p.add_argument("--text-len", type=int, default=None,
                    help="tokens per caption for the FLOP count (default: data.max_tokens)")
     p.add_argument("--batch", type=int, default=None,

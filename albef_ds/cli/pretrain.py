@@ -15,13 +15,13 @@ import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .options import add_overrides, add_run_dir
     p.add_argument("--config", required=True, help="YAML config or preset name (tiny, mid, albef-base)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a config value (repeatable), e.g. --set train.max_steps=100")
+    add_overrides(p)
     p.add_argument("--resume", default=None,
                    help="'auto' (latest complete checkpoint in the run dir), 'none', or a checkpoint "
                         "directory; default: checkpoint.resume from the config")
-    p.add_argument("--run-dir", default=None, help="shortcut for --set logging.run_dir=DIR")
+    add_run_dir(p)
     add_overwrite_argument(p)
 
 
