@@ -390,6 +390,8 @@ def test_the_task_page_commands_run(tmp_path, synth_data):
     ws = tmp_path / "ws"
     ws.mkdir()
     inputs_task_pages(ws, *synth_data)
-    run_chain("task_pages", ws)
+    out = run_chain("task_pages", ws)
+    done = out[r"albef-ds finetune --task vqa --config albef-base"].splitlines()[-1]
+    assert done.startswith("done: 2 steps;") and "TensorBoard" not in done, done  # logging.tensorboard=false
     assert (ws / "data" / "refcoco+_val_boxes.json").is_file()
     assert (ws / "runs" / "vqa" / "test" / "results.json").is_file()

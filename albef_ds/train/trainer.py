@@ -561,8 +561,10 @@ class _Run:
             self.bar.close()
         if t.step >= t.total_steps and t.rank == 0:
             (self.run_dir / DONE_MARKER).write_text(str(t.step))
+            board = (f", TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}"
+                     if self.trainer.cfg.logging.tensorboard else "")  # none written: none named
             self.log(f"done: {t.step} steps; checkpoints in {self.ckpt.dir}, metrics in "
-                     f"{self.run_dir / 'metrics.jsonl'}, TensorBoard: tensorboard --logdir {self.run_dir / 'tensorboard'}")
+                     f"{self.run_dir / 'metrics.jsonl'}{board}")
         if watchdog is not None:
             watchdog.stop()  # before the last barrier: after it rank 0 may exit, taking the store along
         dist_lib.barrier()
