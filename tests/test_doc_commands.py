@@ -21,14 +21,12 @@ A command added to a document without a recipe fails :func:`test_every_command_h
 """
 from __future__ import annotations
 
-import http.server
 import json
 import pickle
 import re
 import shlex
 import shutil
 import subprocess
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +34,7 @@ import pytest
 
 import tests.support.formats as F
 from tests.support.launch import REPO, env, in_process, synth_tasks
+from tests.support.web import serving
 
 DOCUMENTS = ("README.md", "docs/tasks.md")
 
@@ -333,40 +332,25 @@ def inputs_task_pages(ws: Path, data: Path, tok: Path):
 
 
 @pytest.fixture
-def web_server(tmp_path):
-    """A quiet http.server on 127.0.0.1 serving tmp_path/www: (folder, base URL)."""
-    root = tmp_path / "www"
-    root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(root), **kw)
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+def ws(tmp_path):
+    """The chain's workspace: the current directory of its commands."""
+    (tmp_path / "ws").mkdir()
+    return tmp_path / "ws"
 
 
 @pytest.mark.slow
-def test_the_readme_data_commands_run(tmp_path, web_server):
+def test_the_readme_data_commands_run(ws, tmp_path):
     pytest.importorskip("img2dataset")
-    ws = tmp_path / "ws"
-    ws.mkdir()
-    inputs_data(ws, web_server[1], web_server[0])
-    out = run_chain("data", ws)
+    (tmp_path / "www").mkdir()
+    with serving(tmp_path / "www") as base:
+        inputs_data(ws, base, tmp_path / "www")
+        out = run_chain("data", ws)
     assert (ws / "shards" / "cc3m" / "index.json").is_file() and (ws / "tokenizer" / "vocab.txt").is_file()
     assert "4" in out[r"albef-data download Train_GCC-training\.tsv"]
 
 
 @pytest.mark.slow
-def test_the_readme_pretraining_evaluation_and_tool_commands_run(tmp_path, synth_data):
-    ws = tmp_path / "ws"
-    ws.mkdir()
+def test_the_readme_pretraining_evaluation_and_tool_commands_run(ws, synth_data):
     inputs_pretrain(ws, *synth_data)
     out = run_chain("pretrain", ws)
     # the README's retrieval fine-tuning names no tokenizer: its --init run's is used, and said
@@ -378,17 +362,13 @@ def test_the_readme_pretraining_evaluation_and_tool_commands_run(tmp_path, synth
 
 
 @pytest.mark.slow
-def test_the_readme_demo_and_task_commands_run(tmp_path):
-    ws = tmp_path / "ws"
-    ws.mkdir()
+def test_the_readme_demo_and_task_commands_run(ws):
     run_chain("tasks", ws)
     assert (ws / "results" / "ve").is_dir() and list((ws / "results" / "grounding").rglob("*.png"))
 
 
 @pytest.mark.slow
-def test_the_task_page_commands_run(tmp_path, synth_data):
-    ws = tmp_path / "ws"
-    ws.mkdir()
+def test_the_task_page_commands_run(ws, synth_data):
     inputs_task_pages(ws, *synth_data)
     out = run_chain("task_pages", ws)
     done = out[r"albef-ds finetune --task vqa --config albef-base"].splitlines()[-1]

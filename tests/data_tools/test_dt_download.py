@@ -5,17 +5,16 @@ reason -> ``albef-data convert`` -> shards whose captions and image bytes are th
 The end-to-end tests need img2dataset (the ``download`` extra, part of ``dev``): without it they
 skip, except under CI where they fail; the URL-list reading and the missing-extra message are
 tested either way."""
-import http.server
 import importlib.util
 import json
 import os
-import threading
 
 import pytest
 
 import tests.support.formats as F
 from data_tools import download as D
 from data_tools.cli import EXIT_NOTHING_KEPT, main
+from tests.support.web import serving
 
 HAVE_IMG2DATASET = importlib.util.find_spec("img2dataset") is not None
 #: under CI (.ci/run sets CI=true; the dev extra installs img2dataset) a missing one fails the tests
@@ -27,23 +26,11 @@ needs_img2dataset = pytest.mark.skipif(
 
 @pytest.fixture
 def server(tmp_path):
-    """A quiet http.server on 127.0.0.1:<free port> serving tmp_path/www."""
+    """(tmp_path/www, the base URL it is served on)."""
     root = tmp_path / "www"
     root.mkdir()
-
-    class Quiet(http.server.SimpleHTTPRequestHandler):
-        def __init__(self, *a, **kw):
-            super().__init__(*a, directory=str(root), **kw)
-
-        def log_message(self, *a):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield root, f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
+    with serving(root) as base:
+        yield root, base
 
 
 def _serve_images(root, base, n=6):
