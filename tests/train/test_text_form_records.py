@@ -5,6 +5,7 @@ written before the setting existed and counts as the legacy form, cls_sep (a wei
 with neither record nor config beside it: the reference release's, cls_only)."""
 import argparse
 import json
+import re
 import shutil
 
 import pytest
@@ -36,14 +37,8 @@ def retrieval_args(model, *overrides, config=None):
     return argparse.Namespace(model=str(model), config=config, overrides=list(overrides), untrained=False)
 
 
-def task_eval_args(model, split, *overrides):
-    """``split``: a file that is there (checked before the model is built) but never read."""
-    return argparse.Namespace(task="ve", model=str(model), config=None, overrides=list(overrides),
-                              split=str(split), out=None, heatmaps=0)
-
-
 def test_the_form_is_recorded_everywhere_and_another_form_is_refused(synth_data, tmp_path):
-    from albef_ds.cli import eval_retrieval, eval_task
+    from albef_ds.cli import eval_retrieval
     data, tok = synth_data
     run = tmp_path / "run"
     call(small_run_args(run, data, tok, steps=2), tmp_path / "train.log")
@@ -77,9 +72,11 @@ def test_the_form_is_recorded_everywhere_and_another_form_is_refused(synth_data,
                                                              f"checkpoint.init_from={init}"]), **quiet)
     build_model(load_saved_config(run / "config.yaml", [f"checkpoint.init_from={init}"]), **quiet)
     # evaluation: a task, retrieval from the run, from albef.pth with a config
-    (tmp_path / "never-read.json").write_text("[]")
-    with pytest.raises(ConfigError, match=BOTH_REVERSED):
-        eval_task.run(task_eval_args(export, tmp_path / "never-read.json", "data.text_form=cls_sep"))
+    # (the command in this process, its stop handlers put back after it: tests/support/launch.py)
+    (tmp_path / "never-read.json").write_text("[]")  # checked before the model is built, never read
+    code, text = call(["eval", "--task", "ve", "--model", str(export), "--split", str(tmp_path / "never-read.json"),
+                       "--set", "data.text_form=cls_sep"], tmp_path / "eval.log", ok=False)
+    assert code == 2 and re.search(BOTH_REVERSED, text.strip().splitlines()[-1]), text[-2000:]
     with pytest.raises(ConfigError, match=BOTH_REVERSED):
         eval_retrieval.load_model(retrieval_args(run, "data.text_form=cls_sep"))
     with pytest.raises(ConfigError, match=BOTH_REVERSED):
