@@ -45,7 +45,8 @@ ARMS = {
     "itm_local": (2, ["model.itm_negatives=local", "train.micro_batch_size=16"]),
 }
 TAKING = Lock()
-COLUMNS = ("txt_r1", "img_r1", "txt_r10", "img_r10", "r_mean", "itc_txt_r1", "itc_img_r1", "itc_r_mean")
+COLUMNS = ("itm_txt_r1", "itm_img_r1", "itm_txt_r10", "itm_img_r10", "itm_r_mean", "itc_txt_r1", "itc_img_r1",
+           "itc_r_mean")
 
 
 def free_port() -> int:

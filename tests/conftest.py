@@ -120,16 +120,15 @@ def demo(tmp_path_factory, worker_id):
     start from it (a demo-sized pretrained checkpoint).
 
     Made once per session: under pytest-xdist by the first worker that asks, in the folder
-    all workers of the session share, under a file lock that the others wait on. The export
-    every ``--init`` of its run reads is made here too, inside the lock (two workers would
-    otherwise write it at once). Users must not write into it, nor read its shards with
+    all workers of the session share, under a file lock that the others wait on. Its run is
+    exported here too (``albef-ds export``), inside the lock: every ``--init`` of the run then
+    reads that export instead of consolidating the checkpoint again. Users must not write into it, nor read its shards with
     streaming while another worker may (streaming refuses a local folder in use by another
     job): tests/objectives/test_tasks_end_to_end.py copies them."""
     import json
 
     from filelock import FileLock
 
-    from albef_ds.train.export import resolve_init
     base = tmp_path_factory.getbasetemp()
     shared = base if worker_id == "master" else base.parent  # (xdist: the session's folder)
     out, done = shared / "demo", shared / "demo.done"
@@ -137,7 +136,7 @@ def demo(tmp_path_factory, worker_id):
         if not done.is_file():
             stdout = run_albef(["demo", "--out", str(out), "--train-pairs", "2000", "--test-images", "100",
                                 "--steps", str(DEMO_STEPS), "--set", "logging.progress_bar=false"])
-            resolve_init(str(out / "run"))
+            run_albef(["export", str(out / "run")])
             (shared / "demo.stdout").write_text(stdout)
             done.write_text("")
     return out, (shared / "demo.stdout").read_text(), json.loads((out / "run" / "retrieval.json").read_text())

@@ -111,6 +111,15 @@ def reclaim(run_dir: str | os.PathLike, shm_dir: Path = SHM_DIR) -> list[str]:
     return removed
 
 
+def _created_by_this_process() -> set[str]:
+    """Names of the shared memory segments that streaming made in this process (the others
+    it attached to); read from its live SharedMemory objects."""
+    import gc
+
+    from streaming.base.shared.memory import SharedMemory
+    return {shm.name for obj in gc.get_objects() if isinstance(obj, SharedMemory) for shm in obj.created_shms}
+
+
 def release(run_dir: str | os.PathLike, failed: bool = False, shm_dir: Path = SHM_DIR) -> None:
     """At the end of the run on this node (its local leader): remove this node's lock files
     and record, which would otherwise pile up one set per job. At a normal end streaming
@@ -127,15 +136,17 @@ def release(run_dir: str | os.PathLike, failed: bool = False, shm_dir: Path = SH
     prefix = int(record["prefix"])
     if failed and _locals_of(prefix, shm_dir) in (record.get("locals"), None):
         from multiprocessing import resource_tracker
+        created_here = _created_by_this_process()
         for name in _segment_names(prefix):
             try:
                 (shm_dir / name).unlink()
             except FileNotFoundError:
                 continue
-            try:
+            # only for a segment this process made: its resource tracker knows no other, and
+            # unregistering one it does not know prints a KeyError traceback at exit (another
+            # rank of the node may have made it: ranks race to create each segment)
+            if name in created_here:
                 resource_tracker.unregister(f"/{name}", "shared_memory")
-            except Exception:  # not registered by this process
-                pass
     for lock in _lock_files(prefix, record.get("lock_root", "/tmp")):
         try:
             os.unlink(lock)

@@ -156,7 +156,7 @@ def test_retrieval_keeps_float64_scores_apart():
         return ids, torch.ones_like(ids)
     m = evaluate(NearTieModel(sims), split, load_images, tokenize, k_test=4, batch_size=3)
     # each image's own caption is ahead of the other's by eps: right at rank 1 (a tie counts against)
-    assert m["itc_txt_r1"] == m["txt_r1"] == m["itm_itc_txt_r1"] == 100.0
+    assert m["itc_txt_r1"] == m["itm_txt_r1"] == m["itm_itc_txt_r1"] == 100.0
 
 
 # ----------------------------------------------------------------------------- Grad-CAM

@@ -53,11 +53,13 @@ def small_run_args(run_dir, data: Path, tok: Path, *extra: str, steps: int = 6) 
 
 
 def per_step(run_dir: Path) -> dict:
-    """step -> the last metrics line logged at it (a resumed run appends)."""
+    """step -> the last metrics line logged at it (a resumed run appends; its marker row,
+    ``event: resume``, is no step's metrics)."""
     out = {}
     for line in (run_dir / "metrics.jsonl").read_text().splitlines():
         row = json.loads(line)
-        out[row["step"]] = row
+        if "event" not in row:
+            out[row["step"]] = row
     return out
 
 
