@@ -230,6 +230,9 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
+    #: the training engine: "deepspeed" (ZeRO 1-3, the ds_config below) or another name
+    #: registered in albef_ds/train/engines/base.py (ENGINES); docs/design.md says which to choose
+    engine: str = "deepspeed"
     #: a DeepSpeed JSON file, or the name of a shipped one (ds_configs/: zero2_bf16, zero3_bf16,
     #: zero2_fp32, ...); values this config owns are filled in.
     ds_config: str = "zero2_bf16"

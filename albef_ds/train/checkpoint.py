@@ -203,15 +203,17 @@ def check_resumable(tag_dir: Path, meta: dict, cfg, world_size: int, tokenizer=N
     if not problems and digest and meta.get("vocabulary_sha256") not in (None, digest):
         problems.append(f"data.tokenizer: the vocabulary of {cfg.data.tokenizer} differs from the one the "
                         f"checkpoint was trained with ({meta.get('tokenizer')}), though of the same size")
-    from .backend import load_ds_config, precision_of
-    ds = load_ds_config(cfg, world_size)
-    stage, precision = ds.get("zero_optimization", {}).get("stage", 0), precision_of(ds)
-    for what, saved_value, value in (("ZeRO stage", meta.get("zero_stage"), stage),
-                                     ("precision", meta.get("precision"), precision)):
-        if saved_value not in (None, value):
-            problems.append(f"{what} {saved_value} in the checkpoint, {value} here (distributed.ds_config / "
-                            f"distributed.zero_stage / train.precision: DeepSpeed loads a checkpoint into the "
-                            f"stage and precision that wrote it)")
+    from .engines import engine_class
+    engine_name = getattr(getattr(cfg, "distributed", None), "engine", "deepspeed")
+    saved_engine = meta.get("engine", "deepspeed")  # records older than the engine key: DeepSpeed's
+    if saved_engine == engine_name:  # (another engine: refused below, with the config key)
+        engine = engine_class(engine_name)
+        here = engine.record(cfg, world_size)
+        for key, value in here.items():
+            saved_value = meta.get(key)
+            if saved_value not in (None, value):
+                what = key.replace("zero_stage", "ZeRO stage")
+                problems.append(f"{what} {saved_value} in the checkpoint, {value} here ({engine.record_reason})")
     applied, refused = classify_changes(meta.get("config") or {}, cfg)
     # (shapes and the text form are named above, with more to say)
     said = tuple(f"model.{k}:" for k in SHAPE_KEYS) + ("data.text_form:",)
@@ -427,10 +429,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
     def prepare_universal(self, tag_dir: Path, record: dict) -> Path:
-        """A universal checkpoint (DeepSpeed's ds_to_universal) of ``tag_dir`` for this world
-        size, in this run's ``checkpoints/universal/<tag>``: reused only when it was made
+        """What this world size loads of ``tag_dir``, written by another: ``tag_dir`` itself
+        where the engine that wrote it loads on any world size (its ``convert_for_world`` is
+        None); otherwise its conversion (DeepSpeed's ds_to_universal: a universal checkpoint)
+        in this run's ``checkpoints/universal/<tag>``: reused only when it was made
         from this very checkpoint (its ``checkpoint_id``) and completed; otherwise rebuilt in
         a temporary folder and renamed. Rank 0 converts; an error reaches every rank."""
+        from .engines import engine_class
+        convert = engine_class(record.get("engine", "deepspeed")).convert_for_world
+        if convert is None:
+            return tag_dir
         root = self.dir / UNIVERSAL_DIR
         out = root / tag_dir.name
         error = None
@@ -448,8 +456,7 @@ class CheckpointManager:
                     for leftover in root.glob(".*.tmp*"):  # interrupted conversions
                         shutil.rmtree(leftover, ignore_errors=True)
                     tmp = root / f".{tag_dir.name}.tmp{os.getpid()}"
-                    from .backend import to_universal
-                    to_universal(tag_dir, tmp)
+                    convert(tag_dir, tmp)
                     atomic_write(tmp / UNIVERSAL_SOURCE, json.dumps(
                         {"checkpoint_id": record["checkpoint_id"], "source": str(tag_dir)}), durable=True)
                     shutil.rmtree(out, ignore_errors=True)
