@@ -45,8 +45,9 @@ class MomentumEMA:
 
     def _init_master(self, dst: list) -> None:
         src, _ = self._storages()
-        for name, s, d in zip(self.names, src, dst):
-            if s.numel() != d.numel() or d.numel() == 0:
+        for name, s, d, kind in zip(self.names, src, dst, self.kinds):
+            # (a partition may be empty: FSDP2 gives the last ranks no rows of a tensor with few)
+            if s.numel() != d.numel() or (d.numel() == 0 and kind == "full"):
                 raise RuntimeError(f"EMA of {name}: online storage has {s.numel()} elements, "
                                    f"momentum storage {d.numel()}")
         # fp32 at least (a bf16 EMA rounds m = 0.995 updates away); a float64 model keeps float64

@@ -36,6 +36,7 @@ import torch
 #: so a run imports only its own engine's library)
 ENGINES = {
     "deepspeed": "albef_ds.train.engines.deepspeed:DeepSpeedEngine",
+    "fsdp2": "albef_ds.train.engines.fsdp2:FSDP2Engine",
 }
 
 
