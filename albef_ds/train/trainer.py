@@ -200,7 +200,8 @@ class Trainer:
         momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
         if saved_world != self.world:
             self.ema.load_full(assemble_full(momentum, ckpt_lib.momentum_partitions(tag_dir)))
-            self.log(f"resumed from {tag_dir} (world {saved_world} -> {self.world}, universal)")
+            how = "universal" if self.engine.convert_for_world is not None else "resharded on load"
+            self.log(f"resumed from {tag_dir} (world {saved_world} -> {self.world}, {how})")
         else:
             mine = ckpt_lib.read(tag_dir / ckpt_lib.rank_file_name(self.rank))
             self.ema.load(momentum, mine["ema_partitions"])
