@@ -238,3 +238,25 @@ def test_itm_lr_scale_gives_the_itm_path_its_own_rate_through_the_schedule():
     rates = {(s, round(pg["lr"] / 1e-3, 9)) for s, pg in zip(is_scaled, opt.param_groups)}
     (plain,), (fast,) = {r for s, r in rates if not s}, {r for s, r in rates if s}
     assert fast == pytest.approx(5 * plain) and plain < 1.0  # the schedule moved both alike
+
+
+def test_an_unknown_engine_is_refused_naming_the_key_and_the_choices():
+    from albef_ds.config import ConfigError
+    from albef_ds.train.engines import ENGINES, engine_class
+    with pytest.raises(ConfigError, match=r"config key 'distributed.engine': unknown engine 'megatron'; "
+                                          r"choose one of deepspeed, fsdp2"):
+        engine_class("megatron")
+    assert sorted(ENGINES) == ["deepspeed", "fsdp2"]
+    assert engine_class("fsdp2").name == "fsdp2" and engine_class("deepspeed").name == "deepspeed"
+
+
+def test_every_engine_answers_the_whole_protocol():
+    """What the Trainer, EMA, checkpoint manager and export call, on each registered class."""
+    from albef_ds.train.engines import ENGINES, Engine, engine_class
+    wanted = [n for n in vars(Engine) if not n.startswith("_")] + \
+        ["record", "record_reason", "convert_for_world", "consolidated_fp32_state", "release_local"]
+    for name in ENGINES:
+        cls = engine_class(name)
+        missing = [n for n in wanted if n not in ("module", "dtype", "precision", "optimizer_name")
+                   and not hasattr(cls, n)]
+        assert missing == [], (name, missing)
