@@ -4,7 +4,9 @@ verified before anything is loaded from them.
 Layout under ``RUN_DIR/checkpoints``::
 
     step_00000200/               a complete checkpoint (renamed from .partial: the commit)
-        (DeepSpeed's files)      module states (rank 0), ZeRO partitions (one per rank)
+        (the engine's files)     DeepSpeed: module states (rank 0), ZeRO partitions (one per
+                                 rank); FSDP2: DCP shards __<rank>_0.distcp, .metadata and
+                                 fsdp2_client.pt (rank 0: client state, schedule)
         albef_momentum.pt        fp32 momentum master of the parameters held whole: once
         albef_rank00000.pt       per rank: RNG states, its ZeRO-3 partitions of the master
         albef_queue_pool00000.pt per negatives pool: its queues and pointer
@@ -14,8 +16,9 @@ Layout under ``RUN_DIR/checkpoints``::
     latest                       the tag of the newest complete checkpoint
 
 **The commit record** (``albef_meta.json``, written last, then the folder renamed): the
-step, world size, ZeRO stage, negatives pools, the momentum master's partition layout,
-the config the checkpoint was trained with, a random ``checkpoint_id``, and every file's
+step, world size, engine and what it must match (DeepSpeed: ZeRO stage and precision),
+negatives pools, the momentum master's partition layout, the config the checkpoint was
+trained with, a random ``checkpoint_id``, and every file's
 size and CRC-32. Every rank fsyncs the files it checksummed before the record is written;
 rank 0 fsyncs the record and the folders around the rename.
 
@@ -26,7 +29,8 @@ share of the files. ``--resume auto`` takes the newest checkpoint that passes, p
 one line per checkpoint skipped (the file and the reason); a checkpoint asked for by path
 that fails is refused with that line. Nothing is written before that.
 
-**Derived state is keyed.** A universal conversion (resume on another world size) is
+**Derived state is keyed.** A universal conversion (DeepSpeed's resume on another world
+size; FSDP2 reads its DCP shards on any world size and needs none) is
 built in a temporary folder of the RESUMING run, renamed when complete, and carries the
 ``checkpoint_id`` it came from: a stale one (the source re-saved since) or an incomplete
 one is rebuilt, never reused. The first save of the resumed run removes it.
@@ -239,7 +243,7 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, backend, step: int, client_state: dict, files: dict, meta: Optional[dict] = None) -> Path:
-        """DeepSpeed's state plus ``files`` (file name -> object, what THIS rank writes) into
+        """The engine's state (DeepSpeed's files, or FSDP2's DCP shards) plus ``files`` (file name -> object, what THIS rank writes) into
         ``<tag>.partial``; every file checksummed and fsynced, the commit record written,
         and the folder renamed to ``<tag>`` by rank 0 when every rank is done. A failed
         write on any rank raises the same CheckpointError on every rank (the partial folder
@@ -475,13 +479,14 @@ class CheckpointManager:
     def load(self, backend, tag_dir: Path, ds_dir: Optional[Path] = None) -> dict:
         """Load the engine's state (from ``ds_dir``, default ``tag_dir``); return the client state."""
         ds_dir = ds_dir or tag_dir
+        who = f"the {getattr(backend, 'name', '')} engine"
         try:
             client_state = backend.load_checkpoint(ds_dir)
         except Exception as e:
-            raise CheckpointError(f"DeepSpeed could not load {ds_dir}: {type(e).__name__}: "
+            raise CheckpointError(f"{who} could not load {ds_dir}: {type(e).__name__}: "
                                   f"{' '.join(str(e).split())[:300]}") from e
         if client_state is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint {ds_dir}")
+            raise CheckpointError(f"{who} could not load the checkpoint {ds_dir}")
         return client_state
 
 
