@@ -82,3 +82,21 @@ def test_the_ema_master_moved_and_is_not_the_online_weights(engine_runs):
         name = "visual_encoder_m.blocks.0.attn.qkv.weight"
         assert not torch.equal(ema[name], before[name]), (world, engine)
         assert not torch.equal(ema[name], online[name.replace("_m.", ".", 1)]), (world, engine)
+
+
+def test_an_evaluation_inside_the_run_gives_the_same_numbers_on_both_engines(synth_data, tmp_path):
+    """eval.every_steps: the evaluation's forwards run on gathered parameters (FSDP2: every
+    unit kept whole, no collective of FSDP's inside, though the ranks score different
+    numbers of images); its numbers equal DeepSpeed's."""
+    import re
+
+    from tests.support.runs import pretrain_args
+    data, tok = synth_data
+    lines = {}
+    for engine in ("deepspeed", "fsdp2"):
+        args = pretrain_args(tmp_path / engine, data, tok, 2, 4, [
+            "--set", f"distributed.engine={engine}", "--set", "eval.every_steps=2", "--set", f"data.val_dir={data}",
+            "--set", "checkpoint.every_steps=100"])
+        text = call(albef_command(2, args), tmp_path / f"{engine}.log", timeout=300)[1]
+        lines[engine] = re.findall(r"val step \d+: .*", text)
+    assert len(lines["deepspeed"]) == 2 and lines["fsdp2"] == lines["deepspeed"], lines

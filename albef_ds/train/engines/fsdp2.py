@@ -150,16 +150,22 @@ class FSDP2Engine:
 
     @contextlib.contextmanager
     def gathered_parameters(self):
-        """Every sharded module's parameters whole on this rank (an evaluation's forwards)."""
+        """Every sharded unit's parameters whole on this rank (an evaluation's forwards),
+        and kept whole until the end: the forwards inside run no collective of FSDP's, so
+        ranks may run different numbers of them (an evaluation splits its images unevenly)."""
         from torch.distributed.fsdp import FSDPModule
         units = [m for m in self.module.modules() if isinstance(m, FSDPModule)]
         for m in units:
+            m.set_reshard_after_forward(False, recurse=False)
             m.unshard()
         try:
             yield
         finally:
             for m in units:
                 m.reshard()
+                # as fully_shard left them: the root keeps its parameters from the forward to the
+                # backward, every other unit reshards after its forward
+                m.set_reshard_after_forward(m is not self.module, recurse=False)
 
     @torch.no_grad()
     def clamp_master(self, param: torch.nn.Parameter, low: float, high: float) -> None:
