@@ -243,11 +243,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, backend, step: int, client_state: dict, files: dict, meta: Optional[dict] = None) -> Path:
-        """The engine's state (DeepSpeed's files, or FSDP2's DCP shards) plus ``files`` (file name -> object, what THIS rank writes) into
-        ``<tag>.partial``; every file checksummed and fsynced, the commit record written,
-        and the folder renamed to ``<tag>`` by rank 0 when every rank is done. A failed
-        write on any rank raises the same CheckpointError on every rank (the partial folder
-        removed, the previous checkpoints untouched)."""
+        """The engine's state (DeepSpeed's files, or FSDP2's DCP shards) plus ``files`` (file
+        name -> object, what THIS rank writes) into ``<tag>.partial``; every file checksummed
+        and fsynced, the commit record written, and the folder renamed to ``<tag>`` by rank 0
+        when every rank is done. A failed write on any rank raises the same CheckpointError on
+        every rank (the partial folder removed, the previous checkpoints untouched)."""
         tag = tag_of(step)
         final, partial = self.dir / tag, self.dir / (tag + PARTIAL)
         if self.rank == 0:
