@@ -203,6 +203,8 @@ class TrainConfig:
     #: plateau sooner at a higher rate (docs/benchmarks.md); 1: the paper's single rate.
     itm_lr_scale: float = 1.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
+    #: max gradient norm; None: the engine's default, 1.0 on both (DeepSpeed's gradient_clipping
+    #: default when its JSON sets none; the fsdp2 engine follows it)
     grad_clip: Optional[float] = None
     #: alpha rises linearly from 0 over this many epochs (paper: 1; LAVIS: 2).
     alpha_ramp_epochs: float = 1.0
@@ -230,6 +232,9 @@ class TrainConfig:
 
 @dataclass
 class DistributedConfig:
+    #: the training engine: "deepspeed" (ZeRO 1-3, the ds_config below) or another name
+    #: registered in albef_ds/train/engines/base.py (ENGINES); docs/design.md says which to choose
+    engine: str = "deepspeed"
     #: a DeepSpeed JSON file, or the name of a shipped one (ds_configs/: zero2_bf16, zero3_bf16,
     #: zero2_fp32, ...); values this config owns are filled in.
     ds_config: str = "zero2_bf16"

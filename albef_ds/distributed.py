@@ -2,13 +2,14 @@
 
 Launchers disagree on what they tell a process. The ``deepspeed`` launcher and
 ``torchrun`` set RANK / LOCAL_RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT; plain
-``srun`` sets only SLURM_* variables, which ``deepspeed.init_distributed`` does not read
-(it would try MPI discovery); plain ``python`` sets nothing. :func:`read_launch_env`
+``srun`` sets only SLURM_* variables, which neither torch nor ``deepspeed.init_distributed``
+reads (DeepSpeed would try MPI discovery); plain ``python`` sets nothing. :func:`read_launch_env`
 maps all of them onto the torch variables, plus LOCAL_WORLD_SIZE, which
 mosaicml-streaming needs to know how many ranks share a node.
 """
 from __future__ import annotations
 
+import datetime
 import errno
 import os
 import socket
@@ -141,22 +142,26 @@ def export_env(launch: LaunchEnv) -> None:
     })
 
 
-def init_distributed(backend: str = "auto") -> LaunchEnv:
-    """Read the launch environment, export it, and start the process group (DeepSpeed's
-    communication layer, which also serves torch.distributed)."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
+#: a collective's timeout: DeepSpeed's default, which started the group before engines
+#: existed (torch's own default for NCCL is 10 minutes)
+PG_TIMEOUT = datetime.timedelta(minutes=30)
 
+
+def init_distributed(backend: str = "auto") -> LaunchEnv:
+    """Read the launch environment, export it, and start torch's process group ("auto":
+    nccl on CUDA, gloo on CPU). Every engine wraps this group (DeepSpeed's communication
+    layer adopts it at ``deepspeed.initialize``); no engine library is needed to start it."""
     launch = read_launch_env()
     export_env(launch)
+    on_cuda = torch.cuda.is_available()
     if backend == "auto":
-        backend = get_accelerator().communication_backend_name()
-    if get_accelerator().device_name() == "cuda":
+        backend = "nccl" if on_cuda else "gloo"
+    if on_cuda:
         torch.cuda.set_device(cuda_device_for(launch.local_rank, torch.cuda.device_count()))
     if not dist.is_initialized():
         _refuse_a_taken_port(launch)
         try:
-            deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, verbose=False)
+            dist.init_process_group(backend=backend, init_method="env://", timeout=PG_TIMEOUT)
         except (RuntimeError, OSError) as e:
             if "EADDRINUSE" in str(e) or "address already in use" in str(e).lower():
                 raise _port_taken_error(launch) from e
@@ -194,11 +199,10 @@ def _refuse_a_taken_port(launch: LaunchEnv) -> None:
 
 
 def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-    name = get_accelerator().device_name()
-    if name == "cuda":
+    """This rank's device: its CUDA device where there is one, else the CPU."""
+    if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device(name)
+    return torch.device("cpu")
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

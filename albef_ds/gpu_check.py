@@ -62,25 +62,14 @@ def environment() -> dict:
                     "bf16_supported": torch.cuda.is_bf16_supported()})
     else:
         env["bf16_supported"] = "cpu (autocast only)"
-    env["fused_adam"] = _fused_adam() if cuda else "skipped: needs CUDA"
+    env["fused_adam"] = _fused_adam_status() if cuda else "skipped: needs CUDA"
     env["flash_sdpa"] = _flash_sdpa() if cuda else "skipped: needs CUDA"
     return env
 
 
-def _fused_adam() -> dict:
-    """DeepSpeed's FusedAdam op: compatible with this build, and built/loaded (JIT with
-    ninja when the wheel has no prebuilt op: that takes a minute, once)."""
-    out = {}
-    try:
-        from deepspeed.ops.op_builder import FusedAdamBuilder
-        builder = FusedAdamBuilder()
-        out["compatible"] = bool(builder.is_compatible())
-        t = time.perf_counter()
-        builder.load()
-        out.update(loaded=True, load_s=time.perf_counter() - t)
-    except Exception as e:  # report it: the Trainer then falls back to torch's fused AdamW
-        out.update(loaded=False, error=" ".join(str(e).split())[:300])
-    return out
+def _fused_adam_status() -> dict:
+    from .train.engines.deepspeed import fused_adam_status
+    return fused_adam_status()
 
 
 def _flash_sdpa() -> dict:
@@ -298,7 +287,7 @@ def fp16_check(config: str, overrides: list[str], steps: int, run_dir: Path) -> 
     if not torch.cuda.is_available():
         return {"status": CPU_FP16_SKIP}
     # train.precision stays "auto": an explicit fp16 would replace the JSON's fp16 section
-    # (its loss-scale settings) by {"enabled": true} (train/backend.py load_ds_config)
+    # (its loss-scale settings) by {"enabled": true} (train/engines/deepspeed.py load_ds_config)
     return scaled_steps(config, [*overrides, "distributed.ds_config=zero2_fp16", "train.precision=auto"],
                         steps, run_dir)
 
@@ -318,7 +307,7 @@ def scaled_steps(config: str, overrides: list[str], steps: int, run_dir: Path) -
     objective = make_objective(cfg, tokenizer)
     loader = objective.make_loader(cfg, 0, 1, 1, 0, str(run_dir))
     trainer = Trainer(cfg, launch, objective, total_steps=steps, steps_per_epoch=steps, log=lambda *a: None)
-    engine = trainer.backend.engine
+    engine = trainer.engine.engine
     rows = []
     batches = iter(loader)
     for _ in range(steps):
@@ -327,7 +316,7 @@ def scaled_steps(config: str, overrides: list[str], steps: int, run_dir: Path) -
         losses = {k: float(out[k].detach()) for k in LOSS_KEYS if k in out}
         rows.append({"step": trainer.step, "loss_scale": scale, **losses,
                      "finite": all(math.isfinite(v) for v in losses.values())})
-    result = {"status": "ran", "precision": trainer.backend.precision, "steps": rows,
+    result = {"status": "ran", "precision": trainer.engine.precision, "steps": rows,
               "loss_scales": [r["loss_scale"] for r in rows], "final_loss_scale": loss_scale_of(engine),
               "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
               "all_finite": all(r["finite"] for r in rows)}

@@ -148,3 +148,37 @@ def test_test_modules_import_only_the_support_package_and_never_touch_sys_path()
         if _uses_sys_path(path) or any(t.split(".")[-1].startswith("test_") for t in imports_of(path)):
             offenders.append(f"{path.relative_to(REPO)} imports a test module or edits sys.path")
     assert not offenders, "\n".join(offenders)
+
+
+#: engine library -> the one file allowed to import it (albef_ds/train/engines/base.py)
+ENGINE_LIBRARIES = {
+    "deepspeed": {"albef_ds/train/engines/deepspeed.py"},
+    "torch.distributed.fsdp": {"albef_ds/train/engines/fsdp2.py"},
+    "torch.distributed.checkpoint": {"albef_ds/train/engines/fsdp2.py"},
+}
+
+
+def engine_library_imports(root: str = "albef_ds") -> dict[str, set[str]]:
+    """Engine library -> the library files that import it (lazy imports counted)."""
+    found: dict[str, set[str]] = {lib: set() for lib in ENGINE_LIBRARIES}
+    for path in sorted((REPO / root).rglob("*.py")):
+        for target in imports_of(path):
+            for lib in ENGINE_LIBRARIES:
+                if target == lib or target.startswith(lib + "."):
+                    found[lib].add(path.relative_to(REPO).as_posix())
+    return found
+
+
+def test_only_an_engine_file_imports_its_library():
+    """DeepSpeed is imported by the DeepSpeed engine only; FSDP and DCP by the FSDP2 one:
+    the rest of the library reaches an engine through albef_ds/train/engines/base.py."""
+    offenders = {lib: sorted(files - ENGINE_LIBRARIES[lib]) for lib, files in engine_library_imports().items()}
+    assert {lib: files for lib, files in offenders.items() if files} == {}
+    assert engine_library_imports()["deepspeed"] == {"albef_ds/train/engines/deepspeed.py"}
+
+
+def test_the_engine_fitness_check_sees_a_lazy_import(tmp_path):
+    """The scan counts an import inside a function, as the engines write them."""
+    path = REPO / "albef_ds" / "train" / "trainer.py"
+    assert "deepspeed" not in {t.split(".")[0] for t in imports_of(path)}
+    assert "deepspeed" in imports_of(REPO / "albef_ds" / "train" / "engines" / "deepspeed.py")

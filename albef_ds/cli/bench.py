@@ -293,7 +293,8 @@ def broadcast_buffers(model) -> None:
 def make_optimizer(model, cfg: Config, device: torch.device, fused: bool):
     """fused: the Trainer's choice on this device (DeepSpeed/apex fused Adam on CUDA, torch
     foreach on CPU); otherwise the reference's plain torch AdamW."""
-    from ..train.backend import build_optimizer, param_groups
+    from ..train.engines.deepspeed import build_optimizer
+    from ..train.engines.optim import param_groups
     groups = param_groups(model, cfg.train.weight_decay, cfg.train.lr, cfg.train.itm_lr_scale)
     if fused:
         return build_optimizer(groups, cfg, {})[0]
@@ -488,17 +489,17 @@ def trainer_bench(args) -> dict:
     ref_flops = analytic_flops(cfg, text_len, pairs)["total"]
     run_flops = executed_flops(cfg, text_len, pairs)
     dev_name = torch.cuda.get_device_name(trainer.device) if trainer.device.type == "cuda" else "cpu"
-    peak = device_peak_flops(dev_name, trainer.backend.precision)
-    result = {"mode": "trainer", "objective": objective.name, "zero_stage": trainer.backend.zero_stage,
-              "precision": trainer.backend.precision, "optimizer": trainer.backend.optimizer_name,
+    peak = device_peak_flops(dev_name, trainer.engine.precision)
+    result = {"mode": "trainer", "objective": objective.name, "engine": trainer.engine.name,
+              "zero_stage": getattr(trainer.engine, "zero_stage", None),
+              "precision": trainer.engine.precision, "optimizer": trainer.engine.optimizer_name,
               "batch": pairs, "text_len": text_len, "step_s": step_s, "pairs_per_s": pairs / step_s,
               "first_step_s": times[0], "reference_flops_per_pair": ref_flops, "executed_flops_per_pair": run_flops,
               "reference_tflops": pairs / step_s * ref_flops / 1e12,
               "executed_tflops": pairs / step_s * run_flops / 1e12, "losses": losses, "device": dev_name}
     if peak:
         result["mfu"] = pairs / step_s * ref_flops / peak
-    print(f"[Trainer.train_step, objective {objective.name}, ZeRO {result['zero_stage']}, {result['precision']}, "
-          f"{result['optimizer']}] {result['pairs_per_s']:.2f} pairs/s ({1000 * step_s:.1f} ms/step, batch {pairs}); "
+    print(f"[Trainer.train_step, objective {objective.name}, {trainer.engine.describe()}] {result['pairs_per_s']:.2f} pairs/s ({1000 * step_s:.1f} ms/step, batch {pairs}); "
           f"reference algorithm {result['reference_tflops'] * 1000:.1f} GFLOP/s, executed "
           f"{result['executed_tflops'] * 1000:.1f} GFLOP/s"
           + (f", MFU {100 * result['mfu']:.1f}%" if peak else ""))

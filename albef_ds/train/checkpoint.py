@@ -4,7 +4,9 @@ verified before anything is loaded from them.
 Layout under ``RUN_DIR/checkpoints``::
 
     step_00000200/               a complete checkpoint (renamed from .partial: the commit)
-        (DeepSpeed's files)      module states (rank 0), ZeRO partitions (one per rank)
+        (the engine's files)     DeepSpeed: module states (rank 0), ZeRO partitions (one per
+                                 rank); FSDP2: DCP shards __<rank>_0.distcp, .metadata and
+                                 fsdp2_client.pt (rank 0: client state, schedule)
         albef_momentum.pt        fp32 momentum master of the parameters held whole: once
         albef_rank00000.pt       per rank: RNG states, its ZeRO-3 partitions of the master
         albef_queue_pool00000.pt per negatives pool: its queues and pointer
@@ -14,8 +16,9 @@ Layout under ``RUN_DIR/checkpoints``::
     latest                       the tag of the newest complete checkpoint
 
 **The commit record** (``albef_meta.json``, written last, then the folder renamed): the
-step, world size, ZeRO stage, negatives pools, the momentum master's partition layout,
-the config the checkpoint was trained with, a random ``checkpoint_id``, and every file's
+step, world size, engine and what it must match (DeepSpeed: ZeRO stage and precision),
+negatives pools, the momentum master's partition layout, the config the checkpoint was
+trained with, a random ``checkpoint_id``, and every file's
 size and CRC-32. Every rank fsyncs the files it checksummed before the record is written;
 rank 0 fsyncs the record and the folders around the rename.
 
@@ -26,7 +29,8 @@ share of the files. ``--resume auto`` takes the newest checkpoint that passes, p
 one line per checkpoint skipped (the file and the reason); a checkpoint asked for by path
 that fails is refused with that line. Nothing is written before that.
 
-**Derived state is keyed.** A universal conversion (resume on another world size) is
+**Derived state is keyed.** A universal conversion (DeepSpeed's resume on another world
+size; FSDP2 reads its DCP shards on any world size and needs none) is
 built in a temporary folder of the RESUMING run, renamed when complete, and carries the
 ``checkpoint_id`` it came from: a stale one (the source re-saved since) or an incomplete
 one is rebuilt, never reused. The first save of the resumed run removes it.
@@ -203,15 +207,17 @@ def check_resumable(tag_dir: Path, meta: dict, cfg, world_size: int, tokenizer=N
     if not problems and digest and meta.get("vocabulary_sha256") not in (None, digest):
         problems.append(f"data.tokenizer: the vocabulary of {cfg.data.tokenizer} differs from the one the "
                         f"checkpoint was trained with ({meta.get('tokenizer')}), though of the same size")
-    from .backend import load_ds_config, precision_of
-    ds = load_ds_config(cfg, world_size)
-    stage, precision = ds.get("zero_optimization", {}).get("stage", 0), precision_of(ds)
-    for what, saved_value, value in (("ZeRO stage", meta.get("zero_stage"), stage),
-                                     ("precision", meta.get("precision"), precision)):
-        if saved_value not in (None, value):
-            problems.append(f"{what} {saved_value} in the checkpoint, {value} here (distributed.ds_config / "
-                            f"distributed.zero_stage / train.precision: DeepSpeed loads a checkpoint into the "
-                            f"stage and precision that wrote it)")
+    from .engines import engine_class
+    engine_name = getattr(getattr(cfg, "distributed", None), "engine", "deepspeed")
+    saved_engine = meta.get("engine", "deepspeed")  # records older than the engine key: DeepSpeed's
+    if saved_engine == engine_name:  # (another engine: refused below, with the config key)
+        engine = engine_class(engine_name)
+        here = engine.record(cfg, world_size)
+        for key, value in here.items():
+            saved_value = meta.get(key)
+            if saved_value not in (None, value):
+                what = key.replace("zero_stage", "ZeRO stage")
+                problems.append(f"{what} {saved_value} in the checkpoint, {value} here ({engine.record_reason})")
     applied, refused = classify_changes(meta.get("config") or {}, cfg)
     # (shapes and the text form are named above, with more to say)
     said = tuple(f"model.{k}:" for k in SHAPE_KEYS) + ("data.text_form:",)
@@ -237,11 +243,11 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ save
     def save(self, backend, step: int, client_state: dict, files: dict, meta: Optional[dict] = None) -> Path:
-        """DeepSpeed's state plus ``files`` (file name -> object, what THIS rank writes) into
-        ``<tag>.partial``; every file checksummed and fsynced, the commit record written,
-        and the folder renamed to ``<tag>`` by rank 0 when every rank is done. A failed
-        write on any rank raises the same CheckpointError on every rank (the partial folder
-        removed, the previous checkpoints untouched)."""
+        """The engine's state (DeepSpeed's files, or FSDP2's DCP shards) plus ``files`` (file
+        name -> object, what THIS rank writes) into ``<tag>.partial``; every file checksummed
+        and fsynced, the commit record written, and the folder renamed to ``<tag>`` by rank 0
+        when every rank is done. A failed write on any rank raises the same CheckpointError on
+        every rank (the partial folder removed, the previous checkpoints untouched)."""
         tag = tag_of(step)
         final, partial = self.dir / tag, self.dir / (tag + PARTIAL)
         if self.rank == 0:
@@ -427,10 +433,16 @@ class CheckpointManager:
 
     # ------------------------------------------------------------------ load
     def prepare_universal(self, tag_dir: Path, record: dict) -> Path:
-        """A universal checkpoint (DeepSpeed's ds_to_universal) of ``tag_dir`` for this world
-        size, in this run's ``checkpoints/universal/<tag>``: reused only when it was made
+        """What this world size loads of ``tag_dir``, written by another: ``tag_dir`` itself
+        where the engine that wrote it loads on any world size (its ``convert_for_world`` is
+        None); otherwise its conversion (DeepSpeed's ds_to_universal: a universal checkpoint)
+        in this run's ``checkpoints/universal/<tag>``: reused only when it was made
         from this very checkpoint (its ``checkpoint_id``) and completed; otherwise rebuilt in
         a temporary folder and renamed. Rank 0 converts; an error reaches every rank."""
+        from .engines import engine_class
+        convert = engine_class(record.get("engine", "deepspeed")).convert_for_world
+        if convert is None:
+            return tag_dir
         root = self.dir / UNIVERSAL_DIR
         out = root / tag_dir.name
         error = None
@@ -448,8 +460,7 @@ class CheckpointManager:
                     for leftover in root.glob(".*.tmp*"):  # interrupted conversions
                         shutil.rmtree(leftover, ignore_errors=True)
                     tmp = root / f".{tag_dir.name}.tmp{os.getpid()}"
-                    from .backend import to_universal
-                    to_universal(tag_dir, tmp)
+                    convert(tag_dir, tmp)
                     atomic_write(tmp / UNIVERSAL_SOURCE, json.dumps(
                         {"checkpoint_id": record["checkpoint_id"], "source": str(tag_dir)}), durable=True)
                     shutil.rmtree(out, ignore_errors=True)
@@ -468,13 +479,14 @@ class CheckpointManager:
     def load(self, backend, tag_dir: Path, ds_dir: Optional[Path] = None) -> dict:
         """Load the engine's state (from ``ds_dir``, default ``tag_dir``); return the client state."""
         ds_dir = ds_dir or tag_dir
+        who = f"the {getattr(backend, 'name', '')} engine"
         try:
             client_state = backend.load_checkpoint(ds_dir)
         except Exception as e:
-            raise CheckpointError(f"DeepSpeed could not load {ds_dir}: {type(e).__name__}: "
+            raise CheckpointError(f"{who} could not load {ds_dir}: {type(e).__name__}: "
                                   f"{' '.join(str(e).split())[:300]}") from e
         if client_state is None:
-            raise CheckpointError(f"DeepSpeed could not load the checkpoint {ds_dir}")
+            raise CheckpointError(f"{who} could not load the checkpoint {ds_dir}")
         return client_state
 
 

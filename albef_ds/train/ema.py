@@ -1,8 +1,11 @@
-"""The momentum (EMA) encoder under DeepSpeed: an fp32 master, right under every ZeRO stage.
+"""The momentum (EMA) encoder: an fp32 master, right under every engine and ZeRO stage.
 
 DeepSpeed casts every module parameter to bf16/fp16, the frozen momentum copy included;
 with m = 0.995 a bf16 EMA stops moving (the update rounds to zero), so the EMA runs on an
 fp32 master and the result is copied into the parameters the forward reads.
+
+Where each parameter's values live is the engine's answer (its EMA views:
+albef_ds/train/engines/base.py); a model no engine wraps holds every parameter whole.
 
 Under ZeRO-3 each rank holds a partition of every parameter in ``param.ds_tensor``; the
 EMA of a partition needs only the same partition of the online parameter, so no full
@@ -16,32 +19,35 @@ import math
 
 import torch
 
-from .backend import full_shape, is_partitioned, local_partition, partition_slice
+from .engines.base import WholeTensorViews
 
 
 class MomentumEMA:
-    """``dp_rank``: this rank's data-parallel rank (which ZeRO-3 partition it holds)."""
+    """``dp_rank``: this rank's data-parallel rank (which partition it holds); ``views``: the
+    engine's views of its parameters (default: every parameter whole)."""
 
-    def __init__(self, model, momentum: float, dp_rank: int = 0, foreach: bool = True):
+    def __init__(self, model, momentum: float, dp_rank: int = 0, foreach: bool = True, views=None):
         self.momentum = momentum
         self.dp_rank = dp_rank
         self.foreach = foreach
+        self.views = views = views if views is not None else WholeTensorViews()
         self.names, self.pairs, self.kinds, self.shapes, self.offsets = [], [], [], [], []
         for name, p, p_m in model.momentum_named_params():
-            partitioned = is_partitioned(p_m)
+            partitioned = views.is_partitioned(p_m)
             self.names.append(name)
             self.pairs.append((p, p_m))
             self.kinds.append("partition" if partitioned else "full")
-            self.shapes.append(full_shape(p_m))
-            self.offsets.append(partition_slice(p_m, torch.empty(0), dp_rank)[1] if partitioned else 0)
+            self.shapes.append(views.full_shape(p_m))
+            self.offsets.append(views.partition_slice(p_m, torch.empty(0), dp_rank)[1] if partitioned else 0)
         # Under ZeRO-3, persistent parameters are only materialised whole by the first
         # forward, so the master is taken at the first update (or from a checkpoint).
         self.master: list | None = None
 
     def _init_master(self, dst: list) -> None:
         src, _ = self._storages()
-        for name, s, d in zip(self.names, src, dst):
-            if s.numel() != d.numel() or d.numel() == 0:
+        for name, s, d, kind in zip(self.names, src, dst, self.kinds):
+            # (a partition may be empty: FSDP2 gives the last ranks no rows of a tensor with few)
+            if s.numel() != d.numel() or (d.numel() == 0 and kind == "full"):
                 raise RuntimeError(f"EMA of {name}: online storage has {s.numel()} elements, "
                                    f"momentum storage {d.numel()}")
         # fp32 at least (a bf16 EMA rounds m = 0.995 updates away); a float64 model keeps float64
@@ -49,12 +55,13 @@ class MomentumEMA:
 
     def _storages(self) -> tuple[list, list]:
         """Where each pair's values live now (DeepSpeed may move ``.data`` between steps)."""
+        v = self.views
         src, dst = [], []
         for (p, p_m), kind in zip(self.pairs, self.kinds):
             if kind == "partition":
-                dst.append(local_partition(p_m))
-                src.append(local_partition(p) if is_partitioned(p) else
-                           partition_slice(p, p.data.view(-1), self.dp_rank)[0])
+                dst.append(v.local_partition(p_m))
+                src.append(v.local_partition(p) if v.is_partitioned(p) else
+                           v.partition_slice(p, p.data.view(-1), self.dp_rank)[0])
             else:
                 dst.append(p_m.data)
                 src.append(p.data)
@@ -83,9 +90,9 @@ class MomentumEMA:
             d.copy_(master.view_as(d))
         # Persistent ZeRO-3 parameters are read whole, but keep their partition in step too.
         for (_, p_m), kind, master in zip(self.pairs, self.kinds, self.master):
-            if kind == "full" and local_partition(p_m) is not None:
-                piece, _ = partition_slice(p_m, master.view(-1), self.dp_rank)
-                local_partition(p_m)[: piece.numel()].copy_(piece)
+            if kind == "full" and self.views.local_partition(p_m) is not None:
+                piece, _ = self.views.partition_slice(p_m, master.view(-1), self.dp_rank)
+                self.views.local_partition(p_m)[: piece.numel()].copy_(piece)
 
     def _ensure_master(self) -> None:
         if self.master is None:

@@ -1,6 +1,7 @@
 """One fp32 model from a (ZeRO-sharded) training checkpoint.
 
-Online weights come from DeepSpeed's fp32 optimizer partitions (``zero_to_fp32``), the
+Online weights come from the engine that wrote the checkpoint (its consolidated fp32 state:
+DeepSpeed's fp32 optimizer partitions through ``zero_to_fp32``), the
 momentum weights from our fp32 EMA master (the shared file, ZeRO-3 partitions joined from
 the rank files one at a time), the queues from pool 0's queue file. Writes ``model.pt`` (our layout, loadable by
 :func:`load_exported`), ``albef.pth`` (the reference release's layout), ``config.yaml`` and a
@@ -52,12 +53,15 @@ def resolve_checkpoint(path: str, label: str = "") -> Path:
 def consolidate(tag_dir: Path, cfg: Config) -> torch.nn.Module:
     """An ALBEF (fp32, CPU) holding the checkpoint's weights, momentum masters and queues."""
     from ..objectives import build_task_model
-    from .backend import consolidated_fp32_state
     from . import checkpoint as ckpt_lib
     from .ema import assemble_full
+    from .engines import engine_class
 
     model = build_task_model(cfg)
-    state = consolidated_fp32_state(tag_dir)
+    # (a record without the key, or no record: written by DeepSpeed, before the key existed)
+    record = CheckpointManager.meta(tag_dir) if (tag_dir / META).is_file() else {}
+    engine = engine_class(record.get("engine", "deepspeed"))
+    state = engine.consolidated_fp32_state(tag_dir)
     momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
     state.update(assemble_full(momentum, ckpt_lib.momentum_partitions(tag_dir)))
     state.update(ckpt_lib.read_queue(tag_dir, 0))  # pool 0's queues

@@ -72,6 +72,7 @@ REFUSED: dict[str, str] = {
                                      "num_canonical_nodes")},
     "task.train_files": ORDER,
     "data.text_form": "the checkpoint was trained on texts of that form (albef_ds/data/text.py)",
+    "distributed.engine": "an engine loads only the checkpoints it wrote (albef_ds/train/engines/)",
     "train.objective": "another objective has other heads and state: fine-tune from an export instead "
                        "(checkpoint.init_from)",
     "train.optimizer": "the optimizer's state in the checkpoint belongs to the optimizer that wrote it",

@@ -27,7 +27,7 @@ from ..errors import UsageError
 from . import checkpoint as ckpt_lib
 from . import fast_paths
 from . import run_dir as run_dir_lib
-from .backend import DeepSpeedBackend, clamp_master, clean_shared_memory_leftovers, full_numel
+from .engines import engine_class
 from .ema import MomentumEMA, assemble_full
 from .metrics import MetricsLogger, RunningMeans, format_log_line, memory_gb, rewind_jsonl
 from .stop import EXIT_PREEMPTED, StopCheck, StopFlag, end_loader_workers, worker_ignores_stop_signals
@@ -114,23 +114,24 @@ class Trainer:
         self.rank, self.world = launch.rank, launch.world_size
         self.total_steps, self.steps_per_epoch = total_steps, steps_per_epoch
         model = fast_paths.apply(build_model(cfg, log, objective), cfg, log)
-        self.backend = DeepSpeedBackend(model, cfg, self.world, total_steps, load_universal)
-        self.module = self.backend.module
+        self.engine = engine_class(cfg.distributed.engine)(model, cfg, self.world, total_steps, load_universal)
+        self.module = self.engine.module
         self.device = dist_lib.device()
         # Pure data parallelism: the data-parallel rank is the global rank.
-        self.ema = MomentumEMA(self.module, cfg.model.momentum, dp_rank=self.rank, foreach=cfg.model.foreach_ema)
+        self.ema = MomentumEMA(self.module, cfg.model.momentum, dp_rank=self.rank, foreach=cfg.model.foreach_ema,
+                               views=self.engine)
         self.pool = cfg.pool_size(self.world)
         self.pool_index = self.rank // self.pool  # which negatives pool (and queue file) this rank has
         self.gather = dist_lib.make_pool_gather(self.pool)
         self.world_gather = dist_lib.make_gather()
         self.step = self.micro = self.epoch = 0
         self.running = RunningMeans()
-        self.backend.train()
+        self.engine.train()
 
     def context(self) -> StepContext:
         seed = step_seed(self.cfg.train.seed, self.step, self.micro, self.rank)
         return StepContext(self.step, self.micro, self.epoch, self.steps_per_epoch, self.rank, self.world,
-                           self.device, self.backend.dtype, seed,
+                           self.device, self.engine.dtype, seed,
                            torch.Generator(device=self.device).manual_seed(seed + 1),
                            self.gather, self.world_gather)
 
@@ -143,14 +144,14 @@ class Trainer:
         torch.manual_seed(ctx.seed)
         inputs = self.objective.prepare(batch, ctx)
         with fast_paths.fp8_autocast(self.cfg.model.fp8):
-            out = self.backend.forward(self.objective.compute, **inputs)
-        self.backend.backward(out["loss"])
-        boundary = self.backend.step()
+            out = self.engine.forward(self.objective.compute, **inputs)
+        self.engine.backward(out["loss"])
+        boundary = self.engine.step()
         self.running.add({k: out[k] for k in self.objective.log_keys})
         self.micro += 1
         if boundary:
             self.ema.update()
-            clamp_master(self.module.temp, *TEMP_BOUNDS)
+            self.engine.clamp_master(self.module.temp, *TEMP_BOUNDS)
             self.step += 1
             self.micro = 0
         return out, boundary
@@ -159,8 +160,8 @@ class Trainer:
         """What a log line holds: the objective's means since the last line, the schedule,
         throughput, and the bytes this rank received per step through our collectives."""
         values = self.running.read_and_reset()
-        values.update({"lr": self.backend.lr(), "temp": self.backend.scalar(self.module.temp),
-                       "grad_norm": self.backend.grad_norm(), "pairs_per_s": pairs / max(elapsed, 1e-9),
+        values.update({"lr": self.engine.lr(), "temp": self.engine.scalar(self.module.temp),
+                       "grad_norm": self.engine.grad_norm(), "pairs_per_s": pairs / max(elapsed, 1e-9),
                        "epoch": self.epoch})
         traffic = dist_lib.TRAFFIC.take()
         values["comm_bytes_per_step"] = sum(traffic.values()) / max(1, steps)
@@ -185,21 +186,22 @@ class Trainer:
             files[ckpt_lib.MOMENTUM_FILE] = self.ema.full_state()
         if self.rank % self.pool == 0:
             files[ckpt_lib.queue_file_name(self.pool_index)] = self.queue_state()
-        meta = {"zero_stage": self.backend.zero_stage, "precision": self.backend.precision,
+        meta = {"engine": self.engine.name, **self.engine.meta(),
                 "pools": self.world // self.pool, "momentum_layout": self.ema.layout(),
                 **ckpt_lib.run_record(self.cfg, self.world, self.objective.tokenizer)}
-        return ckpt.save(self.backend, self.step, client, files, meta)
+        return ckpt.save(self.engine, self.step, client, files, meta)
 
     def resume(self, ckpt, tag_dir: Path, ds_dir: Path, saved_world: int, loader) -> None:
         """Load every piece of the checkpoint, then write this config's optimizer settings
         and schedule over the saved ones (albef_ds.train.resume_settings says which
         changes a resume applies)."""
-        client = ckpt.load(self.backend, tag_dir, ds_dir)
+        client = ckpt.load(self.engine, tag_dir, ds_dir)
         self.step, self.epoch = int(client["step"]), int(client["epoch"])
         momentum = ckpt_lib.read(tag_dir / ckpt_lib.MOMENTUM_FILE)
         if saved_world != self.world:
             self.ema.load_full(assemble_full(momentum, ckpt_lib.momentum_partitions(tag_dir)))
-            self.log(f"resumed from {tag_dir} (world {saved_world} -> {self.world}, universal)")
+            how = "universal" if self.engine.convert_for_world is not None else "resharded on load"
+            self.log(f"resumed from {tag_dir} (world {saved_world} -> {self.world}, {how})")
         else:
             mine = ckpt_lib.read(tag_dir / ckpt_lib.rank_file_name(self.rank))
             self.ema.load(momentum, mine["ema_partitions"])
@@ -209,7 +211,7 @@ class Trainer:
             for name, value in ckpt_lib.read_queue(tag_dir, self.pool_index).items():
                 getattr(self.module, name).copy_(value)
         loader.load_state_dict(client["loader"])
-        self.backend.apply_settings(self.cfg, self.total_steps)
+        self.engine.apply_settings(self.cfg, self.total_steps)
 
 
 def check_data(cfg: Config, evaluates: bool = False) -> None:
@@ -217,6 +219,7 @@ def check_data(cfg: Config, evaluates: bool = False) -> None:
     objective's own settings hold (``evaluates``: its evaluation will run). Before any model
     is built or run directory locked."""
     from ..objectives import objective_class
+    engine_class(cfg.distributed.engine)  # an unknown engine: refused here, naming the key and the choices
     cls = objective_class(cfg.train.objective)
     if cls.data == "task":
         check_task_files(cfg)
@@ -266,14 +269,14 @@ def resume_note(tag_dir: Path, step: int, applied: list[str]) -> str | None:
 
 
 def summary(cfg: Config, launch, trainer: Trainer, threads=None) -> str:
-    module, backend = trainer.module, trainer.backend
-    trainable = sum(full_numel(p) for p in module.parameters() if p.requires_grad)
-    frozen = sum(full_numel(p) for p in module.parameters() if not p.requires_grad)
+    module, engine = trainer.module, trainer.engine
+    trainable = sum(engine.full_numel(p) for p in module.parameters() if p.requires_grad)
+    frozen = sum(engine.full_numel(p) for p in module.parameters() if not p.requires_grad)
     pool = trainer.pool
     return "\n".join([
         f"albef-ds train (objective {trainer.objective.name})",
         f"  world size {launch.world_size} on {launch.num_nodes} node(s) ({launch.launcher}); "
-        f"ZeRO stage {backend.zero_stage}; precision {backend.precision}; optimizer {backend.optimizer_name}",
+        f"{engine.describe()}",
         f"  parameters: {trainable:,} trainable, {frozen:,} momentum (frozen)",
         f"  batch: micro {cfg.train.micro_batch_size} x accumulation {cfg.train.grad_accum_steps} x "
         f"world {launch.world_size} = global {cfg.global_batch(launch.world_size)}",
@@ -321,7 +324,7 @@ def train(cfg: Config, launch, resume: str, eval_each_epoch: bool = False, keep_
     stop = stop or StopFlag()
     check = StopCheck(stop, cfg.train.stop_check_every, cfg.train.stop_check_async)
     run_dir_lib.absolute_paths(cfg)  # the saved config must work from any directory
-    release = functools.partial(release_local_resources, cfg.logging.run_dir, launch)
+    release = functools.partial(release_local_resources, cfg.logging.run_dir, launch, cfg.distributed.engine)
     watchdog = JobWatchdog(process_group_store(), launch.rank, launch.world_size, on_exit=release).start()
     lock = None
     try:
@@ -372,11 +375,12 @@ def _refuse_an_epoch_without_a_batch(loader, cfg: Config, world: int) -> None:
         f"{micro * accum * world}); {change}")
 
 
-def release_local_resources(run_dir: str, launch) -> None:
+def release_local_resources(run_dir: str, launch, engine: str = "deepspeed") -> None:
     """What a rank that ends abnormally must give back: its loader workers (they ignore
-    SIGTERM), its DeepSpeed all-reduce buffer in /dev/shm, and (the node's local leader)
+    SIGTERM), what its engine leaves on the host (DeepSpeed: an all-reduce buffer in
+    /dev/shm), and (the node's local leader)
     the streaming shared memory and lock files of this job. Best effort, never raises."""
-    for release in (end_loader_workers, lambda: clean_shared_memory_leftovers(launch)):
+    for release in (end_loader_workers, lambda: engine_class(engine).release_local(launch)):
         try:
             release()
         except Exception:
@@ -468,7 +472,7 @@ class _Run:
             # lines are written at micro-steps of steps 0..step-1 (done): drop the redone ones
             rewind_jsonl(keys_path, t.step - 1)
             self.keys_log = open(keys_path, "a", encoding="utf-8")
-        self.flops_per_pair, self.peak = _flops_and_peak(cfg, t.device, t.backend.dtype)
+        self.flops_per_pair, self.peak = _flops_and_peak(cfg, t.device, t.engine.dtype)
         self.bar = None
         # tqdm draws on stderr with '\r': into a file (a SLURM log) that is one endless line,
         # so the bar is only drawn on a terminal; the plain log lines are printed either way.
@@ -540,7 +544,7 @@ class _Run:
 
     def _validate(self) -> None:
         t = self.trainer
-        with t.backend.gathered_parameters():
+        with t.engine.gathered_parameters():
             values = self.evaluator(t.module, t.device)
         self.metrics.log(t.step, values, prefix="val")
         self.log(f"val step {t.step}: {self.evaluator.headline(values)}")
@@ -568,7 +572,7 @@ class _Run:
         if watchdog is not None:
             watchdog.stop()  # before the last barrier: after it rank 0 may exit, taking the store along
         dist_lib.barrier()
-        clean_shared_memory_leftovers(self.launch)
+        t.engine.release_local(self.launch)
         if self.launch.local_rank == 0:
             from ..data import shm
             shm.release(self.run_dir)

@@ -108,6 +108,19 @@ def test_two_ranks_one_per_node_complete_all_steps(uninterrupted):
     print(f"uninterrupted {STEPS}-step job: {elapsed:.1f}s")
 
 
+def test_the_fsdp2_engine_runs_under_the_same_script(slurm_cluster, synth, uninterrupted):
+    """ENGINE=fsdp2: the same job on the FSDP2 engine completes every step, each rank
+    writing its own DCP shards, on the samples of the DeepSpeed job."""
+    job, run_dir = submit_pretrain(slurm_cluster, synth, "fsdp2", ENGINE="fsdp2")
+    wait_done(slurm_cluster, job, run_dir, timeout=300)
+    text = _assert_finished(run_dir, job, restarts=0)
+    assert "engine fsdp2" in text, text[-3000:]
+    tag = run_dir / "checkpoints" / f"step_{STEPS:08d}"
+    assert sorted(p.name for p in tag.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]
+    for rank in (0, 1):
+        assert keys(run_dir, rank) == keys(uninterrupted[1], rank)
+
+
 def test_usr1_warning_checkpoints_requeues_and_resumes(slurm_cluster, synth, uninterrupted):
     """Submitted with slurm/submit-pretrain.sh (pretrain.sbatch plus an eval.sbatch job that
     waits for it with afterok: through the requeue, it runs once training completed)."""

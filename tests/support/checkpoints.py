@@ -17,7 +17,7 @@ class FakeEngine:
 
 def fake_backend(fail=False):
     """The real backend's save path (save_latest=False, the universal info) over a fake engine."""
-    from albef_ds.train.backend import DeepSpeedBackend
+    from albef_ds.train.engines.deepspeed import DeepSpeedEngine as DeepSpeedBackend
     backend = object.__new__(DeepSpeedBackend)
     backend.engine = FakeEngine(fail)
     return backend

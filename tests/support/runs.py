@@ -25,6 +25,8 @@ from tests.support.launch import albef_command, call, in_process
 
 #: micro-batch x ranks: the global batch of every run of the recipe
 GLOBAL_BATCH = 16
+#: the FSDP2 engine instead of DeepSpeed (albef_ds/train/engines/fsdp2.py)
+FSDP2 = "distributed.engine=fsdp2"
 #: a ZeRO-3 fp32 config whose small parameters stay whole (the EMA's two paths both run)
 ZERO3_T100 = {"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 100},
               "steps_per_print": 1000000}
@@ -96,6 +98,13 @@ LAUNCHES: dict[str, Launch] = {
     "z3_w4": Launch(4, 4, ds="zero3_t100", doc="ZeRO-3 checkpoint bytes at 4 ranks; a rank file removed: refused"),
     "z2_w2_to1": Launch(1, 16, resume="z2_w2@12", doc="universal 2 -> 1: the same global samples per step"),
     "z2_w4_to2": Launch(2, 8, resume="z2_w4@4", doc="universal 4 -> 2: the same global samples per step"),
+    "f2_w1": Launch(1, 4, sets=(FSDP2,), doc="FSDP2: DCP checkpoint bytes at 1 rank"),
+    "f2_w2": Launch(2, 8, sets=(FSDP2,), doc="FSDP2: the reference trajectory of 2 ranks; bytes at 2 ranks"),
+    "f2_w4": Launch(4, 8, sets=(FSDP2,), doc="FSDP2: bytes at 4 ranks; the 4 -> 2 resume's source"),
+    "f2_w2_again": Launch(2, 8, sets=(FSDP2,), resume="f2_w2@4",
+                          doc="FSDP2: resume on the same world size (a new run dir): bit-exact"),
+    "f2_w4_to2": Launch(2, 8, sets=(FSDP2,), resume="f2_w4@4",
+                        doc="FSDP2 4 -> 2 without a conversion: the same global samples per step"),
 }
 
 

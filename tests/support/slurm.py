@@ -248,13 +248,14 @@ def wait_done(cluster, job: str, run_dir: Path, timeout: float = 240) -> dict:
     return info
 
 
-def submit_pretrain(cluster, synth, name: str) -> tuple[str, Path]:
-    """slurm/pretrain.sbatch on both nodes, one rank each, into ``synth``'s root / ``name``."""
+def submit_pretrain(cluster, synth, name: str, **variables) -> tuple[str, Path]:
+    """slurm/pretrain.sbatch on both nodes, one rank each, into ``synth``'s root / ``name``;
+    ``variables``: more of the script's variables (e.g. ENGINE="fsdp2")."""
     root, data, tok = synth
     run_dir = root / name
     run_dir.mkdir()
     job = cluster.sbatch("--nodes=2", "--ntasks-per-node=1", "--gpus-per-node=0", "--cpus-per-task=1",
                          f"--job-name=albef-{name}", f"--output={run_dir}/slurm-%j.out",
                          str(REPO / "slurm" / "pretrain.sbatch"),
-                         env=job_env(run_dir, data, tok), cwd=root)
+                         env={**job_env(run_dir, data, tok), **variables}, cwd=root)
     return job, run_dir

@@ -7,7 +7,7 @@ import torch
 
 from albef_ds.config import ConfigError, load_config
 from albef_ds.train.checkpoint import META, CheckpointError, CheckpointManager
-from albef_ds.train.backend import load_ds_config, param_groups
+from albef_ds.train.engines.deepspeed import load_ds_config, param_groups
 from albef_ds.train.trainer import check_data_dirs
 from albef_ds.objectives.base import alpha_at
 from albef_ds.train.schedule import lr_at
@@ -190,7 +190,7 @@ def test_temperature_clamp_reaches_the_fp32_master(ds_name, monkeypatch):
 
     from albef_ds.distributed import init_distributed
     from albef_ds.models import ALBEF
-    from albef_ds.train.backend import DeepSpeedBackend, clamp_master
+    from albef_ds.train.engines.deepspeed import DeepSpeedEngine as DeepSpeedBackend, clamp_master
     # init_distributed exports RANK, MASTER_PORT, ...: undone after the test, or every later
     # subprocess of this session would take itself for rank 0 of this process's group.
     for name in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
@@ -215,7 +215,7 @@ def test_temperature_clamp_reaches_the_fp32_master(ds_name, monkeypatch):
 
 def test_itm_lr_scale_gives_the_itm_path_its_own_rate_through_the_schedule():
     from albef_ds.models import ALBEF
-    from albef_ds.train.backend import on_itm_path
+    from albef_ds.train.engines.deepspeed import on_itm_path
     from albef_ds.train.schedule import lr_lambda
     cfg = load_config("tiny", ["model.vision_depth=1", "model.text_depth=2", "model.fusion_layer=1"])
     model = ALBEF(cfg.model)
@@ -238,3 +238,25 @@ def test_itm_lr_scale_gives_the_itm_path_its_own_rate_through_the_schedule():
     rates = {(s, round(pg["lr"] / 1e-3, 9)) for s, pg in zip(is_scaled, opt.param_groups)}
     (plain,), (fast,) = {r for s, r in rates if not s}, {r for s, r in rates if s}
     assert fast == pytest.approx(5 * plain) and plain < 1.0  # the schedule moved both alike
+
+
+def test_an_unknown_engine_is_refused_naming_the_key_and_the_choices():
+    from albef_ds.config import ConfigError
+    from albef_ds.train.engines import ENGINES, engine_class
+    with pytest.raises(ConfigError, match=r"config key 'distributed.engine': unknown engine 'megatron'; "
+                                          r"choose one of deepspeed, fsdp2"):
+        engine_class("megatron")
+    assert sorted(ENGINES) == ["deepspeed", "fsdp2"]
+    assert engine_class("fsdp2").name == "fsdp2" and engine_class("deepspeed").name == "deepspeed"
+
+
+def test_every_engine_answers_the_whole_protocol():
+    """What the Trainer, EMA, checkpoint manager and export call, on each registered class."""
+    from albef_ds.train.engines import ENGINES, Engine, engine_class
+    wanted = [n for n in vars(Engine) if not n.startswith("_")] + \
+        ["record", "record_reason", "convert_for_world", "consolidated_fp32_state", "release_local"]
+    for name in ENGINES:
+        cls = engine_class(name)
+        missing = [n for n in wanted if n not in ("module", "dtype", "precision", "optimizer_name")
+                   and not hasattr(cls, n)]
+        assert missing == [], (name, missing)

@@ -107,7 +107,7 @@ def test_a_refused_resume_names_both_values_and_changes_nothing(synth_data, four
 
 def test_shared_memory_clean_up_removes_only_this_runs_buffer(tmp_path):
     from albef_ds.distributed import LaunchEnv
-    from albef_ds.train.backend import clean_shared_memory_leftovers
+    from albef_ds.train.engines.deepspeed import clean_shared_memory_leftovers
     uid = os.getuid()
     mine = LaunchEnv(1, 1, 2, 2, "127.0.0.1", 29517, "deepspeed/torchrun")
     names = [f"deepspeed_allreduce_buffer_{uid}_127.0.0.1_29517_1",   # this rank's: removed

@@ -16,7 +16,7 @@ import torch
 from tests.support.tiny import (forward_backward, make_batch, make_model, one_thread, small_config,  # noqa: F401
                                 stir)
 
-from albef_ds.train.backend import param_groups
+from albef_ds.train.engines.deepspeed import param_groups
 from albef_ds.train.ema import MomentumEMA
 
 #: fused vs foreach AdamW, 3 steps on fixed gradients (float32 rounding of the update)

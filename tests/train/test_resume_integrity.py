@@ -224,7 +224,7 @@ def converter(monkeypatch):
             raise RuntimeError("ds_to_universal exited 1: interrupted")
         (Path(out) / "zero").mkdir(parents=True)
         (Path(out) / "zero" / "made_from").write_text((Path(tag_dir) / META).read_text())
-    import albef_ds.train.backend as backend
+    import albef_ds.train.engines.deepspeed as backend
     monkeypatch.setattr(backend, "to_universal", to_universal)
     to_universal.calls = calls
     return to_universal
@@ -367,7 +367,7 @@ def test_changed_optimizer_settings_are_written_over_the_checkpoints(process_gro
     import math
 
     from albef_ds.models import ALBEF
-    from albef_ds.train.backend import DeepSpeedBackend
+    from albef_ds.train.engines.deepspeed import DeepSpeedEngine as DeepSpeedBackend
     old = load_config("tiny", SMALL + ["distributed.ds_config=zero2_fp32", "train.lr=1e-3"])
     first = DeepSpeedBackend(ALBEF(old.model), old, 1, total_steps=10)
     for _ in range(3):
@@ -395,7 +395,7 @@ def test_the_temperature_is_read_when_zero3_partitions_every_parameter(process_g
     """stage3_param_persistence_threshold 0: temp itself is partitioned, and reading it
     outside the forward crashed the first log line."""
     from albef_ds.models import ALBEF
-    from albef_ds.train.backend import DeepSpeedBackend
+    from albef_ds.train.engines.deepspeed import DeepSpeedEngine as DeepSpeedBackend
     ds = tmp_path / "z3.json"
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}))
     cfg = load_config("tiny", SMALL + [f"distributed.ds_config={ds}", "train.precision=fp32"])

@@ -112,7 +112,7 @@ def test_a_stale_universal_conversion_is_rebuilt_and_equals_a_fresh_one(resumed,
     # Kept out of the source run: A's checkpoints hold no conversion.
     assert resumed["universal_folders_in_a"] == [] and not list((resumed["a"] / "checkpoints").glob("*universal*"))
     # Bit for bit what a fresh conversion of A's step 8 gives.
-    from albef_ds.train.backend import to_universal
+    from albef_ds.train.engines.deepspeed import to_universal
     to_universal(a8, tmp_path / "fresh")
     got, want = _tensors(conversion), _tensors(tmp_path / "fresh")
     assert got.keys() == want.keys() and len(got) > 10

@@ -14,7 +14,7 @@ from albef_ds.config import load_config
 from albef_ds.distributed import TRAFFIC, TorchGather, init_distributed, make_pool_gather
 from albef_ds.models import ALBEF
 from albef_ds.objectives.pretrain import albef_forward
-from albef_ds.train.backend import DeepSpeedBackend
+from albef_ds.train.engines.deepspeed import DeepSpeedEngine as DeepSpeedBackend
 
 from tests.support.retrieval import fake_io, fake_split
 from tests.support.tiny import GLOBAL_BATCH, VOCAB, fixed_inputs, tiny_cfg, tiny_overrides

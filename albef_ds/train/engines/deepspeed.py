@@ -1,8 +1,6 @@
-"""The one module that talks to DeepSpeed: engine set-up, the step, checkpoints, universal
-conversion, consolidation, ZeRO-3 gathers and the partition views the EMA updates.
-
-Everything else (Trainer, checkpoint manager, EMA, evaluation, export) calls this module,
-so another engine (FSDP2) would be one more file beside it.
+"""The DeepSpeed engine (``distributed.engine: deepspeed``), the one module that imports
+DeepSpeed: engine set-up, the step, checkpoints, universal conversion, consolidation, ZeRO-3
+gathers and the partition views the EMA updates, behind the protocol of :mod:`.base`.
 
 Values our config owns (batch sizes, gradient accumulation, clipping, precision when set)
 are written into the DeepSpeed dict; a JSON that states a different value is an error
@@ -12,12 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import torch
 
-from ..config import Config, ConfigError
-from .schedule import lr_lambda
+from ...config import Config, ConfigError
+from ..schedule import lr_lambda
+from .optim import on_itm_path, param_groups  # noqa: F401 (on_itm_path: re-exported)
 
 
 def _set_or_check(ds: dict, key: str, value, source: str) -> None:
@@ -38,7 +38,7 @@ def precision_of(ds: dict) -> str:
 
 
 def load_ds_config(cfg: Config, world_size: int) -> dict:
-    from ..presets import ds_config_path
+    from ...presets import ds_config_path
     path = ds_config_path(cfg.distributed.ds_config)
     try:
         ds = json.loads(path.read_text())
@@ -66,35 +66,6 @@ def load_ds_config(cfg: Config, world_size: int) -> dict:
             raise ConfigError(f"{src}: remove the '{key}' section: albef-ds builds the optimizer and "
                               f"schedule from the train section of its own config")
     return ds
-
-
-def param_groups(model: torch.nn.Module, weight_decay: float, lr: float | None = None,
-                 itm_lr_scale: float = 1.0) -> list[dict]:
-    """AdamW groups: no weight decay on biases, norms and every other 0-D/1-D tensor. With
-    ``itm_lr_scale`` != 1 the ITM path (:func:`on_itm_path`) gets groups of its own at
-    ``lr * itm_lr_scale``; the schedule multiplies each group's own rate."""
-    groups: dict[tuple[bool, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        no_decay = p.ndim <= 1 or name.endswith(".bias")
-        scaled = itm_lr_scale != 1.0 and on_itm_path(name)
-        groups.setdefault((scaled, no_decay), []).append(p)
-    out = []
-    for (scaled, no_decay) in sorted(groups):
-        group = {"params": groups[(scaled, no_decay)], "weight_decay": 0.0 if no_decay else weight_decay}
-        if scaled:
-            if lr is None:
-                raise ValueError("param_groups: itm_lr_scale needs the base lr")
-            group["lr"] = lr * itm_lr_scale
-        out.append(group)
-    return out
-
-
-def on_itm_path(name: str) -> bool:
-    """The parameters only image-text matching needs a fusion of: its head and the
-    cross-attention of the fusion layers (MLM uses them too)."""
-    return name.startswith("itm_head.") or ".crossattention." in name
 
 
 def build_optimizer(groups: list[dict], cfg: Config, ds: dict):
@@ -132,10 +103,12 @@ def build_optimizer(groups: list[dict], cfg: Config, ds: dict):
         f"torch.AdamW({'fused' if fused else 'foreach'})"
 
 
-class DeepSpeedBackend:
+class DeepSpeedEngine:
     """A DeepSpeed engine around ``model`` with our optimizer and schedule.
     ``load_universal``: the run will load a universal checkpoint (resume on another world
     size), which DeepSpeed must know at initialisation."""
+
+    name = "deepspeed"
 
     def __init__(self, model: torch.nn.Module, cfg: Config, world_size: int, total_steps: int,
                  load_universal: bool = False):
@@ -227,6 +200,48 @@ class DeepSpeedBackend:
         for an evaluation's forwards); a no-op below stage 3."""
         return gathered_parameters(self.module, self.zero_stage)
 
+    def clamp_master(self, param: torch.nn.Parameter, low: float, high: float) -> None:
+        clamp_master(param, low, high)
+
+    def meta(self) -> dict:
+        """What the checkpoint record keeps of this engine (a resume must match it)."""
+        return {"zero_stage": self.zero_stage, "precision": self.precision}
+
+    def describe(self) -> str:
+        return (f"engine deepspeed; ZeRO stage {self.zero_stage}; precision {self.precision}; "
+                f"optimizer {self.optimizer_name}")
+
+    # ------------------------------------------------------------------ the EMA's views
+    is_partitioned = staticmethod(lambda p: is_partitioned(p))
+    local_partition = staticmethod(lambda p: local_partition(p))
+    partition_slice = staticmethod(lambda p, flat_full, dp_rank: partition_slice(p, flat_full, dp_rank))
+    full_shape = staticmethod(lambda p: full_shape(p))
+    full_numel = staticmethod(lambda p: full_numel(p))
+
+    # ------------------------------------------------------------------ without an engine
+    @staticmethod
+    def record(cfg: Config, world_size: int) -> dict:
+        """The values of :meth:`meta` a run of ``cfg`` would have (before any engine is built)."""
+        ds = load_ds_config(cfg, world_size)
+        return {"zero_stage": ds.get("zero_optimization", {}).get("stage", 0), "precision": precision_of(ds)}
+
+    #: why a checkpoint's stage and precision must match this run's
+    record_reason = ("distributed.ds_config / distributed.zero_stage / train.precision: DeepSpeed loads a "
+                     "checkpoint into the stage and precision that wrote it")
+
+    @staticmethod
+    def convert_for_world(tag_dir: Path, out: Path) -> None:
+        """Another world size loads a universal conversion of the checkpoint."""
+        to_universal(tag_dir, out)
+
+    @staticmethod
+    def consolidated_fp32_state(tag_dir: Path) -> dict:
+        return consolidated_fp32_state(tag_dir)
+
+    @staticmethod
+    def release_local(launch) -> None:
+        clean_shared_memory_leftovers(launch)
+
 
 def gathered_parameters(module: torch.nn.Module, zero_stage: int):
     import contextlib
@@ -312,3 +327,19 @@ def clean_shared_memory_leftovers(launch, shm: Path = Path("/dev/shm")) -> None:
         (shm / name).unlink()
     except OSError:
         pass
+
+
+def fused_adam_status() -> dict:
+    """(albef-ds gpu-check) DeepSpeed's FusedAdam op: compatible with this build, and built/loaded (JIT with
+    ninja when the wheel has no prebuilt op: that takes a minute, once)."""
+    out = {}
+    try:
+        from deepspeed.ops.op_builder import FusedAdamBuilder
+        builder = FusedAdamBuilder()
+        out["compatible"] = bool(builder.is_compatible())
+        t = time.perf_counter()
+        builder.load()
+        out.update(loaded=True, load_s=time.perf_counter() - t)
+    except Exception as e:  # report it: the Trainer then falls back to torch's fused AdamW
+        out.update(loaded=False, error=" ".join(str(e).split())[:300])
+    return out
