@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from ...config import Config, ConfigError
 from ..schedule import lr_lambda
+from .base import WholeTensorViews
 from .optim import param_groups
 
 #: the file (rank 0's) beside the DCP shards holding the client state and the schedule
@@ -199,13 +200,9 @@ class FSDP2Engine:
         end = min((dp_rank + 1) * per_rank, rows) * row_size
         return flat_full[start:end], start
 
-    @staticmethod
-    def full_shape(p: torch.nn.Parameter) -> tuple:
-        return tuple(p.shape)
-
-    @staticmethod
-    def full_numel(p: torch.nn.Parameter) -> int:
-        return math.prod(p.shape)
+    # a DTensor's shape is the whole tensor's, as a plain tensor's is
+    full_shape = staticmethod(WholeTensorViews.full_shape)
+    full_numel = staticmethod(WholeTensorViews.full_numel)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self) -> dict:
