@@ -68,6 +68,10 @@ class StopFlag:
         self.first_at = None  # time.monotonic() of the first signal
         self._first_interrupt = None  # time.monotonic() of the first SIGINT
         self._interrupt_note = (interrupt_note + "\n").encode()
+        # said once per job, not once per rank: by rank 0 of whichever launcher started it
+        # (srun sets SLURM_PROCID, not RANK); read here, not in the handler
+        from ..distributed import read_launch_env
+        self._announces = read_launch_env().rank == 0
         if not handle_signals:  # a flag only set by hand (the bench times the check alone)
             return
         for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT):
@@ -82,7 +86,7 @@ class StopFlag:
                 raise KeyboardInterrupt("a second Ctrl-C: ended without a checkpoint")
             if first is None:
                 self._first_interrupt = now
-                if os.environ.get("RANK", "0") == "0":  # once per job, not once per rank
+                if self._announces:
                     # os.write: print() from a handler can re-enter a write already in progress
                     os.write(2, self._interrupt_note)
         self.requested = True

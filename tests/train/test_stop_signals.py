@@ -46,6 +46,21 @@ def test_the_stop_names_the_signal_received_first_not_the_launchers_copy(monkeyp
     assert capfd.readouterr().err.count("SIGINT: stopping") == 1
 
 
+@pytest.mark.parametrize("variables,says", [
+    ({"RANK": "1", "WORLD_SIZE": "2"}, False),                             # torchrun / deepspeed
+    ({"SLURM_PROCID": "1", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, False),  # srun: no RANK
+    ({"SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_ID": "0"}, True),
+    ({}, True)])                                                           # one process
+def test_the_first_ctrl_c_is_announced_by_rank_0_only_under_any_launcher(monkeypatch, capfd, variables, says):
+    for name in ("RANK", "WORLD_SIZE", "SLURM_PROCID", "SLURM_NTASKS", "SLURM_STEP_ID"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    flag = stop.StopFlag(handle_signals=False)
+    flag._handler(signal.SIGINT, None)
+    assert flag.requested and capfd.readouterr().err.count("SIGINT: stopping") == int(says)
+
+
 def test_an_evaluation_reads_the_flag_between_batches_and_ends_with_the_signals_status():
     from albef_ds.errors import Interrupted
     flag = stop.StopFlag(handle_signals=False, interrupt_note=stop.EVALUATION_INTERRUPT_NOTE)
