@@ -32,14 +32,19 @@ def webdataset(root, n_tars, per_tar, size=128):
     return expected
 
 
+def convert_command(inputs, out, workers: int) -> tuple[list[str], dict]:
+    """``albef-data convert INPUTS --out OUT`` as its own process, and its environment."""
+    cmd = [sys.executable, "-m", "data_tools.cli", "convert", str(inputs), "--out", str(out),
+           "--workers", str(workers), "--no-progress"]
+    return cmd, dict(os.environ, OMP_NUM_THREADS="1")
+
+
 @pytest.mark.slow
 def test_sigkill_midway_then_rerun_gives_each_pair_exactly_once(tmp_path):
     n_tars = 30
     expected = webdataset(str(tmp_path / "wds"), n_tars=n_tars, per_tar=60)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_tools.cli", "convert", str(tmp_path / "wds"), "--out", str(out),
-           "--workers", "4", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd, env = convert_command(tmp_path / "wds", out, workers=4)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     done = 0
@@ -99,9 +104,7 @@ def test_ctrl_c_says_how_to_resume_exits_130_and_the_rerun_resumes(tmp_path):
     n_tars = 40
     expected = webdataset(str(tmp_path / "wds"), n_tars=n_tars, per_tar=40)
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "data_tools.cli", "convert", str(tmp_path / "wds"), "--out", str(out),
-           "--workers", "2", "--no-progress"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd, env = convert_command(tmp_path / "wds", out, workers=2)
     proc = subprocess.Popen(cmd, env=env, start_new_session=True, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
