@@ -260,3 +260,23 @@ def test_every_engine_answers_the_whole_protocol():
         missing = [n for n in wanted if n not in ("module", "dtype", "precision", "optimizer_name")
                    and not hasattr(cls, n)]
         assert missing == [], (name, missing)
+
+
+def test_fsdp2_takes_its_precision_from_the_json_and_refuses_what_only_deepspeed_does():
+    """One config trains in one precision on either engine ("auto": the JSON's); a ZeRO
+    stage or an offload the fsdp2 engine cannot honour is refused by name, not ignored."""
+    from albef_ds.config import ConfigError, load_config
+    from albef_ds.train.engines.fsdp2 import precision_of
+
+    def cfg(*sets):
+        return load_config("tiny", ["distributed.engine=fsdp2", *sets])
+
+    assert precision_of(cfg("distributed.ds_config=zero2_fp32")) == "fp32"
+    assert precision_of(cfg("distributed.ds_config=zero2_bf16")) == "bf16"
+    assert precision_of(cfg("distributed.ds_config=zero2_bf16", "train.precision=fp32")) == "fp32"
+    with pytest.raises(ConfigError, match="'distributed.zero_stage': 3 is a DeepSpeed setting"):
+        precision_of(cfg("distributed.zero_stage=3"))
+    with pytest.raises(ConfigError, match="zero2_offload_bf16.json asks for offload_optimizer"):
+        precision_of(cfg("distributed.ds_config=zero2_offload_bf16"))
+    with pytest.raises(ConfigError, match="fp16 needs a loss scaler"):
+        precision_of(cfg("distributed.ds_config=zero2_fp16"))

@@ -38,14 +38,41 @@ DEFAULT_GRAD_CLIP = 1.0
 
 
 def precision_of(cfg: Config) -> str:
-    """train.precision; "auto": bf16 on CUDA, fp32 on a CPU (where bf16 matmuls are slow)."""
+    """train.precision; "auto": what distributed.ds_config enables, as on the DeepSpeed
+    engine (config.py's meaning of "auto"), so that one config trains in one precision on
+    either engine. The JSON's DeepSpeed-only settings, which this engine cannot honour, are
+    refused by name (:func:`refuse_deepspeed_only_settings`)."""
+    ds = refuse_deepspeed_only_settings(cfg)
     p = cfg.train.precision
     if p == "auto":
-        return "bf16" if torch.cuda.is_available() else "fp32"
+        p = "bf16" if ds.get("bf16", {}).get("enabled") else "fp16" if ds.get("fp16", {}).get("enabled") else "fp32"
     if p not in PARAM_DTYPES:
         raise ConfigError(f"config key 'train.precision': the fsdp2 engine runs bf16 or fp32, got {p!r} "
                           f"(fp16 needs a loss scaler: use distributed.engine=deepspeed)")
     return p
+
+
+def refuse_deepspeed_only_settings(cfg: Config) -> dict:
+    """The DeepSpeed JSON (read for its precision), after refusing what only DeepSpeed
+    does: a ZeRO stage asked for by distributed.zero_stage, and CPU/NVMe offload (FSDP2
+    here shards every parameter, gradient and optimizer state over the ranks, in memory)."""
+    import json
+
+    from ...presets import ds_config_path
+    if cfg.distributed.zero_stage is not None:
+        raise ConfigError(f"config key 'distributed.zero_stage': {cfg.distributed.zero_stage} is a DeepSpeed setting; "
+                          f"the fsdp2 engine shards everything (unset it, or use distributed.engine=deepspeed)")
+    path = ds_config_path(cfg.distributed.ds_config)
+    try:
+        ds = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"DeepSpeed config {path} is not valid JSON: {e}") from e
+    zero = ds.get("zero_optimization", {})
+    for key in ("offload_optimizer", "offload_param"):
+        if zero.get(key, {}).get("device", "none") != "none":
+            raise ConfigError(f"config key 'distributed.ds_config': {path} asks for {key}, which the fsdp2 "
+                              f"engine does not do (choose a JSON without it, or distributed.engine=deepspeed)")
+    return ds
 
 
 def blocks_of(model: torch.nn.Module) -> list[torch.nn.Module]:
